@@ -1,0 +1,165 @@
+"""Event contracts: every turn, rating and user action is one of these versioned pydantic models.
+
+Serialization happens at the Kafka edge only (``to_bytes`` / ``parse_event``). ``schema_version`` 2 is
+current; version 1 events (the first release's shape: a flat ``prompt`` string, a numeric ``rating``) are
+upcast on read, so an old message on a topic stays readable forever.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+
+SCHEMA_VERSION = 2
+MAX_TEXT_CHARS = 64_000
+Id = Annotated[str, Field(min_length=1, max_length=128)]
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAX_TEXT_CHARS)
+
+
+class Sampling(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    temperature: float = Field(0.7, ge=0.0, le=5.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(256, ge=1, le=32_768)
+    seed: int | None = None
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    event_id: Id = Field(default_factory=new_id)
+    schema_version: int = SCHEMA_VERSION
+    ts: datetime = Field(default_factory=utcnow)
+    user_id: Id
+    consent: bool = Field(description="The user allows this data to be used to improve the model.")
+
+
+class ChatTurn(_Event):
+    """One completed answer and the context that produced it."""
+
+    type: Literal["chat_turn"] = "chat_turn"
+    conversation_id: Id
+    turn_id: Id
+    model_version: Id
+    messages: list[Message] = Field(min_length=1, description="Context sent to the model, last is the user's.")
+    answer: str = Field(max_length=MAX_TEXT_CHARS)
+    sampling: Sampling = Field(default_factory=Sampling)
+    latency_ms: float = Field(ge=0.0, description="Request to last token.")
+    ttft_ms: float | None = Field(None, ge=0.0, description="Request to first token.")
+    prompt_tokens: int | None = Field(None, ge=0)
+    completion_tokens: int | None = Field(None, ge=0)
+    finish_reason: Literal["stop", "length", "cancelled", "error"] = "stop"
+    origin: Literal["new", "regenerate", "edit", "compare", "api"] = "new"
+    parent_turn_id: Id | None = Field(None, description="The turn this regeneration or edit replaced.")
+
+
+class Feedback(_Event):
+    """A rating of one answer (thumbs) or of two answers side by side (pairwise: turn_id is A)."""
+
+    type: Literal["feedback"] = "feedback"
+    conversation_id: Id
+    turn_id: Id
+    model_version: Id
+    kind: Literal["thumbs", "pairwise"]
+    value: Literal["up", "down", "cleared", "a", "b", "tie"]
+    reason: str | None = Field(None, max_length=2_000)
+    other_turn_id: Id | None = Field(None, description="Pairwise only: the B answer's turn.")
+    other_model_version: Id | None = None
+
+    @model_validator(mode="after")
+    def _kind_matches_value(self) -> Feedback:
+        if self.kind == "thumbs" and self.value not in ("up", "down", "cleared"):
+            raise ValueError(f"thumbs feedback takes up/down/cleared, not {self.value!r}")
+        if self.kind == "pairwise":
+            if self.value not in ("a", "b", "tie"):
+                raise ValueError(f"pairwise feedback takes a/b/tie, not {self.value!r}")
+            if not self.other_turn_id:
+                raise ValueError("pairwise feedback needs other_turn_id (the B answer)")
+        return self
+
+
+class UserAction(_Event):
+    """A user changed their consent or asked for their data to be deleted."""
+
+    type: Literal["user_action"] = "user_action"
+    action: Literal["consent_granted", "consent_revoked", "delete_request"]
+
+
+Event = Annotated[ChatTurn | Feedback | UserAction, Field(discriminator="type")]
+_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+
+
+class EventError(ValueError):
+    """Raised for bytes that are not a valid event; ``reason`` is the DLQ reason code."""
+
+    def __init__(self, reason: Literal["invalid_json", "schema", "oversized"], detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def _upcast_v1(d: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 -> 2. v1 turns had ``prompt`` (str) and top-level ``temperature``; v1 feedback a numeric
+    ``rating`` (+1, -1, 0) and no ``kind``."""
+    d = dict(d)
+    if d.get("type") == "chat_turn":
+        if "messages" not in d and "prompt" in d:
+            d["messages"] = [{"role": "user", "content": d.pop("prompt")}]
+        if "sampling" not in d and "temperature" in d:
+            d["sampling"] = {"temperature": d.pop("temperature")}
+    elif d.get("type") == "feedback" and "kind" not in d and "rating" in d:
+        d["kind"] = "thumbs"
+        d["value"] = {1: "up", -1: "down", 0: "cleared"}.get(d.pop("rating"), "invalid")
+    d["consent"] = d.get("consent", False)  # v1 had no consent flag: never assume a yes
+    d["schema_version"] = 2
+    return d
+
+
+_UPCASTERS = {1: _upcast_v1}
+
+
+def parse_event(raw: bytes | str, max_bytes: int | None = None) -> ChatTurn | Feedback | UserAction:
+    """Bytes from Kafka -> a validated event of the current schema, or ``EventError`` with a reason."""
+    if max_bytes is not None and len(raw) > max_bytes:
+        raise EventError("oversized", f"{len(raw)} bytes > limit {max_bytes}")
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise EventError("invalid_json", str(e)[:500]) from None
+    if not isinstance(data, dict):
+        raise EventError("schema", f"expected a JSON object, got {type(data).__name__}")
+    version = data.get("schema_version", 1)
+    while isinstance(version, int) and version in _UPCASTERS:
+        data = _UPCASTERS[version](data)
+        version = data["schema_version"]
+    if version != SCHEMA_VERSION:
+        raise EventError("schema", f"unknown schema_version {version!r}")
+    try:
+        return _ADAPTER.validate_python(data)
+    except ValueError as e:
+        raise EventError("schema", str(e)[:1000]) from None
+
+
+def to_bytes(event: ChatTurn | Feedback | UserAction) -> bytes:
+    return event.model_dump_json().encode()
+
+
+def partition_key(event: ChatTurn | Feedback | UserAction) -> bytes:
+    """Key by conversation so a conversation stays ordered; user actions by user."""
+    return (getattr(event, "conversation_id", None) or event.user_id).encode()

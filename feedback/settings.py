@@ -1,0 +1,104 @@
+"""One frozen settings object for every Flywheel service, overridable by ``FLYWHEEL_*`` variables.
+
+Lives in the data plane (``feedback/``) because every other part imports it and ``feedback/`` imports
+nothing of the project. Example: ``FLYWHEEL_KAFKA_BOOTSTRAP=broker1:9092,broker2:9092 flywheel status``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLYWHEEL_", frozen=True, extra="ignore")
+
+    home: Path = Field(Path(".flywheel"), description="All state: Kafka log, warehouse, models, snapshots.")
+
+    # Kafka: the same code runs against a production cluster by changing these three.
+    kafka_bootstrap: str = Field("127.0.0.1:9092", description="Comma-separated bootstrap servers.")
+    kafka_partitions: int = Field(3, ge=1, description="Partitions for new topics.")
+    kafka_replication: int = Field(1, ge=1, description="Replication factor for new topics (3 in production).")
+    kafka_min_insync: int = Field(1, ge=1, description="min.insync.replicas for new topics (2 in production).")
+    kafka_controller_port: int = Field(9093, description="Local KRaft controller port (local broker only).")
+    kafka_heap: str = Field("768m", description="JVM heap of the local broker.")
+    topic_prefix: str = Field("flywheel", description="Topics are <prefix>.turns, .feedback, .dlq, .releases.")
+
+    # Producer
+    spool_dir: Path | None = Field(None, description="Durable outbox; default <home>/spool.")
+    producer_linger_ms: int = Field(5, ge=0)
+
+    # Ingest
+    ingest_group: str = Field("flywheel-ingest", description="Consumer group of the DuckDB sink.")
+    ingest_batch_max: int = Field(5000, ge=1, description="Flush after this many messages ...")
+    ingest_batch_ms: int = Field(200, ge=1, description="... or after this many milliseconds.")
+    max_event_bytes: int = Field(256 * 1024, ge=1024, description="Bigger messages go to the DLQ.")
+    warehouse_lock_timeout_s: float = Field(30.0, description="How long to wait for the DuckDB file lock.")
+
+    # Services
+    app_host: str = "127.0.0.1"
+    app_port: int = 7860
+    prefect_host: str = "127.0.0.1"
+    prefect_port: int = 4200
+    base_model: str = Field("", description="Path of the base model; default <home>/models/base.")
+    model_version: str = Field("base", description="Release name of the base model.")
+    backend: Literal["embedded", "remote"] = "embedded"
+
+    @property
+    def topics(self) -> dict[str, str]:
+        p = self.topic_prefix
+        return {k: f"{p}.{k}" for k in ("turns", "feedback", "dlq", "releases")}
+
+    @property
+    def topic_turns(self) -> str:
+        return f"{self.topic_prefix}.turns"
+
+    @property
+    def topic_feedback(self) -> str:
+        return f"{self.topic_prefix}.feedback"
+
+    @property
+    def topic_dlq(self) -> str:
+        return f"{self.topic_prefix}.dlq"
+
+    @property
+    def topic_releases(self) -> str:
+        return f"{self.topic_prefix}.releases"
+
+    @property
+    def bootstrap_servers(self) -> list[str]:
+        return [s.strip() for s in self.kafka_bootstrap.split(",") if s.strip()]
+
+    @property
+    def warehouse_path(self) -> Path:
+        return self.home / "warehouse.duckdb"
+
+    @property
+    def spool_path(self) -> Path:
+        return self.spool_dir or (self.home / "spool")
+
+    @property
+    def kafka_dir(self) -> Path:
+        return self.home / "kafka"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def base_model_path(self) -> Path:
+        return Path(self.base_model) if self.base_model else self.models_dir / "base"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.home / "datasets"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings from the environment; pass an explicit ``Settings`` in tests instead."""
+    return Settings()
