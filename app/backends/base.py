@@ -1,0 +1,45 @@
+"""The one interface every generation backend implements.
+
+A backend turns a conversation into a stream of text deltas. The app never cares whether tokens come from
+the in-process model or a remote TGI / vLLM / OpenAI-compatible endpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from feedback.events import Sampling
+
+
+class Busy(RuntimeError):
+    """The backend is at its concurrency bound; the API answers 429 and the UI a busy message."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One streamed piece. The last chunk of a stream has ``finish_reason`` set and the token counts."""
+
+    text: str
+    finish_reason: Literal["stop", "length", "cancelled", "error"] | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class Backend(Protocol):
+    name: str  # e.g. "embedded:/path" or "remote:http://host:port"
+
+    def stream(self, messages: list[dict[str, str]], sampling: Sampling) -> AsyncIterator[Chunk]:
+        """Yield text deltas for the answer to ``messages`` (OpenAI-style role/content dicts).
+
+        Raises ``Busy`` (before yielding anything) when over the concurrency bound.
+        Cancelling the consumer (closing the async generator) frees the slot promptly.
+        """
+        ...
+
+    def load(self) -> float:
+        """Fraction of the concurrency bound in use, 0.0 .. 1.0 (for /metrics and routing)."""
+        ...
+
+    async def aclose(self) -> None: ...
