@@ -1,0 +1,172 @@
+"""Who the user is, what they agreed to, what they said before, and which answers they were given.
+
+A browser user is a random id in a cookie signed with a secret kept in ``$FLYWHEEL_HOME/app_secret``
+(or, with Gradio auth on, ``login:<username>``). API users are ``api:<user>`` from the request's ``user``
+field or ``X-Flywheel-User`` header, so an API caller can never pose as a browser user. Everything lives
+in one small SQLite file owned by the app, ``$FLYWHEEL_HOME/app/sessions.sqlite``: per-user consent, past
+conversations (kept across visits), and the turn ownership record behind "a user can rate only answers
+given to them".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from itsdangerous import BadSignature, URLSafeSerializer
+
+from feedback.settings import Settings
+
+COOKIE_NAME = "flywheel_uid"
+COOKIE_MAX_AGE = 2 * 365 * 24 * 3600
+API_PREFIX = "api:"
+LOGIN_PREFIX = "login:"
+ANONYMOUS_API_USER = "api:anonymous"
+
+
+def load_secret(home: Path) -> bytes:
+    """The cookie-signing secret: created once (0600) and reused so cookies survive restarts."""
+    path = home / "app_secret"
+    home.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return path.read_text().strip().encode()
+
+
+def api_user_id(user: str | None) -> str:
+    user = (user or "").strip()
+    return f"{API_PREFIX}{user[:100]}" if user else ANONYMOUS_API_USER
+
+
+@dataclass(frozen=True)
+class TurnRecord:
+    turn_id: str
+    user_id: str
+    conversation_id: str
+    model_version: str
+
+
+class Sessions:
+    """Thread-safe; one per app process. SQLite calls here take well under a millisecond."""
+
+    def __init__(self, settings: Settings):
+        self.dir = settings.home / "app"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._signer = URLSafeSerializer(load_secret(settings.home), salt="flywheel-user")
+        self._db = sqlite3.connect(self.dir / "sessions.sqlite", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(
+            """
+            CREATE TABLE IF NOT EXISTS users (user_id TEXT PRIMARY KEY, consent INTEGER NOT NULL DEFAULT 0,
+                created_at REAL NOT NULL);
+            CREATE TABLE IF NOT EXISTS conversations (conversation_id TEXT PRIMARY KEY, user_id TEXT NOT NULL,
+                title TEXT NOT NULL, messages TEXT NOT NULL, updated_at REAL NOT NULL);
+            CREATE INDEX IF NOT EXISTS conversations_by_user ON conversations (user_id, updated_at);
+            CREATE TABLE IF NOT EXISTS turns (turn_id TEXT PRIMARY KEY, user_id TEXT NOT NULL,
+                conversation_id TEXT NOT NULL, model_version TEXT NOT NULL, created_at REAL NOT NULL);
+            """
+        )
+        self._mu = threading.Lock()
+
+    def close(self) -> None:
+        with self._mu:
+            self._db.close()
+
+    # ---- identity --------------------------------------------------------------------------------
+    @staticmethod
+    def new_user_id() -> str:
+        return f"u-{uuid.uuid4().hex}"
+
+    def sign(self, user_id: str) -> str:
+        return self._signer.dumps(user_id)
+
+    def unsign(self, token: str | None) -> str | None:
+        if not token:
+            return None
+        try:
+            uid = self._signer.loads(token)
+        except BadSignature:
+            return None
+        return uid if isinstance(uid, str) and uid.startswith("u-") else None
+
+    def user_from_cookies(self, cookies: Mapping[str, str]) -> str | None:
+        return self.unsign(cookies.get(COOKIE_NAME))
+
+    # ---- consent ---------------------------------------------------------------------------------
+    def consent(self, user_id: str) -> bool:
+        with self._mu:
+            row = self._db.execute("SELECT consent FROM users WHERE user_id = ?", (user_id,)).fetchone()
+        return bool(row and row[0])
+
+    def set_consent(self, user_id: str, consent: bool) -> bool:
+        """Returns True when the stored value changed."""
+        with self._mu:
+            row = self._db.execute("SELECT consent FROM users WHERE user_id = ?", (user_id,)).fetchone()
+            self._db.execute(
+                "INSERT INTO users (user_id, consent, created_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (user_id) DO UPDATE SET consent = excluded.consent",
+                (user_id, int(consent), time.time()),
+            )
+        return row is None or bool(row[0]) != consent
+
+    # ---- conversations ---------------------------------------------------------------------------
+    def save_conversation(self, user_id: str, conversation_id: str, messages: list[dict[str, Any]]) -> None:
+        first = next((m["content"] for m in messages if m.get("role") == "user"), "New chat")
+        title = " ".join(first.split())[:60] or "New chat"
+        with self._mu:
+            self._db.execute(
+                "INSERT INTO conversations (conversation_id, user_id, title, messages, updated_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (conversation_id) DO UPDATE SET title = excluded.title, "
+                "messages = excluded.messages, updated_at = excluded.updated_at WHERE user_id = excluded.user_id",
+                (conversation_id, user_id, title, json.dumps(messages), time.time()),
+            )
+
+    def list_conversations(self, user_id: str, limit: int = 50) -> list[tuple[str, str]]:
+        """(title, conversation_id), newest first."""
+        with self._mu:
+            rows = self._db.execute(
+                "SELECT title, conversation_id FROM conversations WHERE user_id = ? ORDER BY updated_at DESC LIMIT ?",
+                (user_id, limit),
+            ).fetchall()
+        return [(t, c) for t, c in rows]
+
+    def load_conversation(self, user_id: str, conversation_id: str) -> list[dict[str, Any]] | None:
+        with self._mu:
+            row = self._db.execute(
+                "SELECT messages FROM conversations WHERE conversation_id = ? AND user_id = ?",
+                (conversation_id, user_id),
+            ).fetchone()
+        return json.loads(row[0]) if row else None
+
+    # ---- turn ownership --------------------------------------------------------------------------
+    def record_turn(self, turn: TurnRecord) -> None:
+        with self._mu:
+            self._db.execute(
+                "INSERT OR IGNORE INTO turns (turn_id, user_id, conversation_id, model_version, created_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (turn.turn_id, turn.user_id, turn.conversation_id, turn.model_version, time.time()),
+            )
+
+    def owned_turn(self, user_id: str, turn_id: str) -> TurnRecord | None:
+        """The turn if it was served to this user, else None (unknown and foreign look the same)."""
+        with self._mu:
+            row = self._db.execute(
+                "SELECT turn_id, user_id, conversation_id, model_version FROM turns WHERE turn_id = ? AND user_id = ?",
+                (turn_id, user_id),
+            ).fetchone()
+        return TurnRecord(*row) if row else None
