@@ -1,0 +1,255 @@
+"""Exactly-once ingest: Kafka -> DuckDB with the consumer's offsets stored in the same transaction as the rows.
+
+    flywheel ingest                 # the continuous consumer (``make run`` starts it)
+
+Why exactly once: a batch's rows and the next offsets of every partition it read are committed in one DuckDB
+transaction (``feedback.sink.commit_batch``). On start and on every rebalance the consumer seeks to the offsets
+stored in DuckDB, not to Kafka's committed offsets, so a crash at any point either kept the whole batch and
+its offsets or neither. Duplicates that the producer re-sent after a crash carry the same ``event_id`` and are
+dropped by the primary key. Kafka's group offsets are also committed (after DuckDB) only so that lag tools work.
+
+Bad messages (not JSON, failing the schema, over ``max_event_bytes``) go to the DLQ topic with the reason and
+the original bytes (headers carry reason, detail and source position) and to the ``dead_letters`` table; the
+DLQ produce is flushed before the batch commits, so no bad message is lost (a crash may repeat one in the DLQ;
+its key ``topic:partition:offset`` identifies repeats).
+
+The consumer holds the DuckDB file only while it commits a batch, so readers in other processes get turns.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.structs import OffsetAndMetadata
+
+from feedback.events import EventError, parse_event
+from feedback.settings import Settings, get_settings
+from feedback.sink import Batch, commit_batch
+from feedback.warehouse import connect, init_schema, stored_offsets
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IngestStats:
+    batches: int = 0
+    messages: int = 0
+    inserted: dict[str, int] = field(default_factory=dict)
+    dead_letters: int = 0
+    duplicates: int = 0
+    last_commit_at: float | None = None
+
+    def as_dict(self) -> dict:
+        return {"batches": self.batches, "messages": self.messages, "inserted": dict(self.inserted),
+                "dead_letters": self.dead_letters, "duplicates": self.duplicates}
+
+
+class _SeekToWarehouse(ConsumerRebalanceListener):
+    def __init__(self, ingest: IngestConsumer):
+        self.ingest = ingest
+
+    def on_partitions_revoked(self, revoked):
+        # Commit what we have for partitions we still own; anything uncommitted is re-read by the next owner.
+        try:
+            self.ingest.flush()
+        except Exception:  # noqa: BLE001
+            log.exception("flush on revoke failed; the batch will be re-read by the next owner")
+            self.ingest.batch = Batch()
+
+    def on_partitions_assigned(self, assigned):
+        self.ingest.seek_to_stored(assigned)
+
+
+class IngestConsumer:
+    def __init__(self, settings: Settings | None = None, group: str | None = None, **consumer_overrides):
+        self.s = settings or get_settings()
+        self.group = group or self.s.ingest_group
+        self.topics = [self.s.topic_turns, self.s.topic_feedback]
+        self.stats = IngestStats()
+        self.batch = Batch()
+        self._batch_started: float | None = None
+        self._stop = threading.Event()
+        with connect(self.s.warehouse_path, timeout_s=self.s.warehouse_lock_timeout_s) as con:
+            init_schema(con)
+        config = dict(
+            bootstrap_servers=self.s.bootstrap_servers,
+            group_id=self.group,
+            client_id=f"flywheel-ingest-{self.group}",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=self.s.ingest_batch_max,
+            session_timeout_ms=10_000,
+            heartbeat_interval_ms=1_000,
+            max_poll_interval_ms=300_000,
+            fetch_max_wait_ms=50,
+        )
+        config.update(consumer_overrides)
+        self.consumer = KafkaConsumer(**config)
+        self.consumer.subscribe(self.topics, listener=_SeekToWarehouse(self))
+        self._dlq: KafkaProducer | None = None
+
+    # ---- offsets --------------------------------------------------------------------------------------
+    def seek_to_stored(self, partitions) -> None:
+        with connect(self.s.warehouse_path, read_only=False, timeout_s=self.s.warehouse_lock_timeout_s) as con:
+            stored = stored_offsets(con, self.group)
+        for tp in partitions:
+            off = stored.get((tp.topic, tp.partition))
+            if off is None:
+                self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, off)
+        log.info("assigned %s; positions from the warehouse", sorted((tp.topic, tp.partition) for tp in partitions))
+
+    # ---- the loop -------------------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self, idle_exit_s: float | None = None, max_seconds: float | None = None) -> IngestStats:
+        """Consume until stopped (or idle for ``idle_exit_s`` with nothing pending, or ``max_seconds``)."""
+        started = time.monotonic()
+        last_data = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                wait_ms = self.s.ingest_batch_ms
+                if self._batch_started is not None:
+                    wait_ms = max(0, int(self.s.ingest_batch_ms - (time.monotonic() - self._batch_started) * 1000))
+                records = self.consumer.poll(timeout_ms=wait_ms, max_records=self.s.ingest_batch_max)
+                if records:
+                    last_data = time.monotonic()
+                    self._add(records)
+                due = self._batch_started is not None and (
+                    self.batch.messages >= self.s.ingest_batch_max
+                    or (time.monotonic() - self._batch_started) * 1000 >= self.s.ingest_batch_ms
+                )
+                if due:
+                    self.flush()
+                now = time.monotonic()
+                if idle_exit_s is not None and self.batch.messages == 0 and now - last_data > idle_exit_s:
+                    break
+                if max_seconds is not None and now - started > max_seconds:
+                    break
+            self.flush()
+        finally:
+            self.close()
+        return self.stats
+
+    def _add(self, records) -> None:
+        now = datetime.now(UTC)
+        if self._batch_started is None:
+            self._batch_started = time.monotonic()
+        for tp, msgs in records.items():
+            for m in msgs:
+                raw = m.value if m.value is not None else b""
+                try:
+                    event = parse_event(raw, max_bytes=self.s.max_event_bytes)
+                except EventError as e:
+                    self.batch.add_dead_letter(tp.topic, tp.partition, m.offset, e.reason, e.detail, raw, now)
+                    self._to_dlq(tp, m, e)
+                else:
+                    self.batch.add_event(event, tp.partition, m.offset, now)
+                self.batch.advance(tp.topic, tp.partition, m.offset)
+
+    def _to_dlq(self, tp, m, e: EventError) -> None:
+        if self._dlq is None:
+            self._dlq = KafkaProducer(bootstrap_servers=self.s.bootstrap_servers, acks="all",
+                                      enable_idempotence=True, client_id="flywheel-dlq",
+                                      max_request_size=max(2 * 1024 * 1024, 4 * self.s.max_event_bytes))
+        headers = [("reason", e.reason.encode()), ("detail", e.detail.encode()[:4000]),
+                   ("source_topic", tp.topic.encode()), ("source_partition", str(tp.partition).encode()),
+                   ("source_offset", str(m.offset).encode())]
+        self._dlq.send(self.s.topic_dlq, key=f"{tp.topic}:{tp.partition}:{m.offset}".encode(),
+                       value=m.value or b"", headers=headers)
+
+    def flush(self) -> None:
+        """Commit the pending batch: DLQ sends acknowledged first, then rows + offsets in one transaction."""
+        if self.batch.messages == 0:
+            self._batch_started = None
+            return
+        if self._dlq is not None:
+            self._dlq.flush(timeout=30)
+        batch, self.batch, self._batch_started = self.batch, Batch(), None
+        with connect(self.s.warehouse_path, timeout_s=self.s.warehouse_lock_timeout_s) as con:
+            inserted = commit_batch(con, batch, self.group)
+        st = self.stats
+        st.batches += 1
+        st.messages += batch.messages
+        for t, n in inserted.items():
+            st.inserted[t] = st.inserted.get(t, 0) + n
+        st.dead_letters += inserted.get("dead_letters", 0)
+        offered = sum(len(c["event_id"]) for t, c in batch.columns.items() if t != "dead_letters")
+        st.duplicates += offered - sum(n for t, n in inserted.items() if t != "dead_letters")
+        st.last_commit_at = time.time()
+        try:  # informational only: the warehouse is the source of truth for positions
+            self.consumer.commit_async({TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
+                                        for (t, p), o in batch.offsets.items()})
+        except Exception:  # noqa: BLE001
+            log.debug("kafka offset commit failed (informational)", exc_info=True)
+
+    def close(self) -> None:
+        try:
+            self.consumer.close(autocommit=False)
+        finally:
+            if self._dlq is not None:
+                self._dlq.close(timeout=10)
+
+
+def lag(s: Settings, group: str | None = None) -> dict[str, dict]:
+    """Per-topic end offsets vs. the offsets stored in the warehouse (the truth for this sink)."""
+    group = group or s.ingest_group
+    consumer = KafkaConsumer(bootstrap_servers=s.bootstrap_servers, client_id="flywheel-status",
+                             request_timeout_ms=5000)
+    try:
+        tps = []
+        for topic in (s.topic_turns, s.topic_feedback, s.topic_dlq, s.topic_releases):
+            parts = consumer.partitions_for_topic(topic) or set()
+            tps += [TopicPartition(topic, p) for p in sorted(parts)]
+        ends = consumer.end_offsets(tps) if tps else {}
+        begins = consumer.beginning_offsets(tps) if tps else {}
+    finally:
+        consumer.close()
+    stored: dict[tuple[str, int], int] = {}
+    if s.warehouse_path.exists():
+        with connect(s.warehouse_path, read_only=True, timeout_s=10) as con:
+            stored = stored_offsets(con, group)
+    out: dict[str, dict] = {}
+    for tp in tps:
+        t = out.setdefault(tp.topic, {"partitions": 0, "messages": 0, "lag": None})
+        t["partitions"] += 1
+        t["messages"] += ends[tp] - begins[tp]
+        if tp.topic in (s.topic_turns, s.topic_feedback):
+            pos = stored.get((tp.topic, tp.partition), begins[tp])
+            t["lag"] = (t["lag"] or 0) + max(0, ends[tp] - pos)
+    return out
+
+
+def main(settings: Settings | None = None) -> None:
+    """Run the continuous consumer until SIGINT/SIGTERM, logging progress every 10 s."""
+    s = settings or get_settings()
+    ingest = IngestConsumer(s)
+    signal.signal(signal.SIGTERM, lambda *_: ingest.stop())
+    signal.signal(signal.SIGINT, lambda *_: ingest.stop())
+
+    def report():
+        last = 0
+        while not ingest._stop.wait(10):
+            st = ingest.stats
+            log.info("ingest: %d messages (+%d), rows %s, dead letters %d, duplicates dropped %d",
+                     st.messages, st.messages - last, st.inserted, st.dead_letters, st.duplicates)
+            last = st.messages
+
+    threading.Thread(target=report, daemon=True).start()
+    log.info("ingest: consuming %s into %s (group %s)", ingest.topics, s.warehouse_path, ingest.group)
+    ingest.run()
+    log.info("ingest: stopped cleanly: %s", ingest.stats.as_dict())
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    main()
