@@ -1,0 +1,176 @@
+"""``flywheel``: one command for operators. Every command prints a readable summary; ``--json`` prints one
+JSON object instead.
+
+    flywheel up                     # the whole stack in the foreground; Ctrl-C stops it cleanly
+    flywheel status [--json]        # broker health, per-topic lag, warehouse row counts
+    flywheel kafka start|stop|status
+    flywheel ingest                 # the continuous Kafka -> DuckDB consumer
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from feedback.settings import get_settings
+
+app = typer.Typer(help="Flywheel: a chat product whose users make its model better.", no_args_is_help=True,
+                  add_completion=False)
+kafka_app = typer.Typer(help="The local Apache Kafka broker (KRaft, one node).", no_args_is_help=True)
+app.add_typer(kafka_app, name="kafka")
+console = Console()
+JSON = typer.Option(False, "--json", help="Print one JSON object instead of a table.")
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+@kafka_app.command("start")
+def kafka_start(as_json: bool = JSON) -> None:
+    """Start the broker (fetching its jars on first use) and wait until it answers; harmless if running."""
+    from infra import kafka_local
+
+    s = get_settings()
+    try:
+        st = kafka_local.start(s, quiet=as_json)
+    except kafka_local.KafkaError as e:
+        console.print(f"[red]kafka: {e}[/red]")
+        raise typer.Exit(1) from None
+    if as_json:
+        _print_json(st.as_dict())
+    else:
+        console.print(f"kafka: broker answering on {st.bootstrap} (pid {st.pid or 'external'}); "
+                      f"topics {', '.join(s.topics.values())}")
+
+
+@kafka_app.command("stop")
+def kafka_stop(as_json: bool = JSON) -> None:
+    """Stop the local broker cleanly (its data stays)."""
+    from infra import kafka_local
+
+    stopped = kafka_local.stop(get_settings())
+    if as_json:
+        _print_json({"stopped": stopped})
+    else:
+        console.print("kafka: stopped" if stopped else "kafka: no local broker was running")
+
+
+@kafka_app.command("status")
+def kafka_status(as_json: bool = JSON) -> None:
+    """Is the local broker running and answering?"""
+    from infra import kafka_local
+
+    st = kafka_local.status(get_settings())
+    if as_json:
+        _print_json(st.as_dict())
+    else:
+        state = "[green]answering[/green]" if st.answering else "[red]not answering[/red]"
+        console.print(f"kafka: {st.bootstrap} {state}; pid {st.pid or '-'}; data {st.data_dir}")
+    raise typer.Exit(0 if st.answering else 1)
+
+
+def collect_status() -> dict:
+    from feedback.ingest import lag
+    from feedback.warehouse import WarehouseBusy, row_counts
+    from infra import kafka_local
+
+    s = get_settings()
+    out: dict = {"flywheel_home": str(s.home.resolve()), "kafka": {"bootstrap": s.kafka_bootstrap}}
+    up = kafka_local.answering(s)
+    out["kafka"]["healthy"] = up
+    if up:
+        try:
+            out["topics"] = lag(s)
+        except Exception as e:  # noqa: BLE001 - report, don't crash the status command
+            out["topics_error"] = str(e)
+    try:
+        out["warehouse"] = {"path": str(s.warehouse_path), "rows": row_counts(s.warehouse_path)}
+    except WarehouseBusy as e:
+        out["warehouse"] = {"path": str(s.warehouse_path), "error": str(e)}
+    return out
+
+
+@app.command()
+def status(as_json: bool = JSON) -> None:
+    """Broker health, per-topic messages and ingest lag, warehouse row counts."""
+    st = collect_status()
+    if as_json:
+        _print_json(st)
+        return
+    k = st["kafka"]
+    console.print(f"[bold]Kafka[/bold] {k['bootstrap']}: " + ("[green]healthy[/green]" if k["healthy"] else
+                  "[red]down[/red] (start it: flywheel kafka start)"))
+    if "topics" in st:
+        t = Table("topic", "partitions", "messages", "ingest lag")
+        for name, v in st["topics"].items():
+            t.add_row(name, str(v["partitions"]), str(v["messages"]), "-" if v["lag"] is None else str(v["lag"]))
+        console.print(t)
+    w = st["warehouse"]
+    if "rows" in w:
+        console.print(f"[bold]Warehouse[/bold] {w['path']}")
+        t = Table("table", "rows")
+        for name, n in w["rows"].items():
+            t.add_row(name, str(n))
+        console.print(t)
+    else:
+        console.print(f"[yellow]warehouse: {w['error']}[/yellow]")
+
+
+@app.command()
+def ingest() -> None:
+    """Run the continuous Kafka -> DuckDB consumer in the foreground (Ctrl-C stops it after a final commit)."""
+    from feedback import ingest as ingest_mod
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    ingest_mod.main()
+
+
+@app.command()
+def up(
+    app_server: bool = typer.Option(True, "--app/--no-app", help="Start the chat app and API."),
+    prefect: bool = typer.Option(True, "--prefect/--no-prefect", help="Start the Prefect server and flows."),
+) -> None:
+    """Start the whole stack in the foreground: broker, ingest, app, Prefect. Ctrl-C stops everything."""
+    from cli.stack import run_stack
+
+    raise typer.Exit(run_stack(get_settings(), app_server=app_server, prefect=prefect))
+
+
+def _mount_optional() -> None:
+    """Commands that arrive with later parts (chat app, pipelines); absent modules are simply not mounted."""
+    import importlib
+
+    for module, attr, name in (("cli.datasets", "datasets_app", "datasets"), ("cli.app_cmd", "app_cmd", "app"),
+                               ("cli.releases", "releases_app", "releases")):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue
+        sub = getattr(mod, attr, None)
+        if sub is not None:
+            app.add_typer(sub, name=name)
+    try:
+        flows = importlib.import_module("cli.flows")
+    except ModuleNotFoundError as e:
+        if e.name != "cli.flows":
+            raise
+    else:
+        if hasattr(flows, "run_flow"):
+            app.command("run", help="Run a flow once, now: flywheel run <flow>.")(flows.run_flow)
+
+
+def main() -> None:
+    _mount_optional()
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
