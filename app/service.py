@@ -19,7 +19,7 @@ from app.backends.base import Backend, Busy, Chunk
 from app.metrics import Metrics
 from app.router import ReleaseRouter
 from app.sessions import Sessions, TurnRecord
-from app.validation import check_conversation
+from app.validation import InputError, check_conversation
 from feedback.events import ChatTurn, Feedback, Message, Sampling, UserAction, new_id
 from feedback.producer import EventProducer
 from feedback.settings import Settings
@@ -173,6 +173,9 @@ class ChatService:
         except Busy:
             self.metrics.requests.labels(surface, version, "busy").inc()
             raise
+        except ValueError as e:  # the backend refused the prompt itself (e.g. longer than the model's context)
+            self.metrics.requests.labels(surface, version, "invalid").inc()
+            raise InputError(f"The model cannot take this conversation: {e}. Please shorten it.", "messages") from e
         except Exception:
             self.metrics.requests.labels(surface, version, "error").inc()
             raise

@@ -89,9 +89,10 @@ def build_ui(service: ChatService, *, max_new_tokens: int = 256, temperature: fl
                 user_id=uid, conversation_id=st["conversation_id"], messages=ctx, sampling=sampling(),
                 origin=origin, surface="ui", parent_turn_id=parent,
             )
-        except (InputError, Busy) as e:
+        except Exception as e:  # noqa: BLE001 - input, busy, or a failing backend: a sentence, not a trace
             st["messages"] = snapshot
-            msg = e.message if isinstance(e, InputError) else BUSY_MESSAGE
+            msg = e.message if isinstance(e, InputError) else BUSY_MESSAGE if isinstance(e, Busy) else \
+                "Something went wrong; please retry."
             yield display(st["messages"]), st, restore, status_md(msg), gr.skip()
             return
         reply = {"role": "assistant", "content": "", "turn_id": turn.turn_id,
