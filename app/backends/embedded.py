@@ -228,7 +228,7 @@ class EmbeddedBackend:
     def _prefill(self, req: _Request) -> None:
         cache = DynamicCache(config=self.model.config)
         ids = torch.tensor([req.ids], device=self.device)
-        logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits
         tok = self._sample(logits[:, -1], [req])[0]
         if self._emit(req, tok):
             return
@@ -284,7 +284,7 @@ class EmbeddedBackend:
             input_ids=self._next,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=self._cache,
+            cache=self._cache,
             use_cache=True,
             logits_to_keep=1,
         ).logits
