@@ -1,0 +1,80 @@
+"""Which backend serves which model version.
+
+``$FLYWHEEL_HOME/backends.yaml`` maps a model version (release name) to a backend; without the file the base
+release is served by the embedded model at the settings' base model path. Example::
+
+    base: {kind: embedded, path: .flywheel/models/base, max_concurrency: 8}
+    sft-0003: {kind: embedded, path: .flywheel/models/sft-0003}
+    big: {kind: remote, url: http://gpu-box:8080, model: meta-llama/Llama-3.1-8B-Instruct, api_key_env: TGI_KEY}
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from app.backends.base import Backend
+from feedback.settings import Settings, get_settings
+
+_EMBEDDED_KEYS = {"max_concurrency", "max_queue", "max_context_tokens", "device", "num_threads"}
+_REMOTE_KEYS = {"model", "max_concurrency", "timeout"}
+
+
+def backend_config(settings: Settings | None = None) -> dict[str, dict[str, Any]]:
+    """The version -> backend mapping: ``backends.yaml`` under the home, else the base model embedded."""
+    settings = settings or get_settings()
+    path = settings.home / "backends.yaml"
+    if path.exists():
+        config = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(config, dict):
+            raise ValueError(f"{path}: expected a mapping of model version -> backend")
+        return config
+    if settings.backend == "remote":
+        raise ValueError(f"FLYWHEEL_BACKEND=remote needs {path} naming the endpoint's url")
+    return {settings.model_version: {"kind": "embedded", "path": str(settings.base_model_path)}}
+
+
+def build_backend(spec: Mapping[str, Any], base_dir: Path | None = None) -> Backend:
+    """One backend from one mapping entry; unknown keys are errors, so a typo never passes silently."""
+    spec = dict(spec)
+    kind = spec.pop("kind", "embedded")
+    if kind == "embedded":
+        from app.backends.embedded import EmbeddedBackend  # torch + model weights: only when asked for
+
+        path = Path(spec.pop("path"))
+        if not path.is_absolute() and base_dir is not None and not path.exists():
+            path = base_dir / path
+        _check(spec, _EMBEDDED_KEYS, kind)
+        return EmbeddedBackend(path, **spec)
+    if kind == "remote":
+        from app.backends.remote import RemoteBackend
+
+        url = spec.pop("url")
+        key_env = spec.pop("api_key_env", None)
+        _check(spec, _REMOTE_KEYS, kind)
+        return RemoteBackend(url, api_key=os.environ.get(key_env) if key_env else None, **spec)
+    raise ValueError(f"unknown backend kind {kind!r} (embedded or remote)")
+
+
+def _check(spec: Mapping[str, Any], allowed: set[str], kind: str) -> None:
+    unknown = set(spec) - allowed
+    if unknown:
+        raise ValueError(f"{kind} backend: unknown keys {sorted(unknown)} (allowed: {sorted(allowed)})")
+
+
+def load_backends(
+    settings: Settings | None = None, config: Mapping[str, Mapping[str, Any]] | None = None
+) -> dict[str, Backend]:
+    """Build every configured backend. ``config`` overrides the file (tests, one-off servers)."""
+    settings = settings or get_settings()
+    config = backend_config(settings) if config is None else config
+    if not config:
+        raise ValueError("no backends configured")
+    backends: dict[str, Backend] = {}
+    for version, spec in config.items():
+        backends[str(version)] = build_backend(spec, base_dir=settings.home)
+    return backends
