@@ -91,10 +91,12 @@ def read_warehouse(path: Path | str, timeout_s: float = 30.0) -> Source:
         missing = {"turns", "feedback", "user_actions"} - have
         if missing:
             raise RuntimeError(f"warehouse {path} lacks tables {sorted(missing)}: has ingest ever run?")
-        turns = con.execute(f"SELECT {_TURN_COLS} FROM turns").arrow()
-        feedback = con.execute(f"SELECT {_FEEDBACK_COLS} FROM feedback").arrow()
-        actions = con.execute("SELECT event_id, ts, user_id, action FROM user_actions").arrow()
-        offsets = con.execute("SELECT * FROM kafka_offsets").arrow() if "kafka_offsets" in have else pa.table({})
+        turns = con.execute(f"SELECT {_TURN_COLS} FROM turns").to_arrow_table()
+        feedback = con.execute(f"SELECT {_FEEDBACK_COLS} FROM feedback").to_arrow_table()
+        actions = con.execute("SELECT event_id, ts, user_id, action FROM user_actions").to_arrow_table()
+        offsets = pa.table({})
+        if "kafka_offsets" in have:
+            offsets = con.execute("SELECT * FROM kafka_offsets").to_arrow_table()
     return Source(_as_table(turns), _as_table(feedback), _as_table(actions), _as_table(offsets), datetime.now(UTC))
 
 
@@ -256,7 +258,8 @@ def _relational(src: Source, cfg: CurateConfig, filters: list[StageCount]) -> tu
         harm_reported = {
             r[0]
             for r in db.execute(
-                "SELECT turn_id, reason FROM raw_feedback WHERE kind = 'thumbs' AND value = 'down' AND reason IS NOT NULL"
+                "SELECT turn_id, reason FROM raw_feedback "
+                "WHERE kind = 'thumbs' AND value = 'down' AND reason IS NOT NULL"
             ).fetchall()
             if safety.reason_flags_harm(r[1])
         }
@@ -414,13 +417,10 @@ def curate(
     changed = 0
     for table in rows.values():
         for row in table:
-            for val in row.values():
-                if isinstance(val, list):
-                    for m in val:
-                        new = clean[m["content"]]
-                        if new != m["content"]:
-                            changed += 1
-                        m["content"] = new
+            for col, val in row.items():
+                if isinstance(val, list):  # new dicts: rows may share message objects
+                    row[col] = [{"role": m["role"], "content": clean[m["content"]]} for m in val]
+                    changed += sum(m["content"] != n["content"] for m, n in zip(val, row[col], strict=True))
     engine = scrubber.engine_id or scrubber.describe()
     pii_stats = dict(scrubber.stats)
     filters.append(StageCount("pii", n_texts, n_texts, {}))
@@ -435,9 +435,10 @@ def curate(
     )
 
     # 6. Dedupe per table over canonical text, first occurrence kept.
+    sketches: dict = {}
     for name, table in rows.items():
         keys = [_dedupe_text(r) for r in table]
-        res = dedupe(keys, cfg.near_dup_threshold, cfg.minhash_perm, cfg.shingle_words)
+        res = dedupe(keys, cfg.near_dup_threshold, cfg.minhash_perm, cfg.shingle_words, sketches)
         rows[name] = [r for r, k in zip(table, res.keep, strict=True) if k]
         filters.append(
             StageCount(

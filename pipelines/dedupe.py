@@ -37,7 +37,15 @@ def shingles(text: str, n: int) -> list[bytes]:
     return list(dict.fromkeys(" ".join(words[i : i + n]).encode() for i in range(len(words) - n + 1)))
 
 
-def dedupe(texts: Sequence[str], threshold: float = 0.85, num_perm: int = 64, shingle_words: int = 3) -> DedupeResult:
+def dedupe(
+    texts: Sequence[str],
+    threshold: float = 0.85,
+    num_perm: int = 64,
+    shingle_words: int = 3,
+    sketch_cache: dict[str, MinHash] | None = None,
+) -> DedupeResult:
+    """``sketch_cache`` (text -> MinHash) lets several tables that share texts (SFT and liked KTO rows) hash each
+    text once; pass the same dict for the same num_perm and shingle size only."""
     keep = [False] * len(texts)
     exact = near = 0
     seen: set[bytes] = set()
@@ -54,12 +62,16 @@ def dedupe(texts: Sequence[str], threshold: float = 0.85, num_perm: int = 64, sh
             keep[i] = True
         return DedupeResult(keep, exact, 0)
 
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    # LSH only proposes candidates: band it for a lower similarity and weigh misses heavily, since a banding tuned
+    # exactly at the threshold misses about half of the pairs just above it; the MinHash estimate then decides.
+    lsh = MinHashLSH(threshold=max(0.3, threshold - 0.15), num_perm=num_perm, weights=(0.3, 0.7))
     # crc32: a deterministic C hash, ~5x cheaper than datasketch's default sha1 per shingle.
     # bulk() shares one permutation set across sketches; creating it per MinHash dominates the cost otherwise.
-    sketches = MinHash.bulk(
-        (shingles(texts[i], shingle_words) for i in survivors), num_perm=num_perm, seed=1, hashfunc=zlib.crc32
-    )
+    cache = sketch_cache if sketch_cache is not None else {}
+    missing = list(dict.fromkeys(texts[i] for i in survivors if texts[i] not in cache))
+    made = MinHash.bulk((shingles(t, shingle_words) for t in missing), num_perm=num_perm, seed=1, hashfunc=zlib.crc32)
+    cache.update(zip(missing, made, strict=True))
+    sketches = [cache[texts[i]] for i in survivors]
     kept: dict[str, MinHash] = {}
     for i, m in zip(survivors, sketches, strict=True):
         dup = False

@@ -29,6 +29,10 @@ _CAP_WORD = re.compile(r"(?:^|(?<=[\s\"'(\[]))([A-Z][a-z]+(?:[-'][A-Za-z]+)?)")
 _SENTENCE_START = re.compile(r"(?:^|[.!?:;\n]\s*)\s*$")
 _DIGIT_OR_AT = re.compile(r"[\d@]")
 
+# spaCy labels that map to no Presidio entity we redact (Presidio warns once per span otherwise).
+_IGNORED_NER_LABELS = ["CARDINAL", "ORDINAL", "QUANTITY", "MONEY", "PERCENT", "WORK_OF_ART", "LAW", "LANGUAGE",
+                       "EVENT", "PRODUCT", "ORG", "ORGANIZATION", "DATE", "TIME", "NORP", "FAC", "GPE", "LOC"]
+
 STREET_ADDRESS_REGEX = (
     r"\b\d{1,6}[A-Za-z]?\s+(?:[A-Z][A-Za-z'.-]*\s+){1,4}"
     r"(?:Street|St|Avenue|Ave|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Dr|Court|Ct|Way|Place|Pl|Terrace|Square|Sq"
@@ -106,12 +110,15 @@ class PiiScrubber:
         if model:
             try:
                 import spacy
-                from presidio_analyzer.nlp_engine import SpacyNlpEngine
+                from presidio_analyzer.nlp_engine import NerModelConfiguration, SpacyNlpEngine
 
                 nlp = spacy.load(
                     model, exclude=["tok2vec", "tagger", "parser", "attribute_ruler", "lemmatizer", "senter"]
                 )
-                nlp_engine = SpacyNlpEngine(models=[{"lang_code": "en", "model_name": model}])
+                ner = NerModelConfiguration(labels_to_ignore=_IGNORED_NER_LABELS)
+                nlp_engine = SpacyNlpEngine(
+                    models=[{"lang_code": "en", "model_name": model}], ner_model_configuration=ner
+                )
                 nlp_engine.nlp = {"en": nlp}  # already loaded: AnalyzerEngine will not reload the full pipeline
                 self.engine_id = f"presidio-{version}+{model}-{nlp.meta.get('version', '?')}"
             except (OSError, ImportError) as e:
