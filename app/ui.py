@@ -294,8 +294,10 @@ def build_ui(service: ChatService, *, max_new_tokens: int = 256, temperature: fl
 
     def vote(choice: str, pair: dict[str, Any], request: gr.Request):
         uid = user_of(request)
-        if not pair or pair.get("voted"):
+        if not pair:
             return gr.skip(), gr.skip(), gr.skip(), status_md("Start a comparison first.")
+        if pair.get("voted"):
+            return gr.skip(), gr.skip(), gr.skip(), status_md("You already voted on this pair.")
         a = sessions.owned_turn(uid, pair["a"]["turn_id"])
         b = sessions.owned_turn(uid, pair["b"]["turn_id"])
         if a is None or b is None:
