@@ -22,6 +22,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -85,7 +86,7 @@ class IngestConsumer:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=self.s.ingest_batch_max,
-            session_timeout_ms=10_000,
+            session_timeout_ms=self.s.ingest_session_timeout_ms,
             heartbeat_interval_ms=1_000,
             max_poll_interval_ms=300_000,
             fetch_max_wait_ms=50,
@@ -111,8 +112,10 @@ class IngestConsumer:
     def stop(self) -> None:
         self._stop.set()
 
-    def run(self, idle_exit_s: float | None = None, max_seconds: float | None = None) -> IngestStats:
-        """Consume until stopped (or idle for ``idle_exit_s`` with nothing pending, or ``max_seconds``)."""
+    def run(self, idle_exit_s: float | None = None, max_seconds: float | None = None,
+            stop_when: Callable[[IngestStats], bool] | None = None) -> IngestStats:
+        """Consume until stopped, or idle for ``idle_exit_s`` with nothing pending, or ``max_seconds``, or
+        ``stop_when(stats)`` is true after a commit (tests and benchmarks)."""
         started = time.monotonic()
         last_data = time.monotonic()
         try:
@@ -130,7 +133,11 @@ class IngestConsumer:
                 )
                 if due:
                     self.flush()
+                    if stop_when is not None and stop_when(self.stats):
+                        break
                 now = time.monotonic()
+                if not self.consumer.assignment():
+                    last_data = now  # still joining the group: not idle yet
                 if idle_exit_s is not None and self.batch.messages == 0 and now - last_data > idle_exit_s:
                     break
                 if max_seconds is not None and now - started > max_seconds:

@@ -39,6 +39,7 @@ def settings_env(s: Settings) -> dict[str, str]:
         "FLYWHEEL_INGEST_GROUP": s.ingest_group,
         "FLYWHEEL_INGEST_BATCH_MS": str(s.ingest_batch_ms),
         "FLYWHEEL_INGEST_BATCH_MAX": str(s.ingest_batch_max),
+        "FLYWHEEL_INGEST_SESSION_TIMEOUT_MS": str(s.ingest_session_timeout_ms),
         "FLYWHEEL_BASE_MODEL": str(s.base_model_path),
         "PYTHONPATH": str(REPO),
     })
@@ -68,6 +69,7 @@ def settings(kafka_broker: Settings, tmp_path: Path) -> Settings:
         topic_prefix=f"t{tag}",
         ingest_group=f"ingest-{tag}",
         ingest_batch_ms=100,
+        ingest_session_timeout_ms=6_000,
         base_model=str(REPO / ".flywheel" / "models" / "base") if not os.environ.get("FLYWHEEL_BASE_MODEL")
         else os.environ["FLYWHEEL_BASE_MODEL"],
     )
@@ -82,7 +84,8 @@ def own_broker(tmp_path: Path) -> Settings:
     tag = uuid.uuid4().hex[:10]
     base = _broker_settings(tmp_path / "home")
     s = Settings(home=base.home, kafka_bootstrap=base.kafka_bootstrap, kafka_controller_port=base.kafka_controller_port,
-                 kafka_heap="512m", ingest_group=f"ingest-{tag}", ingest_batch_ms=100)
+                 kafka_heap="512m", ingest_group=f"ingest-{tag}", ingest_batch_ms=100,
+                 ingest_session_timeout_ms=6_000)
     kafka_local.start(s, quiet=True)
     yield s
     kafka_local.stop(s, kill=True)
