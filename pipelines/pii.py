@@ -30,8 +30,26 @@ _SENTENCE_START = re.compile(r"(?:^|[.!?:;\n]\s*)\s*$")
 _DIGIT_OR_AT = re.compile(r"[\d@]")
 
 # spaCy labels that map to no Presidio entity we redact (Presidio warns once per span otherwise).
-_IGNORED_NER_LABELS = ["CARDINAL", "ORDINAL", "QUANTITY", "MONEY", "PERCENT", "WORK_OF_ART", "LAW", "LANGUAGE",
-                       "EVENT", "PRODUCT", "ORG", "ORGANIZATION", "DATE", "TIME", "NORP", "FAC", "GPE", "LOC"]
+_IGNORED_NER_LABELS = [
+    "CARDINAL",
+    "ORDINAL",
+    "QUANTITY",
+    "MONEY",
+    "PERCENT",
+    "WORK_OF_ART",
+    "LAW",
+    "LANGUAGE",
+    "EVENT",
+    "PRODUCT",
+    "ORG",
+    "ORGANIZATION",
+    "DATE",
+    "TIME",
+    "NORP",
+    "FAC",
+    "GPE",
+    "LOC",
+]
 
 STREET_ADDRESS_REGEX = (
     r"\b\d{1,6}[A-Za-z]?\s+(?:[A-Z][A-Za-z'.-]*\s+){1,4}"

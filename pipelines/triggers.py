@@ -1,9 +1,10 @@
 """The volume trigger: how many new usable ratings arrived since the last curation.
 
-"Usable" is what curation could learn from: a thumbs up/down or an A/B choice (not ``cleared``, not ``tie``),
-with the rater's consent flag set, from a user who has not asked for deletion and whose latest consent action
-is not a revocation. "New" is past the watermark that the latest curation recorded in ``dataset_snapshots``:
-Kafka offsets per partition, plus ingest time for rows seeded without a Kafka position.
+"Usable" is what curation could learn from: a thumbs up/down or an A/B choice (not ``cleared``, not ``tie``)
+of a turn that was itself given with consent, with the rater's consent flag set, from a user who has not asked
+for deletion and whose latest consent action is not a revocation. "New" is past the watermark that the latest
+curation recorded in ``dataset_snapshots``: Kafka offsets per partition, plus ingest time for rows seeded
+without a Kafka position.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ _USABLE = """
         SELECT user_id, action, row_number() OVER (PARTITION BY user_id ORDER BY ts DESC, event_id DESC) AS rn
         FROM user_actions WHERE action IN ('consent_granted', 'consent_revoked'))
         WHERE rn = 1 AND action = 'consent_revoked')
+    AND f.turn_id IN (SELECT turn_id FROM turns WHERE coalesce(consent, false)
+                      AND user_id NOT IN (SELECT user_id FROM user_actions WHERE action = 'delete_request'))
 """
 
 
@@ -28,7 +31,7 @@ def new_usable_ratings(warehouse: Path, timeout_s: float = 30.0) -> int:
         return 0
     with connect(warehouse, read_only=True, timeout_s=timeout_s) as con:
         have = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-        if not {"feedback", "user_actions"} <= have:
+        if not {"turns", "feedback", "user_actions"} <= have:
             return 0
         wm = None
         if "dataset_snapshots" in have:

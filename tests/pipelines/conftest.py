@@ -64,7 +64,7 @@ class Events:
 
     def rated(self, user: str, conv: str, tid: str, prompt: str, answer: str, value: str, **kw) -> None:
         self.turn(user, conv, tid, prompt, answer, **kw)
-        self.thumbs(user, conv, tid, value)
+        self.thumbs(user, conv, tid, value, consent=kw.get("consent", True))
 
 
 def seed(path: Path, events: list) -> dict[str, int]:

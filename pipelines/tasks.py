@@ -1,0 +1,83 @@
+"""Small typed Prefect tasks over the plain functions in ``pipelines.curate`` / ``snapshots`` / ``triggers`` /
+``health``. Warehouse tasks retry (another process may hold the DuckDB file); pure computation does not.
+Nothing is cached or persisted by Prefect: snapshots are the persisted result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from feedback.settings import Settings
+from pipelines import curate as cur
+from pipelines import health, snapshots, train_hook, triggers
+from pipelines.config import CurateConfig
+from pipelines.pii import PiiScrubber
+
+_OPTS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
+
+
+@task(retries=3, retry_delay_seconds=2, **_OPTS)
+def read_warehouse(settings: Settings) -> cur.Source:
+    src = cur.read_warehouse(settings.warehouse_path, settings.warehouse_lock_timeout_s)
+    get_run_logger().info(
+        "read %d turns, %d feedback, %d user actions",
+        src.turns.num_rows,
+        src.feedback.num_rows,
+        src.user_actions.num_rows,
+    )
+    return src
+
+
+@task(**_OPTS)
+def curate_tables(src: cur.Source, config: CurateConfig) -> cur.Curated:
+    logger = get_run_logger()
+    return cur.curate(src, config, PiiScrubber(config), progress=logger.info)
+
+
+@task(retries=2, retry_delay_seconds=1, **_OPTS)
+def write_snapshot(curated: cur.Curated, settings: Settings) -> snapshots.SnapshotInfo:
+    info = snapshots.write_snapshot(curated, settings.datasets_dir)
+    get_run_logger().info(
+        "snapshot %s %s at %s: %s",
+        info.snapshot_id,
+        "written" if info.created else "already existed",
+        info.path,
+        info.manifest["counts"],
+    )
+    return info
+
+
+@task(retries=3, retry_delay_seconds=2, **_OPTS)
+def register_snapshot(info: snapshots.SnapshotInfo, watermark: dict[str, Any], settings: Settings) -> None:
+    snapshots.register(settings.warehouse_path, info, watermark, settings.warehouse_lock_timeout_s)
+
+
+@task(retries=3, retry_delay_seconds=2, **_OPTS)
+def count_new_ratings(settings: Settings) -> int:
+    n = triggers.new_usable_ratings(settings.warehouse_path, settings.warehouse_lock_timeout_s)
+    get_run_logger().info("%d new usable ratings since the last snapshot", n)
+    return n
+
+
+@task(**_OPTS)
+def train(snapshot_id: str, snapshot_path: Path) -> None:
+    train_hook.train(snapshot_id, snapshot_path, get_run_logger())
+
+
+@task(retries=2, retry_delay_seconds=5, **_OPTS)
+def broker_end_offsets(settings: Settings) -> dict[tuple[str, int], int]:
+    return health.broker_end_offsets(settings, [settings.topic_turns, settings.topic_feedback])
+
+
+@task(**_OPTS)
+def check_ingest(settings: Settings, end_offsets: dict[tuple[str, int], int], config: CurateConfig) -> dict:
+    h = health.check(settings, end_offsets, config.max_lag_messages, config.max_stale_s)
+    logger = get_run_logger()
+    if not h.healthy:
+        logger.error("ingest UNHEALTHY: %s", "; ".join(h.problems))
+        raise health.IngestUnhealthy("; ".join(h.problems))
+    logger.info("ingest healthy: lag %d, last commit %s s ago", h.total_lag, h.last_commit_age_s)
+    return h.as_dict()

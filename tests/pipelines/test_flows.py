@@ -1,0 +1,114 @@
+"""The Prefect flows under ``prefect_test_harness()`` on a real DuckDB warehouse (and, for ingest health, the real
+Kafka broker and the real ingest consumer)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from feedback.sink import Batch, commit_batch
+from feedback.warehouse import connect
+from pipelines import flows
+from pipelines.config import CurateConfig
+from pipelines.health import IngestUnhealthy
+from pipelines.snapshots import list_snapshots
+from tests.pipelines.conftest import Events, seed
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+CFG = CurateConfig(pii_model="")  # patterns-only Presidio: these tests are about flows, test_curate covers names
+
+
+def test_curate_flow_writes_and_registers_one_snapshot(home_settings):
+    ev = Events()
+    for i in range(6):
+        ev.rated(f"u{i}", f"c{i}", f"t{i}", f"question {i} about birds", f"Birds answer {i} reach me at a{i}@x.org",
+                 "up" if i % 2 else "down")
+    seed(home_settings.warehouse_path, ev.items)
+    first = flows.curate(settings=home_settings, config=CFG)
+    second = flows.curate(settings=home_settings, config=CFG)
+    assert first["created"] and not second["created"]
+    assert first["snapshot_id"] == second["snapshot_id"]
+    assert [m["snapshot_id"] for m in list_snapshots(home_settings.datasets_dir)] == [first["snapshot_id"]]
+    with connect(home_settings.warehouse_path, read_only=True) as con:
+        assert con.execute("SELECT snapshot_id FROM dataset_snapshots").fetchall() == [(first["snapshot_id"],)]
+    sft = list_snapshots(home_settings.datasets_dir)[0]
+    assert sft["counts"]["kto"]["train"] + sft["counts"]["kto"]["eval"] == 6
+
+
+def test_volume_trigger_fires_at_n_and_not_before(home_settings, caplog):
+    n = 5
+    ev = Events()
+    # Ratings that never count: cleared, no consent flag, a deleted user's, a tie.
+    ev.turn("ux", "cx", "tx", "unrated question", "unrated answer")
+    ev.thumbs("ux", "cx", "tx", "cleared")
+    ev.rated("uy", "cy", "ty", "no consent q", "no consent a", "up", consent=False)
+    ev.rated("uz", "cz", "tz", "deleted q", "deleted a", "up")
+    ev.action("uz", "delete_request")
+    for i in range(n - 1):
+        ev.rated(f"u{i}", f"c{i}", f"t{i}", f"usable question {i}", f"usable answer {i}", "up")
+    seed(home_settings.warehouse_path, ev.items)
+
+    r = flows.volume_trigger(n=n, settings=home_settings, config=CFG)
+    assert not r["fired"] and r["new_ratings"] == n - 1
+    assert list_snapshots(home_settings.datasets_dir) == []
+
+    more = Events()
+    more.n = 1000
+    more.rated("u9", "c9", "t9", "usable question 9", "usable answer 9", "down")
+    seed(home_settings.warehouse_path, more.items)
+    with caplog.at_level("INFO"):
+        r = flows.volume_trigger(n=n, settings=home_settings, config=CFG)
+    assert r["fired"] and r["new_ratings"] == n
+    assert len(list_snapshots(home_settings.datasets_dir)) == 1
+    assert "no training recipe installed" in caplog.text
+
+    # The snapshot moved the watermark: nothing new, nothing fires.
+    r = flows.volume_trigger(n=n, settings=home_settings, config=CFG)
+    assert not r["fired"] and r["new_ratings"] == 0
+
+
+def test_ingest_health_from_committed_offsets(home_settings):
+    s = home_settings
+    seed(s.warehouse_path, [])
+    batch = Batch()
+    batch.advance(s.topic_feedback, 0, 99)  # next offset 100
+    with connect(s.warehouse_path) as con:
+        commit_batch(con, batch, group=s.ingest_group)
+    ok = flows.ingest_health(settings=s, config=CFG, end_offsets={f"{s.topic_feedback}:0": 100})
+    assert ok["healthy"] and ok["total_lag"] == 0
+    lagging = CurateConfig(pii_model="", max_lag_messages=10)
+    with pytest.raises(IngestUnhealthy, match="lag 50"):
+        flows.ingest_health(settings=s, config=lagging, end_offsets={f"{s.topic_feedback}:0": 150})
+    stale = CurateConfig(pii_model="", max_stale_s=0.5)
+    time.sleep(1.0)
+    with pytest.raises(IngestUnhealthy, match="is `flywheel ingest` running"):
+        flows.ingest_health(settings=s, config=stale, end_offsets={f"{s.topic_feedback}:0": 101})
+
+
+@pytest.mark.integration
+def test_ingest_health_against_real_broker_and_consumer(settings):
+    from feedback.ingest import IngestConsumer
+    from feedback.producer import EventProducer
+
+    ev = Events()
+    for i in range(5):
+        ev.rated(f"u{i}", f"c{i}", f"t{i}", f"q{i}", f"a{i}", "up")
+    producer = EventProducer(settings, spool_name="pipelines-test")
+    try:
+        for e in ev.items:
+            producer.emit(e)
+        assert producer.flush(30)
+        IngestConsumer(settings).run(idle_exit_s=2.0, max_seconds=60)
+        ok = flows.ingest_health(settings=settings, config=CFG)
+        assert ok["healthy"] and ok["total_lag"] == 0
+
+        for e in Events().items or [ev.turn("u0", "c0", "t-new", "q", "a")]:
+            producer.emit(e)
+        assert producer.flush(30)
+        time.sleep(1.0)
+        with pytest.raises(IngestUnhealthy):
+            flows.ingest_health(settings=settings, config=CurateConfig(pii_model="", max_stale_s=0.5))
+    finally:
+        producer.close()
