@@ -16,6 +16,7 @@ MAX_ANSWER_CHARS = 32_000  # an assistant message a client sends back as context
 MAX_CONVERSATION_MESSAGES = 40
 MAX_CONVERSATION_CHARS = 16_000  # ~4k tokens of context, leaving room for the answer
 MAX_REASON_CHARS = 1_000
+MAX_NEW_TOKENS = 2_048  # per answer, API and UI
 MAX_BODY_BYTES = 1_000_000  # raw HTTP body of an API request
 ALLOWED_CONTROL = {"\n", "\r", "\t"}
 ROLES = ("system", "user", "assistant")
