@@ -1,0 +1,35 @@
+"""Serve the project's flows on their schedules: ``python -m pipelines.serve`` (needs a real Prefect server;
+``infra.prefect_server.start_serve`` sets ``PREFECT_API_URL`` and FLYWHEEL_HOME for it).
+
+- ``curate-nightly``: ``FLYWHEEL_CURATE_NIGHTLY_CRON`` (default 03:00 daily);
+- ``volume-trigger``: every ``FLYWHEEL_CURATE_VOLUME_CHECK_INTERVAL_S`` (60 s), curates + trains at N ratings;
+- ``ingest-health``: every ``FLYWHEEL_CURATE_INGEST_HEALTH_INTERVAL_S`` (300 s).
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def deployments():
+    from pipelines.config import CurateConfig
+    from pipelines.flows import curate, ingest_health, volume_trigger
+
+    cfg = CurateConfig()
+    return [
+        curate.to_deployment("curate-nightly", cron=cfg.nightly_cron, tags=["flywheel"]),
+        volume_trigger.to_deployment("volume-trigger", interval=cfg.volume_check_interval_s, tags=["flywheel"]),
+        ingest_health.to_deployment("ingest-health", interval=cfg.ingest_health_interval_s, tags=["flywheel"]),
+    ]
+
+
+def main() -> None:
+    if not os.environ.get("PREFECT_API_URL"):
+        raise SystemExit("PREFECT_API_URL is not set: start the server first (`flywheel up`), schedules need one")
+    from prefect import serve
+
+    serve(*deployments(), limit=2)
+
+
+if __name__ == "__main__":
+    main()
