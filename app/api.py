@@ -235,6 +235,7 @@ def build_api(service: ChatService) -> APIRouter:
             "release_plan": {"plan_id": plan.plan_id, "stage": plan.stage, "published": service.router.published,
                              "variants": {v.model_version: v.weight for v in plan.variants}},
             "missing_backends": missing,
+            "backend_load_errors": service.load_errors,
             "fallback_version": service.default_version if missing else None,
             "release_router": {"connected": service.router.connected, "last_error": service.router.last_error},
             "events": {"broker_up": stats.broker_up, "pending": service.producer.pending(), "sent": stats.sent},

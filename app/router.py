@@ -15,6 +15,7 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated
 
@@ -125,6 +126,7 @@ class ReleaseRouter:
         self.connected = False
         self.last_error: str | None = None
         self.plans_seen = 0
+        self.listeners: list[Callable[[ReleasePlan], None]] = []  # called on the router thread per new plan
 
     # ---- reading ----------------------------------------------------------------------------------
     @property
@@ -166,9 +168,16 @@ class ReleaseRouter:
             if self._plan is None or plan.plan_id != self._plan.plan_id:
                 log.info("release plan %s (%s): %s", plan.plan_id, plan.stage,
                          {v.model_version: v.weight for v in plan.variants})
+            changed = self._plan is None or plan.plan_id != self._plan.plan_id
             self._plan = plan
             self.plans_seen += 1
             self._changed.notify_all()
+        if changed:
+            for listener in self.listeners:
+                try:
+                    listener(plan)
+                except Exception:  # noqa: BLE001 - a listener's failure must not stop routing
+                    log.exception("release plan listener failed")
 
     def _run(self) -> None:
         topic = self.settings.topic_releases

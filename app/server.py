@@ -112,9 +112,8 @@ def create_app(
         finally:
             router.stop()
             producer.close(timeout=5)
-            if owns_backends:
-                for b in backends.values():
-                    await b.aclose()
+            for b in {*(backends.values() if owns_backends else ()), *service.loaded.values()}:
+                await b.aclose()
             sessions.close()
 
     app = FastAPI(title="Flywheel", lifespan=lifespan, docs_url="/v1/docs", openapi_url="/v1/openapi.json")

@@ -10,6 +10,7 @@ emits exactly one ``ChatTurn`` through the process's producer.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Literal
 
 from app.backends.base import Backend, Busy, Chunk
 from app.metrics import Metrics
-from app.router import ReleaseRouter
+from app.router import ReleasePlan, ReleaseRouter
 from app.sessions import Sessions, TurnRecord
 from app.validation import InputError, check_conversation
 from feedback.events import ChatTurn, Feedback, Message, Sampling, UserAction, new_id
@@ -115,8 +116,58 @@ class ChatService:
         self.producer = producer
         self.metrics = metrics
         self.fallbacks: set[str] = set()
+        self.loaded: dict[str, Backend] = {}  # loaded here for a new plan; closed by the app at shutdown
+        self.load_errors: dict[str, str] = {}
+        self._loading: set[str] = set()
+        self._load_mu = threading.Lock()
         for version, backend in backends.items():
             metrics.watch_backend(version, backend.load)
+        router.listeners.append(self.prepare)
+
+    # ---- backends for new releases ---------------------------------------------------------------
+    def _spec_for(self, version: str) -> dict | None:
+        """How to serve a version: its entry in ``backends.yaml``, else a model directory of that name."""
+        from app.backends.registry import backend_config
+
+        try:
+            spec = backend_config(self.settings).get(version)
+        except ValueError as e:
+            log.warning("cannot read the backend config: %s", e)
+            spec = None
+        if spec is None and (self.settings.models_dir / version / "config.json").exists():
+            spec = {"kind": "embedded", "path": str(self.settings.models_dir / version)}
+        return spec
+
+    def prepare(self, plan: ReleasePlan) -> None:
+        """Start loading a backend for every version the plan names that none serves yet (in the background:
+        until it is ready, its users are served by the fallback)."""
+        for version in plan.versions():
+            with self._load_mu:
+                if version in self.backends or version in self._loading:
+                    continue
+                spec = self._spec_for(version)
+                if spec is None:
+                    continue
+                self._loading.add(version)
+            threading.Thread(target=self._load, args=(version, spec), name=f"load-{version}", daemon=True).start()
+
+    def _load(self, version: str, spec: dict) -> None:
+        from app.backends.registry import build_backend
+
+        try:
+            backend = build_backend(spec, base_dir=self.settings.home)
+        except Exception as e:  # noqa: BLE001 - reported in /healthz; the fallback keeps serving
+            log.exception("could not load a backend for %s", version)
+            self.load_errors[version] = f"{type(e).__name__}: {e}"
+        else:
+            self.loaded[version] = backend
+            self.metrics.watch_backend(version, backend.load)
+            self.backends = {**self.backends, version: backend}  # copy-on-write: readers never see a half dict
+            self.load_errors.pop(version, None)
+            log.info("model version %s is now served by %s", version, backend.name)
+        finally:
+            with self._load_mu:
+                self._loading.discard(version)
 
     # ---- routing ---------------------------------------------------------------------------------
     @property

@@ -220,3 +220,30 @@ def test_new_plan_moves_a_user_while_requests_are_in_flight(settings, model_back
         assert {t.model_version for t in turns} == {"base", "v2"}
     finally:
         app.stop()
+
+
+def test_a_plan_naming_a_new_model_loads_it_without_a_restart(settings, model_backend):
+    from tests.app.conftest import MODEL
+
+    app = start_app(settings, {"base": model_backend})
+    try:
+        settings.models_dir.mkdir(parents=True, exist_ok=True)
+        (settings.models_dir / "sft-0001").symlink_to(MODEL)  # a freshly trained release, same weights here
+        plan = ReleasePlan.single("sft-0001", stage="full")
+        publish_plan(settings, plan)
+        assert app.service.router.wait_for(plan.plan_id, timeout=10)
+        c = client(app)
+
+        def served() -> str:
+            return c.chat.completions.create(model="flywheel", messages=[{"role": "user", "content": "Hi"}],
+                                             max_tokens=2, user="dave").model
+
+        deadline = time.monotonic() + 60
+        while (model := served()) != "sft-0001" and time.monotonic() < deadline:
+            assert model == "base"  # the fallback serves until the new model is loaded
+            time.sleep(0.5)
+        assert model == "sft-0001"
+        h = httpx.get(f"{app.url}/healthz").json()
+        assert h["status"] == "ok" and "sft-0001" in h["model_versions"]
+    finally:
+        app.stop()
