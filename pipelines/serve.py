@@ -1,5 +1,5 @@
 """Serve the project's flows on their schedules: ``python -m pipelines.serve`` (needs a real Prefect server;
-``infra.prefect_server.start_serve`` sets ``PREFECT_API_URL`` and FLYWHEEL_HOME for it).
+it points itself at ``infra.prefect_server``'s address from the ``FLYWHEEL_*`` settings).
 
 - ``curate-nightly``: ``FLYWHEEL_CURATE_NIGHTLY_CRON`` (default 03:00 daily);
 - ``volume-trigger``: every ``FLYWHEEL_CURATE_VOLUME_CHECK_INTERVAL_S`` (60 s), curates + trains at N ratings;
@@ -24,8 +24,15 @@ def deployments():
 
 
 def main() -> None:
-    if not os.environ.get("PREFECT_API_URL"):
-        raise SystemExit("PREFECT_API_URL is not set: start the server first (`flywheel up`), schedules need one")
+    from feedback.settings import get_settings
+    from infra.prefect_server import healthy, prefect_env
+
+    settings = get_settings()
+    for k, v in prefect_env(settings).items():  # before prefect is imported: point it at our server
+        if k.startswith("PREFECT_"):
+            os.environ.setdefault(k, v)
+    if not healthy(settings):
+        raise SystemExit(f"no Prefect server at {os.environ['PREFECT_API_URL']}: start it first (`flywheel up`)")
     from prefect import serve
 
     serve(*deployments(), limit=2)
