@@ -31,7 +31,7 @@ def list_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) 
     for m in snaps:
         c = m["counts"]
 
-        def tv(name: str) -> str:
+        def tv(name: str, c: dict = c) -> str:
             return f"{c[name].get('train', 0)}/{c[name].get('eval', 0)}"
 
         t.add_row(m["snapshot_id"], m["created_at"][:19], tv("sft"), tv("kto"), tv("pairs"),
