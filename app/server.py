@@ -143,6 +143,20 @@ def serve(settings: Settings | None = None, *, auth: Auth = None, max_new_tokens
                 timeout_graceful_shutdown=10)
 
 
+def configure_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)  # kafka-python logs every connection at INFO
+
+
+def _auth_from_env(raw: str | None) -> Auth:
+    """``FLYWHEEL_APP_AUTH="alice:secret,bob:hunter2"`` turns on Gradio login for ``python -m app.server``."""
+    pairs = [p.partition(":") for p in (raw or "").split(",") if p.strip()]
+    return [(u.strip(), pw) for u, _, pw in pairs if u.strip() and pw] or None
+
+
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve()
+    import os
+
+    configure_logging()
+    serve(auth=_auth_from_env(os.environ.get("FLYWHEEL_APP_AUTH")),
+          max_new_tokens=int(os.environ.get("FLYWHEEL_APP_MAX_NEW_TOKENS", "256")))
