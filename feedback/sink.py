@@ -96,12 +96,16 @@ class Batch:
         self.offsets[(topic, partition)] = offset + 1
         self.messages += 1
 
-    def tables(self) -> dict[str, pa.Table]:
-        return {
-            t: pa.Table.from_pydict(cols, schema=SCHEMAS[t])
-            for t, cols in self.columns.items()
-            if cols[next(iter(cols))]
-        }
+    def tables(self, committed_at: datetime | None = None) -> dict[str, pa.Table]:
+        """Arrow tables of the batch; ``ingested_at`` is the commit time, when the rows become visible."""
+        out = {}
+        for t, cols in self.columns.items():
+            n = len(cols[next(iter(cols))])
+            if n:
+                if committed_at is not None:
+                    cols = {**cols, "ingested_at": [committed_at] * n}
+                out[t] = pa.Table.from_pydict(cols, schema=SCHEMAS[t])
+        return out
 
 
 def _dedupe(table: pa.Table) -> pa.Table:
@@ -121,7 +125,7 @@ def commit_batch(con: duckdb.DuckDBPyConnection, batch: Batch, group: str) -> di
     inserted: dict[str, int] = {}
     con.execute("BEGIN TRANSACTION")
     try:
-        for name, table in batch.tables().items():
+        for name, table in batch.tables(datetime.now(UTC)).items():
             if name == "dead_letters":
                 con.register("_batch", table)
                 inserted[name] = con.execute("INSERT INTO dead_letters SELECT * FROM _batch").fetchall()[0][0]
