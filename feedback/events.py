@@ -138,6 +138,12 @@ def parse_event(raw: bytes | str, max_bytes: int | None = None) -> ChatTurn | Fe
     """Bytes from Kafka -> a validated event of the current schema, or ``EventError`` with a reason."""
     if max_bytes is not None and len(raw) > max_bytes:
         raise EventError("oversized", f"{len(raw)} bytes > limit {max_bytes}")
+    try:  # fast path: a current-version event, parsed and validated in pydantic-core
+        event = _ADAPTER.validate_json(raw)
+        if event.schema_version == SCHEMA_VERSION and "schema_version" in event.model_fields_set:
+            return event
+    except ValueError:
+        pass  # the slow path below finds the precise reason (or upcasts an old version)
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:

@@ -7,7 +7,6 @@ row-by-row inserts are about 1,000x slower in DuckDB.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -15,9 +14,12 @@ from datetime import UTC, datetime
 import duckdb
 import pyarrow as pa
 
-from feedback.events import ChatTurn, Feedback, UserAction
+from pydantic import TypeAdapter
+
+from feedback.events import ChatTurn, Feedback, Message, UserAction
 from feedback.warehouse import DEAD_LETTER_COLUMNS, FEEDBACK_COLUMNS, TURN_COLUMNS, USER_ACTION_COLUMNS
 
+_MESSAGES_JSON = TypeAdapter(list[Message])
 _ARROW_TYPES = {
     "VARCHAR": pa.string(),
     "JSON": pa.string(),
@@ -68,7 +70,7 @@ class Batch:
             base.update(
                 conversation_id=event.conversation_id, turn_id=event.turn_id, parent_turn_id=event.parent_turn_id,
                 model_version=event.model_version, origin=event.origin,
-                messages=json.dumps([m.model_dump() for m in event.messages], ensure_ascii=False),
+                messages=_MESSAGES_JSON.dump_json(event.messages).decode(),
                 answer=event.answer, sampling=event.sampling.model_dump_json(), latency_ms=event.latency_ms,
                 ttft_ms=event.ttft_ms, prompt_tokens=event.prompt_tokens,
                 completion_tokens=event.completion_tokens, finish_reason=event.finish_reason,

@@ -95,3 +95,23 @@ def test_spool_is_ordered_durable_and_exclusive(tmp_path):
     assert len(again) == 6
     assert again.peek(1)[0][3] == b"v4"
     again.close()
+
+
+def test_spool_cuts_a_torn_record_and_spans_segments(tmp_path):
+    sp = Spool(tmp_path, "s", segment_bytes=200)
+    for i in range(20):
+        sp.append("topic", None if i % 2 else b"k", f"value-{i}".encode())
+    ids = [r[0] for r in sp.peek(100)]
+    assert ids == sorted(ids) and len(ids) == 20
+    sp.ack_through(ids[9])
+    sp.close()
+    last = max((tmp_path / "s").glob("*.log"), key=lambda p: int(p.stem))
+    with open(last, "ab") as f:  # a crash in the middle of a write
+        f.write(b"\x07\x00\x00\x00\x05\x00partial")
+    again = Spool(tmp_path, "s", segment_bytes=200)
+    rows = again.peek(100)
+    assert len(again) == 10 and [r[3] for r in rows] == [f"value-{i}".encode() for i in range(10, 20)]
+    assert rows[1][2] is None and rows[0][2] == b"k"
+    again.append("topic", b"k", b"after")
+    assert again.peek(100)[-1][3] == b"after"
+    again.close()
