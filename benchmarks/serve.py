@@ -34,10 +34,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+# The same OpenMP policy the embedded backend sets (see app/backends/embedded.py), so the generate baseline and
+# the served numbers run under the same conditions; the API subprocess inherits it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from feedback.events import Sampling
-from feedback.settings import get_settings
+import torch  # noqa: E402
+
+from feedback.events import Sampling  # noqa: E402
+from feedback.settings import get_settings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [  # long answers, so greedy runs reach the token budget instead of stopping early
@@ -76,8 +80,9 @@ def roofline_and_baseline(model_path: Path, tokens: int, repeats: int = 2) -> di
     params = sum(p.numel() for p in model.parameters())  # tied embeddings count once: read once per token
     bytes_per_token = params * 4
     bw = memory_bandwidth_gb_s()
-    ids = tok.apply_chat_template([{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
     best = float("inf")
     with torch.inference_mode():
         model.generate(ids, max_new_tokens=4, do_sample=False)  # warm-up
@@ -110,8 +115,9 @@ class BackendTarget:
         t0 = time.perf_counter()
         ttft = None
         n = 0
-        async for chunk in self.backend.stream([{"role": "user", "content": prompt}],
-                                               Sampling(temperature=0.0, max_new_tokens=tokens)):
+        async for chunk in self.backend.stream(
+            [{"role": "user", "content": prompt}], Sampling(temperature=0.0, max_new_tokens=tokens)
+        ):
             if ttft is None:
                 ttft = time.perf_counter() - t0
             if chunk.finish_reason:
@@ -134,15 +140,31 @@ class ApiTarget:
         self.home = tempfile.TemporaryDirectory(prefix="flywheel-bench-")
         home = Path(self.home.name)
         port, dead_kafka = _free_port(), _free_port()
-        (home / "backends.yaml").write_text(json.dumps({"base": {"kind": "embedded", "path": str(model_path),
-                                                                 "max_concurrency": max_concurrency,
-                                                                 "max_queue": 64}}))
-        env = {**os.environ, "FLYWHEEL_HOME": str(home), "FLYWHEEL_APP_PORT": str(port),
-               "FLYWHEEL_APP_HOST": "127.0.0.1", "FLYWHEEL_BASE_MODEL": str(model_path),
-               "FLYWHEEL_KAFKA_BOOTSTRAP": f"127.0.0.1:{dead_kafka}", "PYTHONPATH": str(REPO)}
+        (home / "backends.yaml").write_text(
+            json.dumps(
+                {
+                    "base": {
+                        "kind": "embedded",
+                        "path": str(model_path),
+                        "max_concurrency": max_concurrency,
+                        "max_queue": 64,
+                    }
+                }
+            )
+        )
+        env = {
+            **os.environ,
+            "FLYWHEEL_HOME": str(home),
+            "FLYWHEEL_APP_PORT": str(port),
+            "FLYWHEEL_APP_HOST": "127.0.0.1",
+            "FLYWHEEL_BASE_MODEL": str(model_path),
+            "FLYWHEEL_KAFKA_BOOTSTRAP": f"127.0.0.1:{dead_kafka}",
+            "PYTHONPATH": str(REPO),
+        }
         self.log = (home / "server.log").open("w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "app.server"], cwd=REPO, env=env,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "app.server"], cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT
+        )
         self.url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 180
         while True:
@@ -157,12 +179,19 @@ class ApiTarget:
                 self.proc.kill()
                 raise RuntimeError("app.server did not become healthy in 180 s")
             time.sleep(0.5)
-        self.client = httpx.AsyncClient(base_url=self.url, timeout=300,
-                                        limits=httpx.Limits(max_connections=256, max_keepalive_connections=256))
+        self.client = httpx.AsyncClient(
+            base_url=self.url, timeout=300, limits=httpx.Limits(max_connections=256, max_keepalive_connections=256)
+        )
 
     async def request(self, prompt: str, tokens: int, user: str = "bench") -> Result:
-        body = {"model": "base", "stream": True, "max_tokens": tokens, "temperature": 0.0, "user": user,
-                "messages": [{"role": "user", "content": prompt}]}
+        body = {
+            "model": "base",
+            "stream": True,
+            "max_tokens": tokens,
+            "temperature": 0.0,
+            "user": user,
+            "messages": [{"role": "user", "content": prompt}],
+        }
         t0 = time.perf_counter()
         ttft = None
         n = 0
@@ -221,8 +250,9 @@ async def run_users(target, users: int, requests_per_user: int, tokens: int) -> 
         "mean_completion_tokens": round(statistics.mean(r.tokens for r in flat), 1),
         "ttft_p50_ms": round(_pct(ttfts, 0.5), 1),
         "ttft_p99_ms": round(_pct(ttfts, 0.99), 1),
-        "tokens_per_s_per_user": round(statistics.mean(sum(r.tokens for r in rs) / sum(r.total_s for r in rs)
-                                                       for rs in per_user), 1),
+        "tokens_per_s_per_user": round(
+            statistics.mean(sum(r.tokens for r in rs) / sum(r.total_s for r in rs) for rs in per_user), 1
+        ),
         "tokens_per_s_total": round(sum(r.tokens for r in flat) / wall, 1),
     }
 
@@ -230,8 +260,15 @@ async def run_users(target, users: int, requests_per_user: int, tokens: int) -> 
 async def bench(args: argparse.Namespace) -> dict:
     model_path = Path(args.model)
     users = [int(u) for u in args.users.split(",")]
-    report: dict = {"model": str(model_path), "tokens": args.tokens, "requests_per_user": args.requests_per_user,
-                    "cpu_threads": torch.get_num_threads(), "device": "cpu"}
+    report: dict = {
+        "model": str(model_path),
+        "tokens": args.tokens,
+        "requests_per_user": args.requests_per_user,
+        "cpu_threads": len(os.sched_getaffinity(0)),
+        "device": "cpu",
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "load_avg_1m_at_start": round(os.getloadavg()[0], 2),
+    }
     report.update(roofline_and_baseline(model_path, args.tokens))
     target_name = args.target
     if target_name == "auto":
@@ -250,7 +287,9 @@ async def bench(args: argparse.Namespace) -> dict:
         checks["one_user_vs_roofline"] = round(one["tokens_per_s_total"] / report["roofline_tokens_per_s"], 2)
         checks["ttft_p50_ms_one_user_under_200"] = one["ttft_p50_ms"] < 200
         if 8 in by_n:
-            checks["eight_users_total_vs_one_user"] = round(by_n[8]["tokens_per_s_total"] / one["tokens_per_s_total"], 2)
+            checks["eight_users_total_vs_one_user"] = round(
+                by_n[8]["tokens_per_s_total"] / one["tokens_per_s_total"], 2
+            )
     report["checks"] = checks
     return report
 
@@ -260,8 +299,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--users", default="1,4,8", help="comma-separated numbers of concurrent users")
     p.add_argument("--tokens", type=int, default=64, help="max new tokens per request (greedy)")
     p.add_argument("--requests-per-user", type=int, default=3, help="requests each user sends in turn")
-    p.add_argument("--target", choices=["auto", "api", "backend"], default="auto",
-                   help="api: the HTTP server (app.server); backend: EmbeddedBackend in-process")
+    p.add_argument(
+        "--target",
+        choices=["auto", "api", "backend"],
+        default="auto",
+        help="api: the HTTP server (app.server); backend: EmbeddedBackend in-process",
+    )
     p.add_argument("--model", default=str(get_settings().base_model_path), help="model directory")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
@@ -269,12 +312,23 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         print(json.dumps(report))
         return
-    print(f"target={report['target']}  model={report['model']}  tokens={report['tokens']}  "
-          f"requests/user={report['requests_per_user']}")
-    print(f"memory bandwidth {report['memory_bandwidth_gb_s']} GB/s -> roofline "
-          f"{report['roofline_tokens_per_s']} tok/s; bare generate baseline {report['baseline_tokens_per_s']} tok/s")
-    cols = ["users", "requests", "mean_completion_tokens", "ttft_p50_ms", "ttft_p99_ms", "tokens_per_s_per_user",
-            "tokens_per_s_total"]
+    print(
+        f"target={report['target']}  model={report['model']}  tokens={report['tokens']}  "
+        f"requests/user={report['requests_per_user']}"
+    )
+    print(
+        f"memory bandwidth {report['memory_bandwidth_gb_s']} GB/s -> roofline "
+        f"{report['roofline_tokens_per_s']} tok/s; bare generate baseline {report['baseline_tokens_per_s']} tok/s"
+    )
+    cols = [
+        "users",
+        "requests",
+        "mean_completion_tokens",
+        "ttft_p50_ms",
+        "ttft_p99_ms",
+        "tokens_per_s_per_user",
+        "tokens_per_s_total",
+    ]
     print("  ".join(f"{c:>22}" for c in cols))
     for r in report["results"]:
         print("  ".join(f"{r[c]:>22}" for c in cols))

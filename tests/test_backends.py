@@ -201,7 +201,9 @@ def test_remote_backend_streams_from_transformers_serve(tmp_path):
     log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen(
         [str(cli), "serve", str(MODEL), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     try:
         deadline = time.monotonic() + 90

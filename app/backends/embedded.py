@@ -20,13 +20,20 @@ import asyncio
 import collections
 import logging
 import os
+import sys
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+if "torch" not in sys.modules:
+    # OpenMP workers that spin between ops steal the cores they share with Kafka, the UI and the event loop: on
+    # this workplace's busy 2-core machines a batch-of-8 step was 5-10x slower with spinning (the default) than
+    # with sleeping workers. Read once when torch loads; an explicit setting in the environment wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from tokenizers.decoders import DecodeStream
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -289,8 +296,10 @@ class EmbeddedBackend:
             self._width = n
         shift = self._width - n
         for mine, theirs in zip(self._cache.layers, cache.layers, strict=True):
-            mine.set(torch.cat([mine.keys, F.pad(theirs.keys, (0, 0, shift, 0))]),
-                     torch.cat([mine.values, F.pad(theirs.values, (0, 0, shift, 0))]))
+            mine.set(
+                torch.cat([mine.keys, F.pad(theirs.keys, (0, 0, shift, 0))]),
+                torch.cat([mine.values, F.pad(theirs.values, (0, 0, shift, 0))]),
+            )
         self._pad = torch.cat([self._pad, torch.tensor([shift], device=self.device)])
         self._next = torch.cat([self._next, nxt])
         self._rows.append(req)
