@@ -315,7 +315,7 @@ def build_ui(service: ChatService, *, max_new_tokens: int = 256, temperature: fl
         return _vote
 
     # ---- layout ---------------------------------------------------------------------------------
-    with gr.Blocks(title="Flywheel") as demo:
+    with gr.Blocks(title="Flywheel", analytics_enabled=False) as demo:
         state = gr.State(new_chat())
         pair = gr.State({})
         with gr.Sidebar(open=True):

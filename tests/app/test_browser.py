@@ -175,7 +175,7 @@ def test_ui_says_busy_past_the_bound_and_recovers(settings, tiny_backend, browse
         page.goto(app.url + "/")
         page.wait_for_selector("#msg textarea", timeout=30_000)
         hog = OpenAI(base_url=app.api, api_key="x", max_retries=0).chat.completions.create(
-            model="flywheel", messages=[{"role": "user", "content": "Tell a long story."}], max_tokens=64, stream=True)
+            model="flywheel", messages=[{"role": "user", "content": "Tell a long story."}], max_tokens=32, stream=True)
         it = iter(hog)
         next(it)  # holds the only slot
         page.fill("#msg textarea", "Hi there")
