@@ -187,6 +187,7 @@ class ApiTarget:
         body = {
             "model": "base",
             "stream": True,
+            "stream_options": {"include_usage": True},
             "max_tokens": tokens,
             "temperature": 0.0,
             "user": user,
