@@ -226,12 +226,112 @@ def synth(n_ratings: int, seed: int = 7) -> list:
     return ev
 
 
+_LEGACY_OPENERS = set(
+    "please write explain tell give show help thanks thank hi hello hey yes no okay ok sure sorry also now here great "
+    "good let list describe summarize translate compare create make find use try".split()
+)
+
+
+def legacy_scrub(scrubber, texts: list[str]) -> dict[str, str]:
+    """The scrubber as it was before the gates (for ``--pii-compare``): every text with a digit, an ``@`` or a
+    capitalised word other than a stop word / short opener list goes through full Presidio (NER + all entities)
+    via ``BatchAnalyzerEngine``."""
+    import re
+
+    from presidio_analyzer import BatchAnalyzerEngine
+    from presidio_anonymizer.entities import RecognizerResult
+    from spacy.lang.en.stop_words import STOP_WORDS
+
+    from pipelines.pii import _CAP_WORD
+
+    openers = set(STOP_WORDS) | _LEGACY_OPENERS
+    start = re.compile(r"(?:^|[.!?:;\n]\s*)\s*$")
+
+    def candidate(t: str) -> bool:
+        if re.search(r"[\d@]", t):
+            return True
+        return any(
+            not start.search(t[: m.start(1)]) or m.group(1).lower() not in openers for m in _CAP_WORD.finditer(t)
+        )
+
+    scrubber._load()
+    out = {t: t for t in texts}
+    cands = [t for t in texts if t and candidate(t)]
+    batch = BatchAnalyzerEngine(scrubber._analyzer)
+    results = batch.analyze_iterator(
+        cands,
+        language="en",
+        batch_size=scrubber.config.pii_batch_size,
+        entities=scrubber.entities,
+        score_threshold=scrubber.config.pii_score_threshold,
+    )
+    for t, found in zip(cands, results, strict=True):
+        if found:
+            rr = [RecognizerResult(r.entity_type, r.start, r.end, r.score) for r in found]
+            out[t] = scrubber._anonymizer.anonymize(text=t, analyzer_results=rr).text
+    return out
+
+
+def _diff_window(text: str, old: str, new: str, width: int = 60) -> dict[str, str]:
+    i = next((k for k, (x, y) in enumerate(zip(old, new, strict=False)) if x != y), min(len(old), len(new)))
+    lo = max(0, i - width)
+    return {"text": text[lo : i + width], "old": old[lo : i + width], "new": new[lo : i + width]}
+
+
+def pii_compare(n_ratings: int, as_json: bool) -> dict:
+    """Old (full Presidio on every loose candidate) vs new (gated, batched NER) on the same distinct texts."""
+    from pipelines.config import CurateConfig
+    from pipelines.pii import PiiScrubber
+
+    texts: list[str] = []
+    for e in synth(n_ratings):
+        if isinstance(e, ChatTurn):
+            texts.append(e.answer)
+            texts.extend(m.content for m in e.messages)
+    texts = list(dict.fromkeys(texts))
+    cfg = CurateConfig()
+    old_s = PiiScrubber(cfg)
+    old_s._load()
+    t = time.perf_counter()
+    old = legacy_scrub(old_s, texts)
+    old_dt = time.perf_counter() - t
+    new_s = PiiScrubber(cfg)
+    new_s._load()
+    t = time.perf_counter()
+    new = new_s.scrub_many(texts)
+    new_dt = time.perf_counter() - t
+    diff = [(t, old[t], new[t]) for t in texts if old[t] != new[t]]
+    out = {
+        "distinct_texts": len(texts),
+        "old_s": round(old_dt, 2),
+        "old_texts_per_s": round(len(texts) / old_dt, 1),
+        "new_s": round(new_dt, 2),
+        "new_texts_per_s": round(len(texts) / new_dt, 1),
+        "speedup": round(old_dt / new_dt, 1),
+        "new_stats": dict(new_s.stats),
+        "old_redacted": sum(old[t] != t for t in texts),
+        "new_redacted": sum(new[t] != t for t in texts),
+        "outputs_differ": len(diff),
+        "differ_examples": [_diff_window(a, b, c) for a, b, c in diff[:5]],
+    }
+    print(json.dumps(out, indent=None if as_json else 2))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ratings", type=int, default=10_000)
     ap.add_argument("--home", type=Path, default=None, help="Keep the warehouse/snapshot here (default: tmp).")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument(
+        "--pii-compare",
+        action="store_true",
+        help="Only time the PII scrubber, old vs new, on the distinct texts of --ratings synthetic ratings.",
+    )
     args = ap.parse_args()
+    if args.pii_compare:
+        pii_compare(args.ratings, args.json)
+        return
 
     from feedback.settings import Settings
     from pipelines import curate as cur

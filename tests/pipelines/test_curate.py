@@ -204,3 +204,25 @@ def test_manifest_and_parquet_load_with_datasets(world):
     kto = datasets.load_dataset("parquet", data_files=str(info.path / "kto/train.parquet"), split="train")
     assert set(kto.column_names) == {"prompt", "completion", "label"}
     assert json.loads((Path(info.path) / "manifest.json").read_text())["content_sha256"].startswith(info.snapshot_id)
+
+
+def test_pii_gates_skip_openers_but_not_names(scrubber):
+    # Sentence openers and answer labels need no NER; names do, wherever they stand.
+    for plain in ("Better: use a list here.", "Alternative: sort it. Explain the result.", "Teach me sql joins."):
+        assert not scrubber.needs_ner(plain) and not scrubber.needs_patterns(plain)
+        assert scrubber.scrub(plain) == plain
+    for named in ("Maria called me yesterday.", "Better: ask Maria.", 'She said "Olga knows."'):
+        assert scrubber.needs_ner(named)
+    for hinted in ("call 415-555-0132", "mail me at a@b.org", "host fe80::1 is up"):
+        assert scrubber.needs_patterns(hinted)
+    out = scrubber.scrub_many(["Better: ask Maria Garcia.", "Write to maria@example.com or 10.1.2.3"])
+    assert "Garcia" not in out["Better: ask Maria Garcia."]
+    assert out["Write to maria@example.com or 10.1.2.3"] == "Write to <EMAIL_ADDRESS> or <IP_ADDRESS>"
+
+
+def test_pii_patterns_only_engine_still_scrubs_patterns():
+    s = PiiScrubber(CurateConfig(pii_model=""))
+    out = s.scrub_many(["Card 4111 1111 1111 1111, John Smith", "Better: nothing here"])
+    assert "4111" not in out["Card 4111 1111 1111 1111, John Smith"]
+    assert out["Better: nothing here"] == "Better: nothing here"
+    assert s.describe().endswith("patterns-only")
