@@ -13,7 +13,8 @@ the original bytes (headers carry reason, detail and source position) and to the
 DLQ produce is flushed before the batch commits, so no bad message is lost (a crash may repeat one in the DLQ;
 its key ``topic:partition:offset`` identifies repeats).
 
-The consumer holds the DuckDB file only while it commits a batch, so readers in other processes get turns.
+The consumer keeps the DuckDB file open while busy and hands it to readers in other processes between batches
+(``feedback.warehouse.WriterSession``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from kafka.structs import OffsetAndMetadata
 from feedback.events import EventError, parse_event
 from feedback.settings import Settings, get_settings
 from feedback.sink import Batch, commit_batch
-from feedback.warehouse import connect, init_schema, stored_offsets
+from feedback.warehouse import WriterSession, connect, init_schema, stored_offsets
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class IngestStats:
     dead_letters: int = 0
     duplicates: int = 0
     last_commit_at: float | None = None
+    first_data_at: float | None = None  # perf_counter() when the first records arrived (after the group join)
 
     def as_dict(self) -> dict:
         return {"batches": self.batches, "messages": self.messages, "inserted": dict(self.inserted),
@@ -77,8 +79,8 @@ class IngestConsumer:
         self.batch = Batch()
         self._batch_started: float | None = None
         self._stop = threading.Event()
-        with connect(self.s.warehouse_path, timeout_s=self.s.warehouse_lock_timeout_s) as con:
-            init_schema(con)
+        self.writer = WriterSession(self.s.warehouse_path, timeout_s=self.s.warehouse_lock_timeout_s)
+        init_schema(self.writer.connection())
         config = dict(
             bootstrap_servers=self.s.bootstrap_servers,
             group_id=self.group,
@@ -98,8 +100,7 @@ class IngestConsumer:
 
     # ---- offsets --------------------------------------------------------------------------------------
     def seek_to_stored(self, partitions) -> None:
-        with connect(self.s.warehouse_path, read_only=False, timeout_s=self.s.warehouse_lock_timeout_s) as con:
-            stored = stored_offsets(con, self.group)
+        stored = stored_offsets(self.writer.connection(), self.group)
         for tp in partitions:
             off = stored.get((tp.topic, tp.partition))
             if off is None:
@@ -126,6 +127,8 @@ class IngestConsumer:
                 records = self.consumer.poll(timeout_ms=wait_ms, max_records=self.s.ingest_batch_max)
                 if records:
                     last_data = time.monotonic()
+                    if self.stats.first_data_at is None:
+                        self.stats.first_data_at = time.perf_counter()
                     self._add(records)
                 due = self._batch_started is not None and (
                     self.batch.messages >= self.s.ingest_batch_max
@@ -133,8 +136,9 @@ class IngestConsumer:
                 )
                 if due:
                     self.flush()
-                    if stop_when is not None and stop_when(self.stats):
-                        break
+                self.writer.maybe_yield()
+                if due and stop_when is not None and stop_when(self.stats):
+                    break
                 now = time.monotonic()
                 if not self.consumer.assignment():
                     last_data = now  # still joining the group: not idle yet
@@ -182,16 +186,14 @@ class IngestConsumer:
         if self._dlq is not None:
             self._dlq.flush(timeout=30)
         batch, self.batch, self._batch_started = self.batch, Batch(), None
-        with connect(self.s.warehouse_path, timeout_s=self.s.warehouse_lock_timeout_s) as con:
-            inserted = commit_batch(con, batch, self.group)
+        inserted = commit_batch(self.writer.connection(), batch, self.group)
         st = self.stats
         st.batches += 1
         st.messages += batch.messages
         for t, n in inserted.items():
             st.inserted[t] = st.inserted.get(t, 0) + n
         st.dead_letters += inserted.get("dead_letters", 0)
-        offered = sum(len(c["event_id"]) for t, c in batch.columns.items() if t != "dead_letters")
-        st.duplicates += offered - sum(n for t, n in inserted.items() if t != "dead_letters")
+        st.duplicates += batch.duplicates + batch.events - sum(n for t, n in inserted.items() if t != "dead_letters")
         st.last_commit_at = time.time()
         try:  # informational only: the warehouse is the source of truth for positions
             self.consumer.commit_async({TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
@@ -203,6 +205,7 @@ class IngestConsumer:
         try:
             self.consumer.close(autocommit=False)
         finally:
+            self.writer.close()
             if self._dlq is not None:
                 self._dlq.close(timeout=10)
 

@@ -102,7 +102,7 @@ class Spool:
 
     def _scan(self, seg: int, start: int) -> tuple[int, int]:
         n, end = 0, start
-        for end, *_ in self._records(seg, start):
+        for end, *_ in self._records(seg, start):  # noqa: B007 - the last end is the answer
             n += 1
         return n, end
 

@@ -1,14 +1,24 @@
 """The DuckDB warehouse: schema, and connections that share one file between processes.
 
 DuckDB lets one process hold a database file read-write, and while it does, every other process is refused,
-even read-only. Flywheel therefore never holds the file longer than one unit of work: the ingest sink opens it,
-writes a batch and its Kafka offsets in one transaction, and closes it; readers (``flywheel status``, flows,
-the dashboard) open it, read, and close it. ``connect()`` retries while another process holds the lock, so the
-two sides take turns instead of failing. Nothing is lost while a writer waits: the events stay in Kafka.
+even read-only. Opening the file costs tens of milliseconds, too much to pay per ingest batch, so the ingest
+writer keeps it open while it is busy and the two sides take turns through a small handshake on a side file,
+``<warehouse>.want``:
+
+- A reader (``connect()``: ``flywheel status``, flows, the dashboard) holds a *shared* ``flock`` on ``.want`` for
+  the whole of its unit of work, opens the database (retrying while the writer still has it), reads, closes.
+- The writer (``WriterSession``, used by ingest) checks after each committed batch whether it can take an
+  *exclusive* lock on ``.want``; if not, someone is waiting, so it closes the database and blocks until the
+  readers are done (the exclusive lock is granted), then reopens. It also closes when idle for a second.
+
+So a reader waits at most one batch (~0.2 s) and the writer never loses data (events wait in Kafka).
+Long analyses should copy what they need out (Arrow / Parquet) rather than hold the file.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import random
 import time
 from collections.abc import Iterator
@@ -105,13 +115,29 @@ def _is_lock_error(e: Exception) -> bool:
     return "lock" in msg or "conflicting" in msg or "being used by another process" in msg
 
 
+def _want_fd(path: Path) -> int:
+    return os.open(f"{path}.want", os.O_CREAT | os.O_RDWR, 0o644)
+
+
 @contextmanager
 def connect(path: Path | str, read_only: bool = False, timeout_s: float = 30.0) -> Iterator[duckdb.DuckDBPyConnection]:
-    """Open the warehouse for one unit of work, waiting (with jittered backoff) while another process holds it."""
+    """Open the warehouse for one unit of work, asking the writer for a turn and waiting while it holds it."""
     path = Path(path)
     if read_only and not path.exists():
         raise FileNotFoundError(f"no warehouse at {path}: run `flywheel ingest` (or `make run`) first")
     path.parent.mkdir(parents=True, exist_ok=True)
+    want = _want_fd(path)
+    try:
+        fcntl.flock(want, fcntl.LOCK_SH)  # "I am waiting / reading": the writer yields at its next batch
+        with _open(path, read_only, timeout_s) as con:
+            yield con
+    finally:
+        fcntl.flock(want, fcntl.LOCK_UN)
+        os.close(want)
+
+
+@contextmanager
+def _open(path: Path, read_only: bool, timeout_s: float) -> Iterator[duckdb.DuckDBPyConnection]:
     deadline = time.monotonic() + timeout_s
     delay = 0.005
     while True:
@@ -158,3 +184,60 @@ def stored_offsets(con: duckdb.DuckDBPyConnection, group: str) -> dict[tuple[str
         "SELECT topic, kafka_partition, next_offset FROM kafka_offsets WHERE consumer_group = ?", [group]
     ).fetchall()
     return {(t, p): o for t, p, o in rows}
+
+
+class WriterSession:
+    """The ingest writer's connection: kept open across batches, handed over when a reader asks (see above)."""
+
+    def __init__(self, path: Path | str, timeout_s: float = 30.0, idle_close_s: float = 1.0):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.timeout_s = timeout_s
+        self.idle_close_s = idle_close_s
+        self._want = _want_fd(self.path)
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._ctx = None
+        self._last_used = 0.0
+        self.handovers = 0
+
+    def connection(self) -> duckdb.DuckDBPyConnection:
+        if self._con is None:
+            self._ctx = _open(self.path, False, self.timeout_s)
+            self._con = self._ctx.__enter__()
+        self._last_used = time.monotonic()
+        return self._con
+
+    def release(self) -> None:
+        """Close the file now (it reopens on the next use)."""
+        self._close()
+
+    def _close(self) -> None:
+        if self._ctx is not None:
+            self._ctx.__exit__(None, None, None)
+        self._con, self._ctx = None, None
+
+    def maybe_yield(self) -> None:
+        """Between batches: hand the file over if a reader waits; close it if idle."""
+        if self._con is None:
+            return
+        try:
+            fcntl.flock(self._want, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._close()  # a reader is waiting: let it in, then wait until all readers are done
+            self.handovers += 1
+            deadline = time.monotonic() + self.timeout_s
+            while time.monotonic() < deadline:
+                try:
+                    fcntl.flock(self._want, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    time.sleep(0.005)
+            fcntl.flock(self._want, fcntl.LOCK_UN)
+            return
+        fcntl.flock(self._want, fcntl.LOCK_UN)
+        if time.monotonic() - self._last_used > self.idle_close_s:
+            self._close()
+
+    def close(self) -> None:
+        self._close()
+        os.close(self._want)

@@ -40,13 +40,16 @@ def ingest_until_idle(s: Settings, idle_s: float = 5.0, max_s: float = 120.0, ro
     if rows is None:
         return IngestConsumer(s).run(idle_exit_s=idle_s, max_seconds=max_s)
 
-    def done(_stats) -> bool:
-        return sum(v for k, v in row_counts(s.warehouse_path).items() if k != "dead_letters") >= rows
+    def in_warehouse() -> int:
+        return sum(v for k, v in row_counts(s.warehouse_path).items() if k != "dead_letters")
 
-    if done(None):
+    before = in_warehouse()
+    if before >= rows:
         return IngestConsumer(s).run(idle_exit_s=1.0, max_seconds=max_s)  # still catch any extra duplicates
-    stats = IngestConsumer(s).run(max_seconds=max_s, stop_when=done)
-    assert done(None), f"ingest did not reach {rows} rows in {max_s}s: {stats.as_dict()}"
+    stats = IngestConsumer(s).run(
+        max_seconds=max_s,
+        stop_when=lambda st: before + sum(n for t, n in st.inserted.items() if t != "dead_letters") >= rows)
+    assert in_warehouse() >= rows, f"ingest did not reach {rows} rows in {max_s}s: {stats.as_dict()}"
     return stats
 
 
@@ -150,7 +153,7 @@ def test_broker_down_while_emitting_loses_nothing_and_duplicates_nothing(own_bro
     with connect(s.warehouse_path, read_only=True) as con:
         rows = con.execute("SELECT conversation_id, kafka_partition, kafka_offset, turn_id FROM turns").fetchall()
     by_conv: dict[str, list[tuple[int, int]]] = {}
-    for conv, part, off, turn_id in rows:
+    for conv, _part, off, turn_id in rows:
         by_conv.setdefault(conv, []).append((off, int(turn_id.removeprefix("turn"))))
     for conv, seq in by_conv.items():
         assert [i for _, i in sorted(seq)] == sorted(i for _, i in seq), f"{conv} out of order"
