@@ -142,7 +142,8 @@ class EventProducer:
                     self.stats.sent += sum(1 for rid, _ in futures if rid <= acked)
                 if acked != rows[-1][0]:
                     failed = next((f for _, f in futures if f.is_done and f.failed()), None)
-                    raise RuntimeError(f"broker did not acknowledge all sends: {failed.exception if failed else 'timeout'}")
+                    why = failed.exception if failed else "timeout"
+                    raise RuntimeError(f"broker did not acknowledge all sends: {why}")
                 self.stats.broker_up = True
                 backoff = 0.1
             except Exception as e:  # noqa: BLE001 - any failure: keep the spool, reconnect, retry

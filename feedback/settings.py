@@ -36,7 +36,9 @@ class Settings(BaseSettings):
     ingest_group: str = Field("flywheel-ingest", description="Consumer group of the DuckDB sink.")
     ingest_batch_max: int = Field(5000, ge=1, description="Flush after this many messages ...")
     ingest_batch_ms: int = Field(200, ge=1, description="... or after this many milliseconds.")
-    ingest_session_timeout_ms: int = Field(10_000, ge=6_000, description="A dead consumer's partitions move after this.")
+    ingest_session_timeout_ms: int = Field(
+        10_000, ge=6_000, description="A dead consumer's partitions move to another after this."
+    )
     max_event_bytes: int = Field(256 * 1024, ge=1024, description="Bigger messages go to the DLQ.")
     warehouse_lock_timeout_s: float = Field(30.0, description="How long to wait for the DuckDB file lock.")
 
