@@ -61,16 +61,12 @@ def volume_trigger(
 
 @flow(name="ingest-health")
 def ingest_health(
-    settings: Settings | None = None, config: CurateConfig | None = None, end_offsets: dict[str, int] | None = None
+    settings: Settings | None = None, config: CurateConfig | None = None, lag: dict[str, int] | None = None
 ) -> dict[str, Any]:
-    """``end_offsets`` ("topic:partition" -> offset) replaces the broker query, for checks from a known state."""
+    """``lag`` (topic -> messages behind) replaces the broker query, for checks from a known state."""
     settings = settings or get_settings()
     config = config or CurateConfig()
-    if end_offsets is None:
-        ends = tasks.broker_end_offsets(settings)
-    else:
-        ends = {(k.rsplit(":", 1)[0], int(k.rsplit(":", 1)[1])): v for k, v in end_offsets.items()}
-    return tasks.check_ingest(settings, ends, config)
+    return tasks.check_ingest(settings, tasks.broker_lag(settings) if lag is None else lag, config)
 
 
 FLOWS = {"curate": curate, "volume-trigger": volume_trigger, "ingest-health": ingest_health, "train": train}

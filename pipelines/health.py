@@ -2,9 +2,11 @@
 
 Ingest is a continuous Kafka consumer process (low latency, exactly-once batches), not a Prefect flow; Prefect
 supervises it with this check every few minutes. The consumer commits its next offsets in the warehouse's
-``kafka_offsets`` table in the same transaction as the rows, so lag = broker end offset - committed offset, and
-freshness = age of the newest commit. Unhealthy when lag exceeds ``max_lag_messages``, or when there is lag and
-no commit for ``max_stale_s`` (the consumer is down or stuck). An idle topic with no lag is healthy.
+``kafka_offsets`` table in the same transaction as the rows; lag per topic is ``feedback.ingest.lag`` (broker end
+offset minus the committed offset, or minus the topic's *beginning* offset when nothing was committed yet, so
+retention-deleted messages never count), and freshness is the age of the newest commit. Unhealthy when lag
+exceeds ``max_lag_messages``, or when there is lag and no commit for ``max_stale_s`` (the consumer is down or
+stuck). An idle topic with no lag is healthy.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from feedback.settings import Settings
-from feedback.warehouse import connect, stored_offsets
+from feedback.warehouse import connect
 
 
 class IngestUnhealthy(RuntimeError):
@@ -25,7 +27,7 @@ class IngestUnhealthy(RuntimeError):
 @dataclass
 class IngestHealth:
     healthy: bool
-    lag: dict[str, int] = field(default_factory=dict)  # "topic:partition" -> messages behind
+    lag: dict[str, int] = field(default_factory=dict)  # topic -> messages behind
     total_lag: int = 0
     last_commit_age_s: float | None = None
     problems: list[str] = field(default_factory=list)
@@ -40,44 +42,34 @@ class IngestHealth:
         }
 
 
-def broker_end_offsets(settings: Settings, topics: list[str], timeout_s: float = 10.0) -> dict[tuple[str, int], int]:
-    """End offset of every partition of ``topics`` on the real broker (missing topics have none)."""
-    from kafka import KafkaConsumer, TopicPartition
+def broker_lag(settings: Settings) -> dict[str, int]:
+    """Messages behind per ingested topic (turns, feedback), from the real broker and the warehouse's offsets."""
+    from feedback.ingest import lag
 
-    consumer = KafkaConsumer(
-        bootstrap_servers=settings.bootstrap_servers,
-        enable_auto_commit=False,
-        request_timeout_ms=int(timeout_s * 1000) + 1000,
-        api_version_auto_timeout_ms=5000,
-    )
-    try:
-        tps = [TopicPartition(t, p) for t in topics for p in (consumer.partitions_for_topic(t) or ())]
-        return {(tp.topic, tp.partition): o for tp, o in consumer.end_offsets(tps).items()} if tps else {}
-    finally:
-        consumer.close()
+    return {
+        t: int(d["lag"] or 0) for t, d in lag(settings).items() if t in (settings.topic_turns, settings.topic_feedback)
+    }
+
+
+def last_commit(settings: Settings) -> datetime | None:
+    path = Path(settings.warehouse_path)
+    if not path.exists():
+        return None
+    with connect(path, read_only=True, timeout_s=settings.warehouse_lock_timeout_s) as con:
+        have = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        if "kafka_offsets" not in have:
+            return None
+        return con.execute(
+            "SELECT max(updated_at) FROM kafka_offsets WHERE consumer_group = ?", [settings.ingest_group]
+        ).fetchone()[0]
 
 
 def check(
-    settings: Settings,
-    end_offsets: dict[tuple[str, int], int],
-    max_lag: int,
-    max_stale_s: float,
-    now: datetime | None = None,
+    settings: Settings, lag: dict[str, int], max_lag: int, max_stale_s: float, now: datetime | None = None
 ) -> IngestHealth:
-    """Compare the broker's end offsets with what the consumer committed to the warehouse."""
+    """Judge ``lag`` (topic -> messages behind) and the age of the consumer's newest warehouse commit."""
     now = now or datetime.now(UTC)
-    committed: dict[tuple[str, int], int] = {}
-    last = None
-    path = Path(settings.warehouse_path)
-    if path.exists():
-        with connect(path, read_only=True, timeout_s=settings.warehouse_lock_timeout_s) as con:
-            have = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-            if "kafka_offsets" in have:
-                committed = stored_offsets(con, settings.ingest_group)
-                last = con.execute(
-                    "SELECT max(updated_at) FROM kafka_offsets WHERE consumer_group = ?", [settings.ingest_group]
-                ).fetchone()[0]
-    lag = {f"{t}:{p}": max(0, end - committed.get((t, p), 0)) for (t, p), end in sorted(end_offsets.items())}
+    last = last_commit(settings)
     total = sum(lag.values())
     age = (now - last).total_seconds() if last is not None else None
     problems = []
@@ -87,6 +79,6 @@ def check(
         since = "ever" if age is None else f"{age:.0f}s"
         problems.append(
             f"{total} messages waiting and no ingest commit for {since} (limit {max_stale_s:.0f}s): "
-            "is `flywheel ingest` running?"
+            "is `flywheel ingest` running? (start it, or `make run`)"
         )
-    return IngestHealth(not problems, lag, total, age, problems)
+    return IngestHealth(not problems, dict(sorted(lag.items())), total, age, problems)

@@ -68,13 +68,13 @@ def train(snapshot_id: str, snapshot_path: Path) -> None:
 
 
 @task(retries=2, retry_delay_seconds=5, **_OPTS)
-def broker_end_offsets(settings: Settings) -> dict[tuple[str, int], int]:
-    return health.broker_end_offsets(settings, [settings.topic_turns, settings.topic_feedback])
+def broker_lag(settings: Settings) -> dict[str, int]:
+    return health.broker_lag(settings)
 
 
 @task(**_OPTS)
-def check_ingest(settings: Settings, end_offsets: dict[tuple[str, int], int], config: CurateConfig) -> dict:
-    h = health.check(settings, end_offsets, config.max_lag_messages, config.max_stale_s)
+def check_ingest(settings: Settings, lag: dict[str, int], config: CurateConfig) -> dict:
+    h = health.check(settings, lag, config.max_lag_messages, config.max_stale_s)
     logger = get_run_logger()
     if not h.healthy:
         logger.error("ingest UNHEALTHY: %s", "; ".join(h.problems))

@@ -69,28 +69,35 @@ def test_volume_trigger_fires_at_n_and_not_before(home_settings, caplog):
     assert not r["fired"] and r["new_ratings"] == 0
 
 
-def test_ingest_health_from_committed_offsets(home_settings):
+def test_ingest_health_judges_lag_and_staleness(home_settings):
     s = home_settings
     seed(s.warehouse_path, [])
+    never = CurateConfig(pii_model="")
+    with pytest.raises(IngestUnhealthy, match="no ingest commit for ever"):
+        flows.ingest_health(settings=s, config=never, lag={s.topic_feedback: 3})
     batch = Batch()
     batch.advance(s.topic_feedback, 0, 99)  # next offset 100
     with connect(s.warehouse_path) as con:
         commit_batch(con, batch, group=s.ingest_group)
-    ok = flows.ingest_health(settings=s, config=CFG, end_offsets={f"{s.topic_feedback}:0": 100})
+    ok = flows.ingest_health(settings=s, config=CFG, lag={s.topic_feedback: 0})
     assert ok["healthy"] and ok["total_lag"] == 0
     lagging = CurateConfig(pii_model="", max_lag_messages=10)
     with pytest.raises(IngestUnhealthy, match="lag 50"):
-        flows.ingest_health(settings=s, config=lagging, end_offsets={f"{s.topic_feedback}:0": 150})
+        flows.ingest_health(settings=s, config=lagging, lag={s.topic_feedback: 50})
     stale = CurateConfig(pii_model="", max_stale_s=0.5)
     time.sleep(1.0)
     with pytest.raises(IngestUnhealthy, match="is `flywheel ingest` running"):
-        flows.ingest_health(settings=s, config=stale, end_offsets={f"{s.topic_feedback}:0": 101})
+        flows.ingest_health(settings=s, config=stale, lag={s.topic_feedback: 1})
 
 
 @pytest.mark.integration
 def test_ingest_health_against_real_broker_and_consumer(settings):
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.admin import KafkaAdminClient
+
     from feedback.ingest import IngestConsumer
     from feedback.producer import EventProducer
+    from pipelines.health import broker_lag
 
     ev = Events()
     for i in range(5):
@@ -100,15 +107,30 @@ def test_ingest_health_against_real_broker_and_consumer(settings):
         for e in ev.items:
             producer.emit(e)
         assert producer.flush(30)
+        assert broker_lag(settings) == {settings.topic_turns: 5, settings.topic_feedback: 5}
+
+        # Retention removed the turns before anything was committed: lag counts from the beginning offset.
+        consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers)
+        try:
+            tps = [TopicPartition(settings.topic_turns, p) for p in consumer.partitions_for_topic(settings.topic_turns)]
+            ends = consumer.end_offsets(tps)
+        finally:
+            consumer.close()
+        admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+        try:
+            admin.delete_records({tp: o for tp, o in ends.items() if o})
+        finally:
+            admin.close()
+        assert broker_lag(settings) == {settings.topic_turns: 0, settings.topic_feedback: 5}
+
         IngestConsumer(settings).run(idle_exit_s=2.0, max_seconds=60)
         ok = flows.ingest_health(settings=settings, config=CFG)
         assert ok["healthy"] and ok["total_lag"] == 0
 
-        for e in Events().items or [ev.turn("u0", "c0", "t-new", "q", "a")]:
-            producer.emit(e)
+        producer.emit(ev.turn("u0", "c0", "t-new", "q", "a"))  # arrives while nobody ingests
         assert producer.flush(30)
         time.sleep(1.0)
-        with pytest.raises(IngestUnhealthy):
+        with pytest.raises(IngestUnhealthy, match="1 messages waiting"):
             flows.ingest_health(settings=settings, config=CurateConfig(pii_model="", max_stale_s=0.5))
     finally:
         producer.close()
