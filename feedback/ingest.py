@@ -24,6 +24,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -61,7 +62,7 @@ class _SeekToWarehouse(ConsumerRebalanceListener):
     def on_partitions_revoked(self, revoked):
         # Commit what we have for partitions we still own; anything uncommitted is re-read by the next owner.
         try:
-            self.ingest.flush()
+            self.ingest.flush(wait=True)
         except Exception:  # noqa: BLE001
             log.exception("flush on revoke failed; the batch will be re-read by the next owner")
             self.ingest.batch = Batch()
@@ -79,6 +80,9 @@ class IngestConsumer:
         self.batch = Batch()
         self._batch_started: float | None = None
         self._stop = threading.Event()
+        self._committer = ThreadPoolExecutor(1, thread_name_prefix="flywheel-commit")
+        self._inflight: Future | None = None
+        self._kafka_offsets: dict[tuple[str, int], int] = {}
         self.writer = WriterSession(self.s.warehouse_path, timeout_s=self.s.warehouse_lock_timeout_s)
         init_schema(self.writer.connection())
         config = dict(
@@ -100,6 +104,7 @@ class IngestConsumer:
 
     # ---- offsets --------------------------------------------------------------------------------------
     def seek_to_stored(self, partitions) -> None:
+        self.wait_committed()
         stored = stored_offsets(self.writer.connection(), self.group)
         for tp in partitions:
             off = stored.get((tp.topic, tp.partition))
@@ -136,8 +141,11 @@ class IngestConsumer:
                 )
                 if due:
                     self.flush()
-                self.writer.maybe_yield()
-                if due and stop_when is not None and stop_when(self.stats):
+                elif self._inflight is not None and self._inflight.done():
+                    self.wait_committed()
+                elif self._inflight is None and self.batch.messages == 0:
+                    self._committer.submit(self.writer.maybe_yield).result()  # idle: readers get the file
+                if stop_when is not None and stop_when(self.stats):
                     break
                 now = time.monotonic()
                 if not self.consumer.assignment():
@@ -146,7 +154,7 @@ class IngestConsumer:
                     break
                 if max_seconds is not None and now - started > max_seconds:
                     break
-            self.flush()
+            self.flush(wait=True)
         finally:
             self.close()
         return self.stats
@@ -178,14 +186,31 @@ class IngestConsumer:
         self._dlq.send(self.s.topic_dlq, key=f"{tp.topic}:{tp.partition}:{m.offset}".encode(),
                        value=m.value or b"", headers=headers)
 
-    def flush(self) -> None:
-        """Commit the pending batch: DLQ sends acknowledged first, then rows + offsets in one transaction."""
-        if self.batch.messages == 0:
+    def flush(self, wait: bool = False) -> None:
+        """Hand the pending batch to the commit thread (at most one batch in flight) and start a new one.
+
+        The commit thread sends DLQ records first, then writes rows + offsets in one DuckDB transaction; DuckDB
+        works without the GIL, so the next batch is polled and validated meanwhile. ``wait=True`` returns only
+        when everything handed over is committed (shutdown, rebalance)."""
+        if self.batch.messages:
+            self.wait_committed()  # one in flight: bounded memory, and batches commit in order
+            batch, self.batch, self._batch_started = self.batch, Batch(), None
+            self._inflight = self._committer.submit(self._commit, batch)
+        else:
             self._batch_started = None
-            return
+        if wait:
+            self.wait_committed()
+
+    def wait_committed(self) -> None:
+        if self._inflight is not None:
+            fut, self._inflight = self._inflight, None
+            fut.result()  # re-raises a failed commit: the batch is not stored, its offsets neither
+        self._commit_kafka_offsets()
+
+    def _commit(self, batch: Batch) -> None:
+        """Commit thread: DLQ first, then the batch, then hand the file to readers if one waits."""
         if self._dlq is not None:
             self._dlq.flush(timeout=30)
-        batch, self.batch, self._batch_started = self.batch, Batch(), None
         inserted = commit_batch(self.writer.connection(), batch, self.group)
         st = self.stats
         st.batches += 1
@@ -195,9 +220,17 @@ class IngestConsumer:
         st.dead_letters += inserted.get("dead_letters", 0)
         st.duplicates += batch.duplicates + batch.events - sum(n for t, n in inserted.items() if t != "dead_letters")
         st.last_commit_at = time.time()
-        try:  # informational only: the warehouse is the source of truth for positions
+        self._kafka_offsets.update(batch.offsets)
+        self.writer.maybe_yield()
+
+    def _commit_kafka_offsets(self) -> None:
+        """Informational only (lag tools): the warehouse is the source of truth for positions."""
+        if not self._kafka_offsets:
+            return
+        offsets, self._kafka_offsets = self._kafka_offsets, {}
+        try:
             self.consumer.commit_async({TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
-                                        for (t, p), o in batch.offsets.items()})
+                                        for (t, p), o in offsets.items()})
         except Exception:  # noqa: BLE001
             log.debug("kafka offset commit failed (informational)", exc_info=True)
 
@@ -205,6 +238,7 @@ class IngestConsumer:
         try:
             self.consumer.close(autocommit=False)
         finally:
+            self._committer.shutdown(wait=True)
             self.writer.close()
             if self._dlq is not None:
                 self._dlq.close(timeout=10)
