@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -221,7 +222,7 @@ def synth(n_ratings: int, seed: int = 7) -> list:
         del prev_tid
     for u in users[len(users) // 50 : len(users) // 50 + len(users) // 100]:
         ev.append(UserAction(ts=ts(), user_id=u, consent=False, action="consent_revoked"))
-    for u in users[-(len(users) // 100) :]:
+    for u in users[len(users) - len(users) // 100 :]:  # (users[-0:] would be everyone)
         ev.append(UserAction(ts=ts(), user_id=u, consent=True, action="delete_request"))
     return ev
 
@@ -236,7 +237,6 @@ def legacy_scrub(scrubber, texts: list[str]) -> dict[str, str]:
     """The scrubber as it was before the gates (for ``--pii-compare``): every text with a digit, an ``@`` or a
     capitalised word other than a stop word / short opener list goes through full Presidio (NER + all entities)
     via ``BatchAnalyzerEngine``."""
-    import re
 
     from presidio_analyzer import BatchAnalyzerEngine
     from presidio_anonymizer.entities import RecognizerResult
@@ -378,7 +378,7 @@ def main() -> None:
         "pii": curated.pii_stats,
         "counts": curated.counts(),
         "filters": [f.as_dict() for f in curated.filters],
-        "stage_times_s": [{"after": m.split(":")[0], "t": round(s, 2)} for m, s in stages],
+        "stage_times_s": [{"after": re.match(r"[\w:]+", m).group(0), "t": round(s, 2)} for m, s in stages],
     }
     print(json.dumps(out, indent=2 if not args.json else None))
     if tmp:

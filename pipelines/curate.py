@@ -91,12 +91,12 @@ def read_warehouse(path: Path | str, timeout_s: float = 30.0) -> Source:
         missing = {"turns", "feedback", "user_actions"} - have
         if missing:
             raise RuntimeError(f"warehouse {path} lacks tables {sorted(missing)}: has ingest ever run?")
-        turns = con.execute(f"SELECT {_TURN_COLS} FROM turns").to_arrow_table()
-        feedback = con.execute(f"SELECT {_FEEDBACK_COLS} FROM feedback").to_arrow_table()
-        actions = con.execute("SELECT event_id, ts, user_id, action FROM user_actions").to_arrow_table()
+        turns = con.sql(f"SELECT {_TURN_COLS} FROM turns").to_arrow_table()
+        feedback = con.sql(f"SELECT {_FEEDBACK_COLS} FROM feedback").to_arrow_table()
+        actions = con.sql("SELECT event_id, ts, user_id, action FROM user_actions").to_arrow_table()
         offsets = pa.table({})
         if "kafka_offsets" in have:
-            offsets = con.execute("SELECT * FROM kafka_offsets").to_arrow_table()
+            offsets = con.sql("SELECT * FROM kafka_offsets").to_arrow_table()
     return Source(_as_table(turns), _as_table(feedback), _as_table(actions), _as_table(offsets), datetime.now(UTC))
 
 
