@@ -127,6 +127,9 @@ class Curated:
     config: dict[str, Any]
     pii_engine: str
     pii_stats: dict[str, int]
+    # sha256 of every user whose turns or ratings could reach this snapshot: a later deletion request of any of
+    # them retires it (``pipelines.snapshots.retire_deleted``).
+    contributors: list[str] = field(default_factory=list)
 
     def counts(self) -> dict[str, dict[str, int]]:
         return {t: {s: len(rows) for s, rows in splits.items()} for t, splits in self.tables.items()}
@@ -267,6 +270,15 @@ def _relational(src: Source, cfg: CurateConfig, filters: list[StageCount]) -> tu
         all_ok = db.execute("""SELECT turn_id, conversation_id, messages, answer, ts, event_id FROM turns_ok
                                ORDER BY ts, event_id""").fetchall()
         meta: dict[str, Any] = {"harm_reported": harm_reported}
+        meta["contributors"] = sorted(
+            {
+                user_hash(r[0])
+                for r in db.execute(
+                    "SELECT user_id FROM turns_ok UNION SELECT user_id FROM c_feedback "
+                    "WHERE turn_id IN (SELECT turn_id FROM turns_ok)"
+                ).fetchall()
+            }
+        )
     finally:
         db.close()
     cols = ("turn_id", "conversation_id", "parent_turn_id", "origin", "messages", "answer", "label", "ts", "event_id")
@@ -281,6 +293,10 @@ def _relational(src: Source, cfg: CurateConfig, filters: list[StageCount]) -> tu
 # ---------------------------------------------------------------------------------------------------------
 # Split
 # ---------------------------------------------------------------------------------------------------------
+def user_hash(user_id: str) -> str:
+    return hashlib.sha256(f"flywheel-user:{user_id}".encode()).hexdigest()
+
+
 def split_of(conversation_id: str, cfg: CurateConfig) -> str:
     """Deterministic: the same conversation is always on the same side for a given salt and fraction."""
     h = hashlib.sha256(f"{cfg.split_salt}:{conversation_id}".encode()).digest()
@@ -477,6 +493,7 @@ def curate(
         config=cfg.content_dict(),
         pii_engine=engine,
         pii_stats=pii_stats,
+        contributors=meta["contributors"],
     )
 
 

@@ -28,20 +28,28 @@ def curate(settings: Settings | None = None, config: CurateConfig | None = None)
     curated = tasks.curate_tables(src, config)
     info = tasks.write_snapshot(curated, settings)
     tasks.register_snapshot(info, curated.watermark, settings)
+    retired = tasks.retire_deleted(settings)
     return {
         "snapshot_id": info.snapshot_id,
         "path": str(info.path),
         "created": info.created,
         "counts": info.manifest["counts"],
+        "retired": [r["snapshot_id"] for r in retired],
     }
 
 
 @flow(name="train")
 def train(snapshot_id: str, settings: Settings | None = None) -> None:
-    from pipelines.snapshots import find_snapshot
+    from pipelines.snapshots import find_snapshot, retired
 
     settings = settings or get_settings()
-    tasks.train(snapshot_id, find_snapshot(settings.datasets_dir, snapshot_id))
+    path = find_snapshot(settings.datasets_dir, snapshot_id)
+    mark = retired(path)
+    if mark:
+        raise ValueError(
+            f"snapshot {path.name} is retired ({mark['reason']}): run `flywheel run curate` for a fresh one"
+        )
+    tasks.train(path.name, path)
 
 
 @flow(name="volume-trigger")
@@ -54,7 +62,7 @@ def volume_trigger(
     new = tasks.count_new_ratings(settings)
     if new < threshold:
         return {"fired": False, "new_ratings": new, "threshold": threshold}
-    snap = curate(settings=settings, config=config)
+    snap = curate(settings=settings, config=config)  # fresh: it excludes every deleted user, never retired
     tasks.train(snap["snapshot_id"], snap["path"])
     return {"fired": True, "new_ratings": new, "threshold": threshold, "snapshot": snap}
 

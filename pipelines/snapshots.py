@@ -9,6 +9,12 @@ Load one into a trainer with::
     datasets.load_dataset("parquet", data_files={"train": f"{snap}/pairs/train.parquet",
                                                  "test": f"{snap}/pairs/eval.parquet"})
 
+Retirement: a snapshot whose contributors (``contributors.sha256``: the hashed ids of every user whose turns or
+ratings could reach it) include a user who later asked for deletion is *retired*: ``RETIRED.json`` in its
+directory and ``retired_at``/``retired_reason`` in the registry. ``flywheel datasets list`` shows it as retired,
+the ``train`` flow refuses it, and ``flywheel datasets purge-deleted`` also erases its data files (the manifest
+stays, for lineage). The ``curate`` flow retires (without erasing) at the end of every run.
+
 The warehouse table ``dataset_snapshots`` indexes them for the volume trigger: ``last_curated_at`` and
 ``watermark`` (the feedback the latest curation saw) are refreshed when a curation reproduces an existing
 snapshot, so unchanged content does not make the trigger fire again and again.
@@ -36,7 +42,11 @@ MANIFEST_VERSION = 1
 
 REGISTRY_SQL = """CREATE TABLE IF NOT EXISTS dataset_snapshots (
     snapshot_id VARCHAR PRIMARY KEY, content_sha256 VARCHAR, path VARCHAR, created_at TIMESTAMPTZ,
-    last_curated_at TIMESTAMPTZ, row_counts JSON, watermark JSON)"""
+    last_curated_at TIMESTAMPTZ, row_counts JSON, watermark JSON);
+ALTER TABLE dataset_snapshots ADD COLUMN IF NOT EXISTS retired_at TIMESTAMPTZ;
+ALTER TABLE dataset_snapshots ADD COLUMN IF NOT EXISTS retired_reason VARCHAR;"""
+RETIRED = "RETIRED.json"
+CONTRIBUTORS = "contributors.sha256"
 
 
 @dataclass(frozen=True)
@@ -52,7 +62,11 @@ def write_snapshot(curated: Curated, datasets_dir: Path) -> SnapshotInfo:
     sid = digest[:ID_CHARS]
     final = datasets_dir / sid
     if (final / "manifest.json").exists():
-        return SnapshotInfo(sid, final, False, load_manifest(final))
+        if not retired(final):
+            return SnapshotInfo(sid, final, False, load_manifest(final))
+        # Same content again after it was retired: this curation excluded every deleted user, so the content
+        # holds none of them; write it afresh (its files may have been purged) under the same id.
+        shutil.rmtree(final)
     datasets_dir.mkdir(parents=True, exist_ok=True)
     tmp = datasets_dir / f".tmp-{sid}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -64,6 +78,7 @@ def write_snapshot(curated: Curated, datasets_dir: Path) -> SnapshotInfo:
             rel = f"{table}/{split}.parquet"
             pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMAS[table]), tmp / rel)
             files[rel] = {"rows": len(rows), "sha256": _file_sha256(tmp / rel)}
+    (tmp / CONTRIBUTORS).write_text("".join(f"{h}\n" for h in curated.contributors))
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "snapshot_id": sid,
@@ -84,6 +99,7 @@ def write_snapshot(curated: Curated, datasets_dir: Path) -> SnapshotInfo:
         "watermark": curated.watermark,
         "config": curated.config,
         "pii": {"engine": curated.pii_engine, "stats": curated.pii_stats},
+        "contributors": {"users": len(curated.contributors), "file": CONTRIBUTORS},
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str))
     try:
@@ -114,9 +130,12 @@ def register(warehouse: Path, info: SnapshotInfo, watermark: dict[str, Any], tim
     with connect(warehouse, timeout_s=timeout_s) as con:
         con.execute(REGISTRY_SQL)
         con.execute(
-            """INSERT INTO dataset_snapshots VALUES (?, ?, ?, ?, ?, ?, ?)
+            """INSERT INTO dataset_snapshots
+                   (snapshot_id, content_sha256, path, created_at, last_curated_at, row_counts, watermark)
+               VALUES (?, ?, ?, ?, ?, ?, ?)
                ON CONFLICT (snapshot_id) DO UPDATE SET last_curated_at = excluded.last_curated_at,
-                                                       watermark = excluded.watermark""",
+                   watermark = excluded.watermark, created_at = excluded.created_at,
+                   retired_at = NULL, retired_reason = NULL""",
             [
                 info.snapshot_id,
                 info.manifest["content_sha256"],
@@ -137,6 +156,7 @@ def list_snapshots(datasets_dir: Path) -> list[dict[str, Any]]:
             if d.is_dir() and not d.name.startswith(".") and (d / "manifest.json").exists():
                 m = load_manifest(d)
                 m["path"] = str(d)
+                m["retired"] = retired(d)
                 out.append(m)
     return sorted(out, key=lambda m: (m.get("created_at", ""), m["snapshot_id"]))
 
@@ -147,3 +167,81 @@ def find_snapshot(datasets_dir: Path, prefix: str) -> Path:
     if len(matches) != 1:
         raise KeyError(f"{'no' if not matches else 'ambiguous'} snapshot matching {prefix!r} in {datasets_dir}")
     return matches[0]
+
+
+def newest_usable(datasets_dir: Path) -> dict[str, Any] | None:
+    """The newest snapshot that is not retired (what training takes by default)."""
+    live = [m for m in list_snapshots(datasets_dir) if not m["retired"]]
+    return live[-1] if live else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Retirement after deletion requests
+# ---------------------------------------------------------------------------------------------------------
+def retired(path: Path) -> dict[str, Any] | None:
+    f = Path(path) / RETIRED
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def deletion_requests(warehouse: Path, timeout_s: float = 30.0) -> dict[str, datetime]:
+    """user_id -> time of their first deletion request, from the warehouse."""
+    if not Path(warehouse).exists():
+        return {}
+    with connect(warehouse, read_only=True, timeout_s=timeout_s) as con:
+        have = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        if "user_actions" not in have:
+            return {}
+        rows = con.execute(
+            "SELECT user_id, min(ts) FROM user_actions WHERE action = 'delete_request' GROUP BY user_id"
+        ).fetchall()
+    return dict(rows)
+
+
+def retire_deleted(
+    warehouse: Path, datasets_dir: Path, purge_files: bool = False, timeout_s: float = 30.0
+) -> list[dict[str, Any]]:
+    """Retire every snapshot that holds data of a user who asked for deletion; with ``purge_files`` also erase
+    the data files of every retired snapshot (manifest and marker stay). Returns what was done, per snapshot.
+
+    A snapshot knows its contributors (``contributors.sha256``); one written before that file existed does
+    not, and is retired when any deletion request is not older than the snapshot (conservative)."""
+    from pipelines.curate import user_hash
+
+    deleted = deletion_requests(warehouse, timeout_s)
+    hashes = {user_hash(u) for u in deleted}
+    done: list[dict[str, Any]] = []
+    for m in list_snapshots(datasets_dir):
+        path = Path(m["path"])
+        mark = m["retired"]
+        if mark is None:
+            reason = _retire_reason(path, m, hashes, deleted)
+            if reason is None:
+                continue
+            mark = {"retired_at": datetime.now(UTC).isoformat(), "reason": reason, "files_purged": False}
+        elif not purge_files or mark.get("files_purged"):
+            continue
+        if purge_files:
+            for f in [*path.glob("*/*.parquet"), path / CONTRIBUTORS]:
+                f.unlink(missing_ok=True)
+            mark["files_purged"] = True
+        (path / RETIRED).write_text(json.dumps(mark, indent=2))
+        done.append({"snapshot_id": m["snapshot_id"], **mark})
+    if done and Path(warehouse).exists():
+        with connect(warehouse, timeout_s=timeout_s) as con:
+            con.execute(REGISTRY_SQL)
+            for d in done:
+                con.execute(
+                    "UPDATE dataset_snapshots SET retired_at = ?, retired_reason = ? WHERE snapshot_id = ?",
+                    [d["retired_at"], d["reason"], d["snapshot_id"]],
+                )
+    return done
+
+
+def _retire_reason(path: Path, manifest: dict[str, Any], hashes: set[str], deleted: dict[str, datetime]) -> str | None:
+    f = path / CONTRIBUTORS
+    if f.exists():
+        n = sum(1 for line in f.read_text().split() if line in hashes)
+        return f"{n} contributing user(s) asked for deletion" if n else None
+    created = datetime.fromisoformat(manifest["created_at"])
+    n = sum(1 for ts in deleted.values() if ts is not None and ts >= created)
+    return f"no contributor list; {n} deletion request(s) since it was made" if n else None

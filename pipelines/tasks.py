@@ -19,7 +19,20 @@ from pipelines.pii import PiiScrubber
 _OPTS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
 
 
-@task(retries=3, retry_delay_seconds=2, **_OPTS)
+def _busy(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry only when another process held the warehouse; a missing warehouse or table will not appear."""
+    from feedback.warehouse import WarehouseBusy
+
+    try:
+        state.result()
+    except WarehouseBusy:
+        return True
+    except Exception:  # noqa: BLE001 - anything else is final
+        return False
+    return False
+
+
+@task(retries=3, retry_delay_seconds=2, retry_condition_fn=_busy, **_OPTS)
 def read_warehouse(settings: Settings) -> cur.Source:
     src = cur.read_warehouse(settings.warehouse_path, settings.warehouse_lock_timeout_s)
     get_run_logger().info(
@@ -50,12 +63,26 @@ def write_snapshot(curated: cur.Curated, settings: Settings) -> snapshots.Snapsh
     return info
 
 
-@task(retries=3, retry_delay_seconds=2, **_OPTS)
+@task(retries=3, retry_delay_seconds=2, retry_condition_fn=_busy, **_OPTS)
 def register_snapshot(info: snapshots.SnapshotInfo, watermark: dict[str, Any], settings: Settings) -> None:
     snapshots.register(settings.warehouse_path, info, watermark, settings.warehouse_lock_timeout_s)
 
 
-@task(retries=3, retry_delay_seconds=2, **_OPTS)
+@task(retries=3, retry_delay_seconds=2, retry_condition_fn=_busy, **_OPTS)
+def retire_deleted(settings: Settings) -> list[dict[str, Any]]:
+    done = snapshots.retire_deleted(
+        settings.warehouse_path, settings.datasets_dir, timeout_s=settings.warehouse_lock_timeout_s
+    )
+    for d in done:
+        get_run_logger().warning(
+            "retired snapshot %s: %s (erase its files: `flywheel datasets purge-deleted`)",
+            d["snapshot_id"],
+            d["reason"],
+        )
+    return done
+
+
+@task(retries=3, retry_delay_seconds=2, retry_condition_fn=_busy, **_OPTS)
 def count_new_ratings(settings: Settings) -> int:
     n = triggers.new_usable_ratings(settings.warehouse_path, settings.warehouse_lock_timeout_s)
     get_run_logger().info("%d new usable ratings since the last snapshot", n)
