@@ -27,13 +27,18 @@ from pathlib import Path
 
 import duckdb
 
-# Column order matters: the ingest sink builds Arrow tables in this order.
-TURN_COLUMNS = [
+# Every event table: the envelope, the event's own fields, then where in Kafka it came from.
+# (The sink extracts each column from the event JSON by name; the last three come from the batch.)
+_ENVELOPE = [
     ("event_id", "VARCHAR PRIMARY KEY"),
     ("schema_version", "INTEGER"),
     ("ts", "TIMESTAMPTZ"),
     ("user_id", "VARCHAR"),
     ("consent", "BOOLEAN"),
+]
+_POSITION = [("kafka_partition", "INTEGER"), ("kafka_offset", "BIGINT"), ("ingested_at", "TIMESTAMPTZ")]
+TURN_COLUMNS = [
+    *_ENVELOPE,
     ("conversation_id", "VARCHAR"),
     ("turn_id", "VARCHAR"),
     ("parent_turn_id", "VARCHAR"),
@@ -47,16 +52,10 @@ TURN_COLUMNS = [
     ("prompt_tokens", "INTEGER"),
     ("completion_tokens", "INTEGER"),
     ("finish_reason", "VARCHAR"),
-    ("kafka_partition", "INTEGER"),
-    ("kafka_offset", "BIGINT"),
-    ("ingested_at", "TIMESTAMPTZ"),
+    *_POSITION,
 ]
 FEEDBACK_COLUMNS = [
-    ("event_id", "VARCHAR PRIMARY KEY"),
-    ("schema_version", "INTEGER"),
-    ("ts", "TIMESTAMPTZ"),
-    ("user_id", "VARCHAR"),
-    ("consent", "BOOLEAN"),
+    *_ENVELOPE,
     ("conversation_id", "VARCHAR"),
     ("turn_id", "VARCHAR"),
     ("model_version", "VARCHAR"),
@@ -65,21 +64,9 @@ FEEDBACK_COLUMNS = [
     ("reason", "VARCHAR"),
     ("other_turn_id", "VARCHAR"),
     ("other_model_version", "VARCHAR"),
-    ("kafka_partition", "INTEGER"),
-    ("kafka_offset", "BIGINT"),
-    ("ingested_at", "TIMESTAMPTZ"),
+    *_POSITION,
 ]
-USER_ACTION_COLUMNS = [
-    ("event_id", "VARCHAR PRIMARY KEY"),
-    ("schema_version", "INTEGER"),
-    ("ts", "TIMESTAMPTZ"),
-    ("user_id", "VARCHAR"),
-    ("consent", "BOOLEAN"),
-    ("action", "VARCHAR"),
-    ("kafka_partition", "INTEGER"),
-    ("kafka_offset", "BIGINT"),
-    ("ingested_at", "TIMESTAMPTZ"),
-]
+USER_ACTION_COLUMNS = [*_ENVELOPE, ("action", "VARCHAR"), *_POSITION]
 DEAD_LETTER_COLUMNS = [
     ("topic", "VARCHAR"),
     ("kafka_partition", "INTEGER"),
