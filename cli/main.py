@@ -5,6 +5,7 @@ JSON object instead.
     flywheel status [--json]        # broker health, per-topic lag, warehouse row counts
     flywheel kafka start|stop|status
     flywheel ingest                 # the continuous Kafka -> DuckDB consumer
+    flywheel simulate               # simulated users chat and rate through the API
 """
 
 from __future__ import annotations
@@ -157,6 +158,9 @@ def _mount_optional() -> None:
         sub = getattr(mod, attr, None)
         if sub is not None:
             app.add_typer(sub, name=name)
+    from cli.simulate import simulate
+
+    app.command("simulate")(simulate)
     try:
         flows = importlib.import_module("cli.flows")
     except ModuleNotFoundError as e:
