@@ -37,6 +37,38 @@ def test_curate_flow_writes_and_registers_one_snapshot(home_settings):
     assert sft["counts"]["kto"]["train"] + sft["counts"]["kto"]["eval"] == 6
 
 
+def test_deletion_request_retires_older_snapshots(home_settings):
+    from pipelines.snapshots import newest_usable, retire_deleted
+
+    ev = Events()
+    for i in range(4):
+        ev.rated(f"u{i}", f"c{i}", f"t{i}", f"question {i} about owls", f"Owls answer {i}", "up")
+    seed(home_settings.warehouse_path, ev.items)
+    before = flows.curate(settings=home_settings, config=CFG)
+    assert before["retired"] == []
+    later = Events()
+    later.n = 1000
+    later.action("u1", "delete_request")
+    seed(home_settings.warehouse_path, later.items)
+    after = flows.curate(settings=home_settings, config=CFG)
+    assert after["snapshot_id"] != before["snapshot_id"] and after["retired"] == [before["snapshot_id"]]
+    snaps = {m["snapshot_id"]: m for m in list_snapshots(home_settings.datasets_dir)}
+    assert snaps[before["snapshot_id"]]["retired"]["reason"].startswith("1 contributing user")
+    assert snaps[after["snapshot_id"]]["retired"] is None
+    assert newest_usable(home_settings.datasets_dir)["snapshot_id"] == after["snapshot_id"]
+    with connect(home_settings.warehouse_path, read_only=True) as con:
+        rows = dict(con.execute("SELECT snapshot_id, retired_at IS NOT NULL FROM dataset_snapshots").fetchall())
+    assert rows == {before["snapshot_id"]: True, after["snapshot_id"]: False}
+    with pytest.raises(ValueError, match="retired"):
+        flows.train(before["snapshot_id"], settings=home_settings)
+    # Purging erases the retired snapshot's data files, keeps its manifest, and leaves the fresh one alone.
+    done = retire_deleted(home_settings.warehouse_path, home_settings.datasets_dir, purge_files=True)
+    assert [d["snapshot_id"] for d in done] == [before["snapshot_id"]] and done[0]["files_purged"]
+    old = home_settings.datasets_dir / before["snapshot_id"]
+    assert not list(old.glob("*/*.parquet")) and (old / "manifest.json").exists()
+    assert list((home_settings.datasets_dir / after["snapshot_id"]).glob("*/*.parquet"))
+
+
 def test_volume_trigger_fires_at_n_and_not_before(home_settings, caplog):
     n = 5
     ev = Events()
