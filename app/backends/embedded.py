@@ -23,7 +23,7 @@ import os
 import sys
 import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 if "torch" not in sys.modules:
@@ -95,13 +95,11 @@ class _Request:
     completion: int = 0
     cancelled: bool = False
     done: bool = False
-    text_parts: list[str] = field(default_factory=list)
 
-    def push(self, chunk: Chunk) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, chunk)
-        except RuntimeError:  # the consumer's event loop is gone: nobody will read this stream
-            self.cancelled = True
+
+def _deliver(items: list[tuple[_Request, Chunk]]) -> None:
+    for req, chunk in items:
+        req.queue.put_nowait(chunk)
 
 
 class EmbeddedBackend:
@@ -151,6 +149,8 @@ class EmbeddedBackend:
         self._pad: torch.Tensor | None = None  # (B,) left padding of each row
         self._next: torch.Tensor | None = None  # (B, 1) token each row feeds at the next step
         self._width = 0  # cache length in columns, padding included
+        # Chunks of one step, handed to each event loop in one call: one wake-up per step, not one per stream.
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[_Request, Chunk]]] = {}
 
         with torch.inference_mode():  # first-call kernel setup out of the first user's TTFT
             self.model(input_ids=torch.tensor([[self._stop_ids[0]] * 4], device=self.device), logits_to_keep=1)
@@ -257,6 +257,7 @@ class EmbeddedBackend:
                     for req in new:
                         if not req.cancelled:
                             self._prefill(req)
+                            self._flush()  # the first token goes out before the next prefill
                     self._drop([i for i, r in enumerate(self._rows) if not r.cancelled])
                     if self._rows:
                         self._step()
@@ -265,10 +266,24 @@ class EmbeddedBackend:
                     for req in self._rows + new:
                         if not req.done:
                             req.done = True
-                            req.push(Chunk("", finish_reason="error"))
+                            self._send(req, Chunk("", finish_reason="error"))
                     self._rows, self._cache, self._pad, self._next, self._width = [], None, None, None, 0
+                self._flush()
         for req in self._rows + list(self._pending):
-            req.push(Chunk("", finish_reason="cancelled"))
+            self._send(req, Chunk("", finish_reason="cancelled"))
+        self._flush()
+
+    def _send(self, req: _Request, chunk: Chunk) -> None:
+        self._outbox.setdefault(req.loop, []).append((req, chunk))
+
+    def _flush(self) -> None:
+        for loop, items in self._outbox.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that event loop is gone: nobody reads these streams any more
+                for req, _ in items:
+                    req.cancelled = True
+        self._outbox = {}
 
     def _prefill(self, req: _Request) -> None:
         cache = _new_cache(self.model.config)
@@ -369,8 +384,8 @@ class EmbeddedBackend:
                 reason = "length"
         if reason is None:
             if text:
-                req.push(Chunk(text))
+                self._send(req, Chunk(text))
             return False
         req.done = True
-        req.push(Chunk(text, finish_reason=reason, prompt_tokens=len(req.ids), completion_tokens=req.completion))
+        self._send(req, Chunk(text, finish_reason=reason, prompt_tokens=len(req.ids), completion_tokens=req.completion))
         return True
