@@ -9,9 +9,12 @@ The batch's KV cache is the model's own ``DynamicCache`` kept *left-padded*: eve
 the same last column, so one forward step appends one column for all rows. A joining row is padded on the left
 to the batch's length (or the batch to the row's), a leaving row is dropped with ``index_select`` and
 all-padding leading columns are trimmed. Padding is masked through ``attention_mask`` and each row gets its own
-``position_ids``, so the model code stays the library's (any causal LM with a standard cache works). Measured
-against transformers' paged ``generate_batch`` on 2 CPU cores this was several times faster (see
-benchmarks/serve.py).
+``position_ids``, so the model code stays the library's (any causal LM with a full-attention ``DynamicCache``).
+Prefill runs one request at a time (so greedy results do not depend on who else is being served: tested), and
+decode is one batched step for everyone. transformers' paged ``generate_batch`` gave 30 tokens/s in total for 8
+requests on these CPUs (DESIGN.md); this loop gave 76-90 tokens/s in total for 8 users and ~21 for one user on
+2 pinned cores of an otherwise idle Xeon (same-shape model, ``python -m benchmarks.serve``), where a bare
+``generate`` that serves nobody (fixed batch, no streaming, spinning OpenMP workers) gave ~117 and ~29.
 """
 
 from __future__ import annotations
