@@ -85,7 +85,7 @@ def ensure_jars(quiet: bool = False) -> Path:
 def _java() -> str:
     java = shutil.which("java") or (Path(os.environ.get("JAVA_HOME", "/nonexistent")) / "bin" / "java").as_posix()
     if not Path(java).exists():
-        raise KafkaError("Java 17+ is needed to run the broker: install a JDK (apt-get install openjdk-17-jre-headless)")
+        raise KafkaError("Java 17+ is needed to run the broker: apt-get install -y openjdk-17-jre-headless")
     return java
 
 

@@ -1,1 +1,1 @@
-"""Generation backends behind one small interface (``base.Backend``): embedded transformers, remote OpenAI-compatible."""
+"""Generation backends behind one small interface (``base.Backend``): embedded model, remote OpenAI-compatible."""
