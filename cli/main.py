@@ -91,7 +91,8 @@ def collect_status() -> dict:
         except Exception as e:  # noqa: BLE001 - report, don't crash the status command
             out["topics_error"] = str(e)
     try:
-        out["warehouse"] = {"path": str(s.warehouse_path), "rows": row_counts(s.warehouse_path)}
+        out["warehouse"] = {"path": str(s.warehouse_path), "exists": s.warehouse_path.exists(),
+                            "rows": row_counts(s.warehouse_path)}
     except WarehouseBusy as e:
         out["warehouse"] = {"path": str(s.warehouse_path), "error": str(e)}
     return out
@@ -99,11 +100,11 @@ def collect_status() -> dict:
 
 @app.command()
 def status(as_json: bool = JSON) -> None:
-    """Broker health, per-topic messages and ingest lag, warehouse row counts."""
+    """Broker health, per-topic messages and ingest lag, warehouse row counts (exit 1 if the broker is down)."""
     st = collect_status()
     if as_json:
         _print_json(st)
-        return
+        raise typer.Exit(0 if st["kafka"]["healthy"] else 1)
     k = st["kafka"]
     console.print(f"[bold]Kafka[/bold] {k['bootstrap']}: " + ("[green]healthy[/green]" if k["healthy"] else
                   "[red]down[/red] (start it: flywheel kafka start)"))
@@ -121,6 +122,9 @@ def status(as_json: bool = JSON) -> None:
         console.print(t)
     else:
         console.print(f"[yellow]warehouse: {w['error']}[/yellow]")
+    if not w.get("exists", True):
+        console.print("(no warehouse yet: `flywheel ingest`, started by `make run`, creates it)")
+    raise typer.Exit(0 if k["healthy"] else 1)
 
 
 @app.command()

@@ -18,7 +18,7 @@ from feedback.producer import EventProducer
 from feedback.settings import Settings
 from feedback.warehouse import connect, row_counts
 from infra import kafka_local
-from tests.conftest import REPO, settings_env
+from tests.conftest import REPO, free_port, settings_env
 
 pytestmark = pytest.mark.integration
 
@@ -273,3 +273,18 @@ def test_readers_and_the_writer_take_turns(settings):
     assert not errors, errors
     assert reads >= 1
     assert row_counts(settings.warehouse_path)["turns"] == 3000
+    r = subprocess.run([sys.executable, "-m", "cli.main", "status", "--json"], cwd=REPO, env=settings_env(settings),
+                       capture_output=True, text=True, timeout=60)
+    st = json.loads(r.stdout)
+    assert r.returncode == 0 and st["kafka"]["healthy"]
+    assert st["warehouse"]["rows"]["turns"] == 3000
+    assert st["topics"][settings.topic_turns] == {"partitions": 3, "messages": 3000, "lag": 0}
+
+
+def test_status_says_when_the_broker_is_down(tmp_path):
+    env = settings_env(Settings(home=tmp_path, kafka_bootstrap=f"127.0.0.1:{free_port()}"))
+    r = subprocess.run([sys.executable, "-m", "cli.main", "status", "--json"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    st = json.loads(r.stdout)
+    assert st["kafka"]["healthy"] is False and st["warehouse"]["exists"] is False
