@@ -66,7 +66,7 @@ def test_round_trip_every_event_type(settings):
     p = EventProducer(settings, spool_name="rt")
     for e in events:
         p.emit(e)
-    assert p.flush(30)
+    assert p.flush(90), f"not acknowledged: {p.pending()} left ({p.stats.last_error})"
     p.close()
     stats = ingest_until_idle(settings, rows=len(events))
     assert stats.dead_letters == 0
@@ -97,7 +97,7 @@ def test_sigkill_ingest_mid_batch_then_restart_gives_exactly_once(settings):
     p.emit(dup)
     p.emit(dup)
     expected.add(dup.event_id)
-    assert p.flush(60)
+    assert p.flush(90), f"not acknowledged: {p.pending()} left ({p.stats.last_error})"
     p.close()
     env = settings_env(settings)
     env["FLYWHEEL_INGEST_BATCH_MAX"] = "500"
@@ -134,7 +134,7 @@ def test_broker_down_while_emitting_loses_nothing_and_duplicates_nothing(own_bro
             time.sleep(0.001)
 
     emit(0, 300)
-    assert p.flush(30)
+    assert p.flush(90), f"not acknowledged: {p.pending()} left ({p.stats.last_error})"
     kafka_local.stop(s)  # the broker goes away mid-stream
     t0 = time.monotonic()
     emit(300, 800)  # emitting must not block while the broker is down
@@ -175,7 +175,7 @@ def test_spool_survives_a_process_dying_while_the_broker_is_down(own_broker):
     kafka_local.start(s, quiet=True)
     p = EventProducer(s, spool_name="crashy")  # the restarted process
     assert p.pending() == 50
-    assert p.flush(60)
+    assert p.flush(90), f"not acknowledged: {p.pending()} left ({p.stats.last_error})"
     p.close()
     ingest_until_idle(s, rows=50)
     assert row_counts(s.warehouse_path)["turns"] == 50
@@ -199,7 +199,7 @@ def test_malformed_messages_go_to_the_dlq_and_neighbours_land(settings):
     p.emit(good[2])
     p.emit_raw(settings.topic_turns, b"conv0", bad["oversized"])
     p.emit(good[3])
-    assert p.flush(30)
+    assert p.flush(90), f"not acknowledged: {p.pending()} left ({p.stats.last_error})"
     p.close()
     stats = IngestConsumer(s).run(max_seconds=120, stop_when=lambda st: st.messages >= 7)
     assert stats.dead_letters == 3
@@ -227,7 +227,7 @@ def test_broker_restart_keeps_topics_and_data(own_broker):
     p = EventProducer(s, spool_name="restart")
     for i in range(100):
         p.emit(make_turn(i))
-    assert p.flush(30)
+    assert p.flush(90), f"not acknowledged: {p.pending()} left ({p.stats.last_error})"
     p.close()
     kafka_local.stop(s)
     assert not kafka_local.status(s).answering
@@ -246,7 +246,7 @@ def test_readers_and_the_writer_take_turns(settings):
     p = EventProducer(settings, spool_name="rw")
     for i in range(3000):
         p.emit(make_turn(i))
-    assert p.flush(30)
+    assert p.flush(90), f"not acknowledged: {p.pending()} left ({p.stats.last_error})"
     p.close()
     stop = threading.Event()
     errors: list[Exception] = []
