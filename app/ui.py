@@ -34,6 +34,17 @@ _CODE = re.compile(r"(```[\s\S]*?(?:```|$)|`[^`\n]+`)")
 NOT_YOURS = "You can rate only answers that were given to you."
 
 
+
+def user_message_at(msgs: list[dict[str, Any]], index: int | tuple | list) -> int | None:
+    """The index of the user message a retry / edit / undo event points at, or None if it points elsewhere."""
+    i = index if isinstance(index, int) else index[0]
+    return i if 0 <= i < len(msgs) and msgs[i]["role"] == "user" else None
+
+
+def replaced_turn(msgs: list[dict[str, Any]], i: int) -> str | None:
+    """The turn id of the answer that followed user message ``i`` (what a regeneration or edit replaces)."""
+    return msgs[i + 1].get("turn_id") if i + 1 < len(msgs) else None
+
 def escape_for_display(text: str) -> str:
     """Escape HTML outside code blocks and spans (Markdown escapes code itself), so tags show as text."""
     parts = _CODE.split(text)
@@ -133,12 +144,12 @@ def build_ui(service: ChatService, *, max_new_tokens: int = 256, temperature: fl
 
     async def retry(st: dict[str, Any], data: gr.RetryData, request: gr.Request):
         uid = user_of(request)
-        i = data.index if isinstance(data.index, int) else data.index[0]
         msgs = st["messages"]
-        if not (0 <= i < len(msgs)) or msgs[i]["role"] != "user":
+        i = user_message_at(msgs, data.index)
+        if i is None:
             yield display(msgs), st, gr.skip(), "", gr.skip()
             return
-        parent = msgs[i + 1].get("turn_id") if i + 1 < len(msgs) else None
+        parent = replaced_turn(msgs, i)
         snapshot = list(msgs)
         st["messages"] = msgs[: i + 1]
         async for out in answer(st, uid, "regenerate", parent, snapshot, gr.skip()):
@@ -146,9 +157,9 @@ def build_ui(service: ChatService, *, max_new_tokens: int = 256, temperature: fl
 
     async def edit(st: dict[str, Any], data: gr.EditData, request: gr.Request):
         uid = user_of(request)
-        i = data.index if isinstance(data.index, int) else data.index[0]
         msgs = st["messages"]
-        if not (0 <= i < len(msgs)) or msgs[i]["role"] != "user":
+        i = user_message_at(msgs, data.index)
+        if i is None:
             yield display(msgs), st, gr.skip(), "", gr.skip()
             return
         try:
@@ -156,7 +167,7 @@ def build_ui(service: ChatService, *, max_new_tokens: int = 256, temperature: fl
         except InputError as e:
             yield display(msgs), st, gr.skip(), status_md(e.message), gr.skip()
             return
-        parent = msgs[i + 1].get("turn_id") if i + 1 < len(msgs) else None
+        parent = replaced_turn(msgs, i)
         snapshot = list(msgs)
         st["messages"] = [*msgs[:i], {"role": "user", "content": text}]
         async for out in answer(st, uid, "edit", parent, snapshot, gr.skip()):
@@ -164,9 +175,9 @@ def build_ui(service: ChatService, *, max_new_tokens: int = 256, temperature: fl
 
     def undo(st: dict[str, Any], data: gr.UndoData, request: gr.Request):
         uid = user_of(request)
-        i = data.index if isinstance(data.index, int) else data.index[0]
         msgs = st["messages"]
-        if not (0 <= i < len(msgs)) or msgs[i]["role"] != "user":
+        i = user_message_at(msgs, data.index)
+        if i is None:
             return display(msgs), st, gr.skip(), ""
         text = msgs[i]["content"]
         st["messages"] = msgs[:i]

@@ -92,7 +92,19 @@ def synth(n_ratings: int, seed: int = 7) -> list:
         consent = user not in no_consent
         conv = f"conv{conv_i}"
         msgs: list[Message] = []
-        prev_tid = None
+
+        # turn() and rate() are called at once and must see this conversation's current user and messages.
+        def turn(tid: str, answer: str, **kw) -> ChatTurn:
+            kw.setdefault("latency_ms", 100.0)
+            kw.setdefault("model_version", "base")
+            return ChatTurn(ts=ts(), user_id=user, consent=consent, conversation_id=conv, turn_id=tid,  # noqa: B023
+                            messages=msgs, answer=answer, **kw)  # noqa: B023
+
+        def rate(tid: str, value: str, **kw) -> Feedback:
+            kw.setdefault("kind", "thumbs")
+            return Feedback(ts=ts(), user_id=user, consent=consent, conversation_id=conv, turn_id=tid,  # noqa: B023
+                            model_version="base", value=value, **kw)
+
         for turn_i in range(rng.randint(1, 4)):
             if dup_pool and rng.random() < 0.05:
                 prompt, answer = rng.choice(dup_pool)
@@ -110,116 +122,30 @@ def synth(n_ratings: int, seed: int = 7) -> list:
             msgs = msgs + [Message(role="user", content=prompt)]
             tid = f"{conv}-t{turn_i}"
             finish = "length" if rng.random() < 0.02 else "stop"
-            ev.append(
-                ChatTurn(
-                    ts=ts(),
-                    user_id=user,
-                    consent=consent,
-                    conversation_id=conv,
-                    turn_id=tid,
-                    model_version="base",
-                    messages=msgs,
-                    answer=answer,
-                    latency_ms=100.0,
-                    finish_reason=finish,
-                )
-            )
+            ev.append(turn(tid, answer, finish_reason=finish))
             r = rng.random()
             if r < 0.7:
                 value = "up" if rng.random() < 0.6 else "down"
-                ev.append(
-                    Feedback(
-                        ts=ts(),
-                        user_id=user,
-                        consent=consent,
-                        conversation_id=conv,
-                        turn_id=tid,
-                        model_version="base",
-                        kind="thumbs",
-                        value=value,
-                        reason="unsafe advice" if value == "down" and rng.random() < 0.02 else None,
-                    )
-                )
+                ev.append(rate(tid, value, reason="unsafe advice" if value == "down" and rng.random() < 0.02 else None))
                 ratings += 1
                 if rng.random() < 0.03:
-                    ev.append(
-                        Feedback(
-                            ts=ts(),
-                            user_id=user,
-                            consent=consent,
-                            conversation_id=conv,
-                            turn_id=tid,
-                            model_version="base",
-                            kind="thumbs",
-                            value="cleared",
-                        )
-                    )
+                    ev.append(rate(tid, "cleared"))
                     ratings += 1
                 if value == "down" and rng.random() < 0.5:  # regenerate, rate the new answer
                     rid = tid + "-r"
-                    ev.append(
-                        ChatTurn(
-                            ts=ts(),
-                            user_id=user,
-                            consent=consent,
-                            conversation_id=conv,
-                            turn_id=rid,
-                            model_version="base",
-                            messages=msgs,
-                            origin="regenerate",
-                            parent_turn_id=tid,
-                            answer=f"Better: {_sentence(rng, rng.randint(20, 60))}.",
-                            latency_ms=90.0,
-                        )
-                    )
-                    ev.append(
-                        Feedback(
-                            ts=ts(),
-                            user_id=user,
-                            consent=consent,
-                            conversation_id=conv,
-                            turn_id=rid,
-                            model_version="base",
-                            kind="thumbs",
-                            value="up",
-                        )
-                    )
+                    ev.append(turn(rid, f"Better: {_sentence(rng, rng.randint(20, 60))}.", origin="regenerate",
+                                   parent_turn_id=tid, latency_ms=90.0))
+                    ev.append(rate(rid, "up"))
                     ratings += 1
             elif r < 0.78:
                 bid = tid + "-b"
-                ev.append(
-                    ChatTurn(
-                        ts=ts(),
-                        user_id=user,
-                        consent=consent,
-                        conversation_id=conv,
-                        turn_id=bid,
-                        model_version="cand",
-                        messages=msgs,
-                        origin="compare",
-                        answer=f"Alternative: {_sentence(rng, rng.randint(20, 60))}.",
-                        latency_ms=90.0,
-                    )
-                )
-                ev.append(
-                    Feedback(
-                        ts=ts(),
-                        user_id=user,
-                        consent=consent,
-                        conversation_id=conv,
-                        turn_id=tid,
-                        other_turn_id=bid,
-                        model_version="base",
-                        kind="pairwise",
-                        value=rng.choice(["a", "b", "b", "tie"]),
-                    )
-                )
+                ev.append(turn(bid, f"Alternative: {_sentence(rng, rng.randint(20, 60))}.", model_version="cand",
+                               origin="compare", latency_ms=90.0))
+                ev.append(rate(tid, rng.choice(["a", "b", "b", "tie"]), kind="pairwise", other_turn_id=bid))
                 ratings += 1
             msgs = msgs + [Message(role="assistant", content=answer)]
-            prev_tid = tid
             if ratings >= n_ratings:
                 break
-        del prev_tid
     for u in users[len(users) // 50 : len(users) // 50 + len(users) // 100]:
         ev.append(UserAction(ts=ts(), user_id=u, consent=False, action="consent_revoked"))
     for u in users[len(users) - len(users) // 100 :]:  # (users[-0:] would be everyone)

@@ -147,36 +147,21 @@ def up(
     raise typer.Exit(run_stack(get_settings(), app_server=app_server, prefect=prefect))
 
 
-def _mount_optional() -> None:
-    """Commands that arrive with later parts (chat app, pipelines); absent modules are simply not mounted."""
-    import importlib
-
-    for module, attr, name in (("cli.datasets", "datasets_app", "datasets"), ("cli.app_cmd", "app_cmd", "app"),
-                               ("cli.releases", "releases_app", "releases")):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue
-        sub = getattr(mod, attr, None)
-        if sub is not None:
-            app.add_typer(sub, name=name)
+def _mount_parts() -> None:
+    """The commands of the product and the pipelines (imported here, so `flywheel kafka ...` stays light)."""
+    from cli.app_cmd import app_cmd
+    from cli.datasets import datasets_app
+    from cli.flows import run_flow
     from cli.simulate import simulate
 
+    app.add_typer(datasets_app, name="datasets")
+    app.add_typer(app_cmd, name="app")
     app.command("simulate")(simulate)
-    try:
-        flows = importlib.import_module("cli.flows")
-    except ModuleNotFoundError as e:
-        if e.name != "cli.flows":
-            raise
-    else:
-        if hasattr(flows, "run_flow"):
-            app.command("run", help="Run a flow once, now: flywheel run <flow>.")(flows.run_flow)
+    app.command("run", help="Run a flow once, now: flywheel run <flow>.")(run_flow)
 
 
 def main() -> None:
-    _mount_optional()
+    _mount_parts()
     app()
 
 

@@ -7,12 +7,11 @@ event is printed; Ctrl-C (or SIGTERM) stops the children in reverse order with S
 
 from __future__ import annotations
 
-import importlib.util
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from rich.console import Console
 
@@ -29,7 +28,6 @@ class Child:
     restarts: int = 0
     next_start: float = 0.0
     log_path: str = ""
-    history: list[float] = field(default_factory=list)
 
     def start(self, s: Settings) -> None:
         logs = s.home / "logs"
@@ -38,10 +36,6 @@ class Child:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         console.print(f"[green]up[/green] {self.name} (pid {self.proc.pid}, log {self.log_path})")
-
-
-def _has(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
 
 
 def run_stack(s: Settings, app_server: bool = True, prefect: bool = True) -> int:
@@ -58,14 +52,13 @@ def run_stack(s: Settings, app_server: bool = True, prefect: bool = True) -> int
 
     py = sys.executable
     children = [Child("ingest", [py, "-m", "feedback.ingest"])]
-    if prefect and _has("infra.prefect_server"):
+    if prefect:
         from infra import prefect_server
 
         prefect_server.start(s)
         console.print(f"[green]up[/green] prefect server http://{s.prefect_host}:{s.prefect_port}")
-        if _has("pipelines.serve"):
-            children.append(Child("flows", [py, "-m", "pipelines.serve"]))
-    if app_server and _has("app.server"):
+        children.append(Child("flows", [py, "-m", "pipelines.serve"]))
+    if app_server:
         children.append(Child("app", [py, "-m", "app.server"]))
 
     stopping = False
@@ -78,7 +71,7 @@ def run_stack(s: Settings, app_server: bool = True, prefect: bool = True) -> int
     signal.signal(signal.SIGTERM, _stop)
     for c in children:
         c.start(s)
-    if app_server and _has("app.server"):
+    if app_server:
         console.print(f"[bold]chat:[/bold] http://{s.app_host}:{s.app_port}/   "
                       f"[bold]API:[/bold] http://{s.app_host}:{s.app_port}/v1   (Ctrl-C stops everything)")
     while not stopping:
@@ -107,7 +100,7 @@ def run_stack(s: Settings, app_server: bool = True, prefect: bool = True) -> int
         except subprocess.TimeoutExpired:
             c.proc.kill()
         console.print(f"stopped {c.name}")
-    if prefect and _has("infra.prefect_server"):
+    if prefect:
         from infra import prefect_server
 
         prefect_server.stop(s)

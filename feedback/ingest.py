@@ -26,7 +26,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
@@ -160,7 +159,6 @@ class IngestConsumer:
         return self.stats
 
     def _add(self, records) -> None:
-        now = datetime.now(UTC)
         if self._batch_started is None:
             self._batch_started = time.monotonic()
         for tp, msgs in records.items():
@@ -169,10 +167,10 @@ class IngestConsumer:
                 try:
                     event = parse_event(raw, max_bytes=self.s.max_event_bytes)
                 except EventError as e:
-                    self.batch.add_dead_letter(tp.topic, tp.partition, m.offset, e.reason, e.detail, raw, now)
+                    self.batch.add_dead_letter(tp.topic, tp.partition, m.offset, e.reason, e.detail, raw)
                     self._to_dlq(tp, m, e)
                 else:
-                    self.batch.add_event(event, tp.partition, m.offset, now)
+                    self.batch.add_event(event, tp.partition, m.offset)
                 self.batch.advance(tp.topic, tp.partition, m.offset)
 
     def _to_dlq(self, tp, m, e: EventError) -> None:

@@ -62,7 +62,6 @@ class EventProducer:
         self._producer: KafkaProducer | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._idle = threading.Event()
         self._thread = threading.Thread(target=self._run, name="flywheel-producer", daemon=True)
         self._thread.start()
 
@@ -72,13 +71,11 @@ class EventProducer:
 
     def emit(self, event: ChatTurn | Feedback | UserAction) -> None:
         """Durably queue one event for Kafka. Returns once it is on local disk."""
-        self._idle.clear()
         self.spool.append(self.topic_for(event), partition_key(event), to_bytes(event))
         self._wake.set()
 
     def emit_raw(self, topic: str, key: bytes | None, value: bytes) -> None:
         """Queue bytes as they are (tests and replays: the DLQ path must see what a client really sent)."""
-        self._idle.clear()
         self.spool.append(topic, key, value)
         self._wake.set()
 
@@ -124,7 +121,6 @@ class EventProducer:
         while not self._stop.is_set():
             rows = self.spool.peek(self._batch)
             if not rows:
-                self._idle.set()
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue

@@ -64,8 +64,7 @@ class Batch:
     messages: int = 0
     duplicates: int = 0
 
-    def add_event(self, event: ChatTurn | Feedback | UserAction, partition: int | None, offset: int | None,
-                  now: datetime | None = None) -> None:
+    def add_event(self, event: ChatTurn | Feedback | UserAction, partition: int | None, offset: int | None) -> None:
         r = self.rows[EVENT_TABLES[event.type][0]]
         if event.event_id in r.ids:  # a re-send within the same batch: keep the first
             self.duplicates += 1
@@ -75,8 +74,7 @@ class Batch:
         r.partition.append(partition)
         r.offset.append(offset)
 
-    def add_dead_letter(self, topic: str, partition: int, offset: int, reason: str, detail: str, raw: bytes,
-                        now: datetime | None = None) -> None:
+    def add_dead_letter(self, topic: str, partition: int, offset: int, reason: str, detail: str, raw: bytes) -> None:
         self.dead.append((topic, partition, offset, reason, detail, len(raw), raw[:1024]))
 
     def advance(self, topic: str, partition: int, offset: int) -> None:
@@ -107,15 +105,15 @@ def commit_batch(con: duckdb.DuckDBPyConnection, batch: Batch, group: str) -> di
 
     Returns rows actually inserted per table."""
     inserted: dict[str, int] = {}
+    now = datetime.now(UTC)  # the rows' ingested_at and the offsets' updated_at
     con.execute("BEGIN TRANSACTION")
     try:
-        for name, table in batch.arrow(datetime.now(UTC)).items():
+        for name, table in batch.arrow(now).items():
             con.register("_batch", table)
             sql = "INSERT INTO dead_letters SELECT * FROM _batch" if name == "dead_letters" else _INSERT_SQL[name]
             inserted[name] = con.execute(sql).fetchall()[0][0]
             con.unregister("_batch")
         if batch.offsets:
-            now = datetime.now(UTC)
             offsets = pa.table({
                 "consumer_group": [group] * len(batch.offsets),
                 "topic": [t for t, _ in batch.offsets],

@@ -22,6 +22,13 @@ from infra import kafka_local
 REPO = Path(__file__).resolve().parents[1]
 
 
+def need_model(path: Path) -> Path:
+    """The real model must be there: a missing model fails the test (CI must never skip it)."""
+    if not (path / "config.json").exists():
+        pytest.fail(f"the base model is missing at {path}: run `make setup` (infra/prepare_model.py)")
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -19,9 +19,14 @@ from app.backends.base import Busy, Chunk
 from app.backends.registry import backend_config, build_backend
 from feedback.events import Sampling
 from feedback.settings import Settings, get_settings
+from tests.conftest import need_model
 
 MODEL = get_settings().base_model_path
-pytestmark = pytest.mark.skipif(not (MODEL / "config.json").exists(), reason=f"no model at {MODEL} (make setup)")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _model_present():
+    need_model(MODEL)  # a missing model fails these tests; it never skips them
 
 GREEDY = Sampling(temperature=0.0, max_new_tokens=32)
 PROMPTS = [

@@ -8,7 +8,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import uvicorn
@@ -16,36 +15,29 @@ from kafka import KafkaConsumer, TopicPartition
 
 from feedback.events import parse_event
 from feedback.settings import Settings
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, need_model
 
 MODEL = REPO / ".flywheel" / "models" / "base"
 
 
-def _need_model(path: Path) -> None:
-    if not (path / "config.json").exists():
-        pytest.fail(f"the base model is missing at {path}: run `make setup` (infra/prepare_model.py)")
+def _embedded(max_concurrency: int, max_queue: int) -> Iterator:
+    from app.backends.embedded import EmbeddedBackend
+
+    backend = EmbeddedBackend(need_model(MODEL), max_concurrency=max_concurrency, max_queue=max_queue)
+    yield backend
+    asyncio.run(backend.aclose())
 
 
 @pytest.fixture(scope="session")
 def model_backend():
     """The real SmolLM2 model behind the embedded continuous-batching backend, shared by all app tests."""
-    from app.backends.embedded import EmbeddedBackend
-
-    _need_model(MODEL)
-    backend = EmbeddedBackend(MODEL, max_concurrency=4, max_queue=4)
-    yield backend
-    asyncio.run(backend.aclose())
+    yield from _embedded(max_concurrency=4, max_queue=4)
 
 
 @pytest.fixture(scope="session")
 def tiny_backend():
     """The same real model with a bound of one request and no queue: the second caller is told it is busy."""
-    from app.backends.embedded import EmbeddedBackend
-
-    _need_model(MODEL)
-    backend = EmbeddedBackend(MODEL, max_concurrency=1, max_queue=0)
-    yield backend
-    asyncio.run(backend.aclose())
+    yield from _embedded(max_concurrency=1, max_queue=0)
 
 
 @dataclass
