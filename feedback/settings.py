@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -50,6 +50,18 @@ class Settings(BaseSettings):
     base_model: str = Field("", description="Path of the base model; default <home>/models/base.")
     model_version: str = Field("base", description="Release name of the base model.")
     backend: Literal["embedded", "remote"] = "embedded"
+
+    # Operators and the model registry
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token for operator actions (releases, dashboard, detail pages); no default."
+    )
+    mlflow_host: str = "127.0.0.1"
+    mlflow_port: int = 5000
+    mlflow_tracking_uri: str = Field(
+        "", description="Tracking/registry server; default http://<mlflow_host>:<mlflow_port> when it answers, "
+        "else the SQLite store under <home>/mlflow."
+    )
+    registered_model: str = Field("flywheel-chat", description="The one registered model every version belongs to.")
 
     @property
     def topics(self) -> dict[str, str]:
