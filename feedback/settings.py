@@ -55,6 +55,35 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for operator actions (releases, dashboard, detail pages); no default."
     )
+    # The app's trust boundary (app/server.py, app/api.py, app/keys.py, app/validation.py)
+    api_auth: Literal["auto", "keys", "local"] = Field(
+        "auto", description="/v1 access: 'keys' needs an API key (`flywheel keys create`); 'local' is keyless and "
+        "refuses any non-loopback address; 'auto' is 'keys' once a key was ever created, else 'local'."
+    )
+    app_allowed_hosts: str = Field(
+        "", description="Comma-separated Host header names the app answers (DNS-rebinding guard); '*' allows any. "
+        "Default: localhost, 127.0.0.1, ::1 and app_host."
+    )
+    app_auth: SecretStr | None = Field(
+        None, description="Optional browser login, 'alice:secret,bob:hunter2'; none = signed-cookie users."
+    )
+    app_max_new_tokens: int = Field(256, ge=1, le=32_768, description="Answer length in the browser UI (tokens).")
+    api_max_new_tokens: int = Field(2048, ge=1, le=32_768, description="Largest max_tokens an API client may ask.")
+    app_max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest HTTP request body, counted as it streams.")
+    app_context_tokens: int = Field(2048, ge=256, description="Context window of a backend that reports none.")
+    app_chars_per_token: float = Field(
+        4.0, gt=0, description="Characters per token used to turn a context window into character limits."
+    )
+    app_message_share: float = Field(
+        0.5, gt=0, le=1, description="Share of the context window one message may fill (the rest: history, answer)."
+    )
+    app_max_messages: int = Field(40, ge=1, description="Messages in one conversation sent to the model.")
+    api_rate_per_key: float = Field(5.0, gt=0, description="Sustained /v1 requests per second per key (or client).")
+    api_burst_per_key: int = Field(20, ge=1, description="Requests a key (or client) may send at once before the rate.")
+    api_streams_per_key: int = Field(2, ge=1, description="Answers one key (or client) may have in progress at once.")
+    app_turn_claim_s: float = Field(
+        30.0, gt=0, description="A started answer nobody reads within this time is cancelled and its slot freed."
+    )
     mlflow_host: str = "127.0.0.1"
     mlflow_port: int = 5000
     mlflow_tracking_uri: str = Field(
