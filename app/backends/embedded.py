@@ -199,23 +199,24 @@ class EmbeddedBackend:
             if self._inflight >= self.max_concurrency + self.max_queue:
                 raise Busy(f"{self._inflight} requests in flight (bound {self.max_concurrency}+{self.max_queue})")
             self._inflight += 1
-        gen = None
-        if sampling.temperature > 0:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(8)) >> 1)
-        req = _Request(
-            ids=ids,
-            sampling=sampling,
-            max_new=max(1, min(sampling.max_new_tokens, self.max_context_tokens - len(ids))),
-            loop=asyncio.get_running_loop(),
-            queue=asyncio.Queue(),
-            decoder=DecodeStream(skip_special_tokens=True),
-            generator=gen,
-        )
-        with self._cv:
-            self._pending.append(req)
-            self._cv.notify()
-        try:
+        req = None
+        try:  # from here on every path, a failing seed or setup included, gives the slot back in `finally`
+            gen = None
+            if sampling.temperature > 0:
+                gen = torch.Generator(device=self.device)
+                gen.manual_seed(sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(8)) >> 1)
+            req = _Request(
+                ids=ids,
+                sampling=sampling,
+                max_new=max(1, min(sampling.max_new_tokens, self.max_context_tokens - len(ids))),
+                loop=asyncio.get_running_loop(),
+                queue=asyncio.Queue(),
+                decoder=DecodeStream(skip_special_tokens=True),
+                generator=gen,
+            )
+            with self._cv:
+                self._pending.append(req)
+                self._cv.notify()
             while True:
                 chunk = await req.queue.get()
                 if chunk.finish_reason is not None:
@@ -224,13 +225,14 @@ class EmbeddedBackend:
                 if req.done:
                     return
         finally:
-            req.cancelled = True  # the decode thread drops the row before its next step
             with self._cv:
                 self._inflight -= 1
-                try:
-                    self._pending.remove(req)
-                except ValueError:
-                    pass
+                if req is not None:
+                    req.cancelled = True  # the decode thread drops the row before its next step
+                    try:
+                        self._pending.remove(req)
+                    except ValueError:
+                        pass
 
     async def aclose(self) -> None:
         with self._cv:
