@@ -122,6 +122,13 @@ def show_cmd(
             ", ".join(f"{k}={v}" for k, v in f["dropped"].items() if v) or "-",
         )
     console.print(filt)
+    y = m.get("yield")
+    if y:
+        lost = ", ".join(f"{k}={v}" for k, v in y["ratings_lost"].items()) or "none"
+        console.print(
+            f"yield: {y['ratings_in']} ratings in, {y['ratings_usable']} usable (lost: {lost}) -> training rows "
+            f"{y['training_rows_out']} ({y['training_rows_per_rating_in']} per rating in)"
+        )
     src = m["source"]
     for name in ("turns", "feedback", "user_actions"):
         d = src.get(name, {})

@@ -95,6 +95,7 @@ def write_snapshot(curated: Curated, datasets_dir: Path) -> SnapshotInfo:
         "counts": curated.counts(),
         "files": files,
         "filters": [f.as_dict() for f in curated.filters],
+        "yield": curated.yield_report,
         "source": curated.source,
         "watermark": curated.watermark,
         "config": curated.config,

@@ -13,16 +13,12 @@ import json
 from pathlib import Path
 
 from feedback.warehouse import connect
+from pipelines import consent
 
-_USABLE = """
-    f.value IN ('up', 'down', 'a', 'b') AND coalesce(f.consent, false)
-    AND f.user_id NOT IN (SELECT user_id FROM user_actions WHERE action = 'delete_request')
-    AND f.user_id NOT IN (SELECT user_id FROM (
-        SELECT user_id, action, row_number() OVER (PARTITION BY user_id ORDER BY ts DESC, event_id DESC) AS rn
-        FROM user_actions WHERE action IN ('consent_granted', 'consent_revoked'))
-        WHERE rn = 1 AND action = 'consent_revoked')
+_USABLE = f"""
+    f.value IN ('up', 'down', 'a', 'b') AND {consent.allowed("f")}
     AND f.turn_id IN (SELECT turn_id FROM turns WHERE coalesce(consent, false)
-                      AND user_id NOT IN (SELECT user_id FROM user_actions WHERE action = 'delete_request'))
+                      AND user_id NOT IN ({consent.deleted_users()}))
 """
 
 

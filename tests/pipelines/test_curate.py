@@ -180,13 +180,18 @@ def test_harmful_answers_never_positive(world):
     assert not any("pipe bomb" in t or "reported-answer" in t for t in positives)
 
 
-def test_cleared_truncated_empty_overlong_unused(world):
+def test_cleared_empty_overlong_unused_truncated_rated_but_not_imitated(world):
     _, _, curated, info = world
     text = "\n".join(all_texts(curated))
-    for gone in ("cleared-answer", "truncated-answer", "overlong-answer"):
+    for gone in ("cleared-answer", "overlong-answer"):
         assert gone not in text
     q = next(f for f in info.manifest["filters"] if f["stage"] == "quality:turns")["dropped"]
-    assert q["truncated"] == 1 and q["empty"] == 1 and q["over_long_answer"] == 1
+    assert q["empty"] == 1 and q["over_long_answer"] == 1 and q["kept_partial_answer"] == 1
+    # The person liked the cut-off text they saw: a KTO positive, never an SFT target.
+    kto = [r for rows in curated.tables["kto"].values() for r in rows]
+    assert any(r["completion"][0]["content"] == "truncated-answer and then" and r["label"] for r in kto)
+    sft = [r["messages"][-1]["content"] for rows in curated.tables["sft"].values() for r in rows]
+    assert "truncated-answer and then" not in sft
 
 
 def test_manifest_and_parquet_load_with_datasets(world):
@@ -200,9 +205,12 @@ def test_manifest_and_parquet_load_with_datasets(world):
         ds = datasets.load_dataset("parquet", data_files=str(info.path / rel), split="train")
         assert ds.num_rows == meta["rows"]
     sft = datasets.load_dataset("parquet", data_files=str(info.path / "sft/train.parquet"), split="train")
-    assert set(sft.column_names) == {"messages"} and sft[0]["messages"][-1]["role"] == "assistant"
+    assert set(sft.column_names) == {"messages", "model_version"} and sft[0]["messages"][-1]["role"] == "assistant"
     kto = datasets.load_dataset("parquet", data_files=str(info.path / "kto/train.parquet"), split="train")
-    assert set(kto.column_names) == {"prompt", "completion", "label"}
+    assert set(kto.column_names) == {"prompt", "completion", "label", "model_version"}
+    pairs = datasets.load_dataset("parquet", data_files=str(info.path / "pairs/train.parquet"), split="train")
+    assert set(pairs.column_names) == {"prompt", "chosen", "rejected", "model_version", "rejected_model_version"}
+    assert set(kto["model_version"]) == {"base"} and set(pairs["rejected_model_version"]) == {"base"}
     assert json.loads((Path(info.path) / "manifest.json").read_text())["content_sha256"].startswith(info.snapshot_id)
 
 
