@@ -31,6 +31,16 @@ class Settings(BaseSettings):
     # Producer
     spool_dir: Path | None = Field(None, description="Durable outbox; default <home>/spool.")
     producer_linger_ms: int = Field(5, ge=0)
+    spool_max_bytes: int = Field(
+        1024**3, ge=1024 * 1024, description="Outbox bound: beyond it new events are refused (broker down too long)."
+    )
+    spool_fsync: Literal["always", "interval", "never"] = Field(
+        "interval", description="always: fdatasync per event; interval: at most every spool_fsync_interval_ms; never."
+    )
+    spool_fsync_interval_ms: int = Field(200, ge=1, description="Interval policy: most time lost at power loss.")
+    payload_encryption: bool = Field(
+        True, description="Seal event payloads with per-user keys at the Kafka edge (deleting a user shreds the key)."
+    )
 
     # Ingest
     ingest_group: str = Field("flywheel-ingest", description="Consumer group of the DuckDB sink.")
