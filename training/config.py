@@ -1,0 +1,193 @@
+"""Recipe configs: one YAML file per (method, size), dotted ``key=value`` overrides, strict validation.
+
+A config has a few sections, each with one owner, so a typo anywhere stops the run before any work starts:
+
+- ``recipe`` (the method, must match the script), ``precision`` (``auto``: see ``resolve_precision``);
+- ``data``: which snapshot table and how much of it (``RecipeData``);
+- ``train``: passed verbatim to the TRL config dataclass of the method (``SFTConfig``, ``DPOConfig`` ...), so
+  every TRL option is reachable and an unknown key is an error naming the closest real one;
+- ``lora``: ``null`` for full fine-tuning, else ``peft.LoraConfig`` fields;
+- ``model``: method-specific model options (``RecipeModel``).
+
+The resolved config (after overrides) is hashed (``config_hash``) and saved beside the weights and in MLflow.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+METHODS = ("pretrain", "sft", "reward", "rlhf", "dpo", "kto")
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message says which key and what to do."""
+
+
+class RecipeData(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    table: str = Field(description="Snapshot table: sft, kto, pairs, prompts (or 'corpus' for pretrain).")
+    max_rows: int | None = Field(None, ge=1, description="Use at most this many training rows (None: all).")
+    max_eval_rows: int | None = Field(64, ge=1, description="Held-out rows for the eval loss (None: all).")
+    policy: Literal["any", "parent"] = Field(
+        "any", description="'parent': only rows whose answers the parent version wrote (on-policy)."
+    )
+    corpus: str | None = Field(None, description="Pretrain only: a plain-text file, paragraphs split by blank lines.")
+    min_rows: int = Field(1, ge=1, description="Refuse to train on fewer rows than this.")
+
+
+class RecipeModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    reward_version: str | None = Field(
+        None, description="rlhf: the registered reward model to optimise against (default: the newest one)."
+    )
+    gradient_checkpointing: bool = False
+
+
+class RecipeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    recipe: Literal[METHODS]  # type: ignore[valid-type]
+    precision: Precision = "auto"
+    seed: int = 0
+    data: RecipeData
+    train: dict[str, Any] = Field(default_factory=dict)
+    lora: dict[str, Any] | None = None
+    model: RecipeModel = Field(default_factory=RecipeModel)
+
+
+def config_path(method: str, size: str = "tiny") -> Path:
+    return CONFIG_DIR / method / f"{size}.yaml"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value (e.g. train.learning_rate=1e-5)")
+    key, raw = item.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} has an empty key")
+    return key.split("."), yaml.safe_load(raw) if raw else None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = out
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return out
+
+
+def load_config(path: Path | str, overrides: list[str] | None = None, method: str | None = None) -> RecipeConfig:
+    path = Path(path)
+    if not path.exists():
+        known = sorted(str(p.relative_to(CONFIG_DIR.parent.parent)) for p in CONFIG_DIR.glob("*/*.yaml"))
+        raise ConfigError(f"config {path} does not exist; known configs: {', '.join(known)}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path} must be a mapping of sections")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        cfg = RecipeConfig.model_validate(raw)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            hint = _closest(err["loc"], raw) if err["type"] == "extra_forbidden" else ""
+            problems.append(f"{loc}: {err['msg']}{hint}")
+        raise ConfigError(f"config {path}: " + "; ".join(problems)) from None
+    if method is not None and cfg.recipe != method:
+        raise ConfigError(f"config {path} is for recipe {cfg.recipe!r}, not {method!r}: pass a {method} config")
+    return cfg
+
+
+def _closest(loc: tuple, raw: dict[str, Any]) -> str:
+    model: type[BaseModel] = RecipeConfig
+    for part in loc[:-1]:
+        sub = model.model_fields.get(str(part))
+        ann = getattr(sub, "annotation", None) if sub else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return ""
+        model = ann
+    match = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def config_dict(cfg: RecipeConfig) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")
+
+
+def config_hash(cfg: RecipeConfig) -> str:
+    blob = json.dumps(config_dict(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def trl_args(cls: type, cfg: RecipeConfig, output_dir: Path, precision: str, **fixed: Any) -> Any:
+    """The method's TRL config from the ``train`` section; unknown keys are named with the closest real one.
+
+    Precision is not a ``train`` key: it is decided once (``resolve_precision``) and set here, because TRL's
+    configs default to bf16 autocast, which runs ~20x slower on CPUs without native bf16."""
+    names = {f.name for f in fields(cls)}
+    for key in cfg.train:
+        if key not in names:
+            match = difflib.get_close_matches(key, sorted(names), n=1)
+            hint = f" (did you mean {match[0]!r}?)" if match else ""
+            raise ConfigError(f"train.{key} is not an option of {cls.__name__}{hint}")
+        if key in ("bf16", "fp16", "output_dir", "report_to"):
+            raise ConfigError(f"train.{key} is set by the recipe runner (use precision: / the CLI), remove it")
+    kwargs = {
+        **cfg.train,
+        **fixed,
+        "output_dir": str(output_dir),
+        "bf16": precision == "bf16",
+        "fp16": precision == "fp16",
+        "seed": cfg.seed,
+    }
+    kwargs.setdefault("save_strategy", "no")
+    kwargs.setdefault("logging_steps", 1)
+    kwargs.setdefault("disable_tqdm", True)  # our progress callback prints steps, loss and ETA
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"train section rejected by {cls.__name__}: {e}") from e
+
+
+def resolve_precision(requested: str = "auto") -> str:
+    """The one place that decides training and evaluation precision from the hardware.
+
+    ``auto``: bf16 on a CUDA device that supports it (else fp16), bf16 on a CPU with native bf16 (AVX512-BF16 or
+    AMX), fp32 everywhere else -- on AVX2-only CPUs bf16 autocast made every matmul ~20x slower (DESIGN.md)."""
+    import torch
+
+    if requested != "auto":
+        if requested == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+            raise ConfigError("precision bf16 asked for, but this GPU has no bf16: use precision: fp16 or auto")
+        if requested == "fp16" and not torch.cuda.is_available():
+            raise ConfigError("precision fp16 needs a CUDA device: use precision: auto or fp32 on CPU")
+        return requested
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    cpu = torch.cpu
+    native_bf16 = getattr(cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(
+        cpu, "_is_amx_tile_supported", lambda: False
+    )()
+    return "bf16" if native_bf16 else "fp32"
