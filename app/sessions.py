@@ -81,6 +81,9 @@ class Sessions:
                 conversation_id TEXT NOT NULL, model_version TEXT NOT NULL, created_at REAL NOT NULL);
             """
         )
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(conversations)")}
+        if "renamed" not in columns:  # a title the person chose is kept when the conversation is saved again
+            self._db.execute("ALTER TABLE conversations ADD COLUMN renamed INTEGER NOT NULL DEFAULT 0")
         self._mu = threading.Lock()
 
     def close(self) -> None:
@@ -131,7 +134,8 @@ class Sessions:
         with self._mu:
             self._db.execute(
                 "INSERT INTO conversations (conversation_id, user_id, title, messages, updated_at) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (conversation_id) DO UPDATE SET title = excluded.title, "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (conversation_id) DO UPDATE SET "
+                "title = CASE WHEN conversations.renamed THEN conversations.title ELSE excluded.title END, "
                 "messages = excluded.messages, updated_at = excluded.updated_at WHERE user_id = excluded.user_id",
                 (conversation_id, user_id, title, json.dumps(messages), time.time()),
             )
@@ -152,6 +156,30 @@ class Sessions:
                 (conversation_id, user_id),
             ).fetchone()
         return json.loads(row[0]) if row else None
+
+    def rename_conversation(self, user_id: str, conversation_id: str, title: str) -> bool:
+        """Give one of the user's conversations a title of their own (kept on later saves). False if not theirs."""
+        with self._mu:
+            cur = self._db.execute(
+                "UPDATE conversations SET title = ?, renamed = 1 WHERE conversation_id = ? AND user_id = ?",
+                (title, conversation_id, user_id),
+            )
+        return cur.rowcount > 0
+
+    def delete_conversation(self, user_id: str, conversation_id: str) -> bool:
+        """Remove one of the user's conversations from their history. False if it was not theirs."""
+        with self._mu:
+            cur = self._db.execute(
+                "DELETE FROM conversations WHERE conversation_id = ? AND user_id = ?", (conversation_id, user_id)
+            )
+        return cur.rowcount > 0
+
+    def conversation_title(self, user_id: str, conversation_id: str) -> str | None:
+        with self._mu:
+            row = self._db.execute(
+                "SELECT title FROM conversations WHERE conversation_id = ? AND user_id = ?", (conversation_id, user_id)
+            ).fetchone()
+        return row[0] if row else None
 
     # ---- turn ownership --------------------------------------------------------------------------
     def record_turn(self, turn: TurnRecord) -> None:
