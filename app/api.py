@@ -5,13 +5,17 @@
     GET  /v1/models             the model versions this process serves
     POST /v1/feedback           rate a turn you received: {"turn_id", "rating": "up|down|cleared", "reason"}
                                 or pairwise: {"turn_id": A, "other_turn_id": B, "rating": "a|b|tie"}
-    GET  /healthz, GET /metrics
+    GET  /healthz               {"status"} for anyone; the detail for operators (admin token)
+    GET  /metrics               Prometheus text, for operators (admin token)
 
-The completion ``id`` is ``chatcmpl-<turn_id>``: pass either form as ``turn_id`` to ``/v1/feedback``.
-The user is the request's ``user`` field or the ``X-Flywheel-User`` header (namespaced ``api:<user>``);
-``X-Flywheel-Consent: 1|0`` records the user's consent (default: no consent). ``X-Flywheel-Conversation``
-groups requests into one conversation; without it a conversation is keyed by its first user message.
-``model`` may name a served version to pin it; any other value (e.g. "flywheel") follows the release plan.
+Callers present an API key (``Authorization: Bearer fw_...``; see ``app.keys``) unless the app runs in keyless
+local mode; the server's ``Guard`` middleware resolves the caller before a route runs. The completion ``id`` is
+``chatcmpl-<turn_id>``: pass either form as ``turn_id`` to ``/v1/feedback``. The end user is the request's ``user``
+field or the ``X-Flywheel-User`` header, inside the caller's namespace; ``X-Flywheel-Consent: 1|0`` records that
+user's consent (default: no consent). ``X-Flywheel-Conversation`` groups requests into one conversation; without
+it a conversation is keyed by its first user message. ``model`` may name a served version to pin it; any other
+value (e.g. "flywheel") follows the release plan. A backend failure reaches the client as an error (a 500 body,
+or an ``error`` event that ends the stream), never as a normal ``stop``.
 """
 
 from __future__ import annotations
@@ -25,20 +29,35 @@ from typing import Any, Literal
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
-from app.service import BUSY_MESSAGE, Busy, ChatService
-from app.sessions import api_user_id
-from app.validation import MAX_NEW_TOKENS, InputError, check_conversation, clean_reason
+from app.auth import is_admin
+from app.keys import Caller, CallerLimits
+from app.service import BUSY_MESSAGE, Busy, ChatService, NotYours, TurnStream
+from app.validation import InputError, Limits, check_conversation, check_sampling, clean_reason, clean_user
 from feedback.events import Sampling
 
 COMPLETION_PREFIX = "chatcmpl-"
+FAILED = "The model failed while answering; please retry."
+STOPPED = "The model stopped before finishing (the server is shutting down); please retry."
+ADMIN_ONLY = "This needs the operator token: send Authorization: Bearer <FLYWHEEL_ADMIN_TOKEN>."
 
 
-def api_error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+def api_error(
+    status: int,
+    message: str,
+    type_: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     """An error body the ``openai`` client understands."""
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def invalid(e: InputError) -> JSONResponse:
+    return api_error(400, e.message, "invalid_request_error", e.param)
 
 
 class ChatCompletionRequest(BaseModel):
@@ -66,11 +85,18 @@ class FeedbackRequest(BaseModel):
 
 
 def _turn_id(s: str) -> str:
-    return s.removeprefix(COMPLETION_PREFIX).strip()
+    return s.removeprefix(COMPLETION_PREFIX).strip()[:128]
+
+
+def _caller(request: Request) -> Caller:
+    return request.state.caller  # set by app.server.Guard for every /v1 request
 
 
 def _user(request: Request, body_user: str | None) -> str:
-    return api_user_id(body_user or request.headers.get("x-flywheel-user"))
+    """The internal user id; ``InputError`` for a malformed user field."""
+    return _caller(request).user_id(
+        clean_user(body_user if body_user is not None else request.headers.get("x-flywheel-user"))
+    )
 
 
 def _consent(service: ChatService, request: Request, user_id: str) -> bool:
@@ -78,119 +104,196 @@ def _consent(service: ChatService, request: Request, user_id: str) -> bool:
     if raw is None:
         return service.sessions.consent(user_id)
     consent = raw.strip().lower() in ("1", "true", "yes", "on")
-    if user_id != api_user_id(None):
+    if not _caller(request).is_anonymous(user_id):
         service.set_consent(user_id, consent)
     return consent
 
 
 def _conversation_id(request: Request, user_id: str, messages: list[dict[str, str]]) -> str:
     given = (request.headers.get("x-flywheel-conversation") or "").strip()
-    if given:
-        return given[:128]
+    if given:  # namespaced by the user, so a conversation id never joins another user's conversation
+        return "api-" + hashlib.sha256(f"{user_id}\0{given}".encode()).hexdigest()[:32]
     first = next((m["content"] for m in messages if m["role"] == "user"), "")
     return "api-" + hashlib.sha256(f"{user_id}\0{first}".encode()).hexdigest()[:32]
 
 
-def _sampling(body: ChatCompletionRequest) -> Sampling:
-    max_tokens = body.max_completion_tokens or body.max_tokens
-    if max_tokens is not None and not 1 <= max_tokens <= MAX_NEW_TOKENS:
-        raise InputError(f"max_tokens must be between 1 and {MAX_NEW_TOKENS}.", "max_tokens")
+def _sampling(body: ChatCompletionRequest, limits: Limits) -> Sampling:
     if body.n not in (None, 1):
         raise InputError("Only n=1 is supported.", "n")
-    kw: dict[str, Any] = {}
-    if body.temperature is not None:
-        kw["temperature"] = body.temperature
-    if body.top_p is not None:
-        kw["top_p"] = body.top_p
-    if max_tokens is not None:
-        kw["max_new_tokens"] = max_tokens
-    if body.seed is not None:
-        kw["seed"] = body.seed
+    return check_sampling(
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        limits=limits,
+        max_tokens=body.max_completion_tokens or body.max_tokens,
+    )
+
+
+class TurnResponse(StreamingResponse):
+    """A streamed answer whose turn is closed however the response ends, even if its body never started (a
+    client gone before the first byte): the backend slot is freed on every path."""
+
+    def __init__(self, turn: TurnStream, content: Any, **kw: Any):
+        super().__init__(content, **kw)
+        self.turn = turn
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.turn.aclose()
+
+
+def _failure(finish_reason: str) -> tuple[int, str, str] | None:
+    """How a finish reason that is not a normal end reaches API clients: (status, message, code)."""
+    if finish_reason == "error":
+        return 500, FAILED, "model_error"
+    if finish_reason == "cancelled":
+        return 503, STOPPED, "model_stopped"
+    return None
+
+
+def _completion_body(turn: TurnStream, cid: str, created: int) -> dict[str, Any]:
+    p, c = turn.prompt_tokens or 0, turn.completion_tokens or 0
+    return {
+        "id": cid,
+        "object": "chat.completion",
+        "created": created,
+        "model": turn.model_version,
+        "system_fingerprint": turn.model_version,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": turn.text},
+                "logprobs": None,
+                "finish_reason": turn.finish_reason,
+            }
+        ],
+        "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c},
+    }
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _stream_events(turn: TurnStream, cid: str, created: int, include_usage: bool):
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+        return _sse(
+            {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": turn.model_version,
+                "system_fingerprint": turn.model_version,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            }
+        )
+
+    yield chunk({"role": "assistant", "content": ""})
     try:
-        return Sampling(**kw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise InputError(f"Invalid {err['loc'][0]}: {err['msg']}.", str(err["loc"][0])) from None
+        async with aclosing(turn.deltas()) as deltas:
+            async for d in deltas:
+                yield chunk({"content": d})
+    except Exception:  # noqa: BLE001 - logged by the service; the failure is reported below
+        turn.finish_reason = "error"
+    failure = _failure(turn.finish_reason)
+    if failure is not None:  # an error event ends the stream: the openai client raises it, never a clean stop
+        status, message, code = failure
+        yield _sse({"error": {"message": message, "type": "server_error", "param": None, "code": code}})
+        return
+    yield chunk({}, turn.finish_reason)
+    if include_usage:
+        body = _completion_body(turn, cid, created)
+        yield _sse(
+            {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": turn.model_version,
+                "choices": [],
+                "usage": body["usage"],
+            }
+        )
+    yield "data: [DONE]\n\n"
 
 
-def _openai_finish(reason: str) -> str:
-    return reason if reason in ("stop", "length") else "stop"
-
-
-def build_api(service: ChatService) -> APIRouter:
+def build_api(service: ChatService, limits: CallerLimits) -> APIRouter:
     r = APIRouter()
+    settings = service.settings
+
+    async def start(body: ChatCompletionRequest, request: Request) -> TurnStream | JSONResponse:
+        """Validate everything, take one of the caller's answer places, start the turn; or an error response."""
+        caller = _caller(request)
+        try:
+            user_id = _user(request, body.user)
+            version = service.version_for(user_id, body.model)
+            lim = service.limits(version)
+            sampling = _sampling(body, lim)
+            messages = check_conversation(body.messages, lim)
+            conversation_id = _conversation_id(request, user_id, messages)
+            consent = _consent(service, request, user_id)
+        except InputError as e:
+            return invalid(e)
+        if caller.bucket is not None and not limits.open_stream(caller.bucket):
+            return api_error(
+                429,
+                f"This key already has {limits.streams} answers in progress; wait for one to end.",
+                "rate_limit_error",
+                code="too_many_streams",
+            )
+        try:
+            turn = await service.start_turn(
+                user_id=user_id,
+                conversation_id=conversation_id,
+                messages=messages,
+                sampling=sampling,
+                origin="api",
+                surface="api",
+                model_version=version,
+                consent=consent,
+            )
+        except BaseException as e:
+            if caller.bucket is not None:
+                limits.close_stream(caller.bucket)
+            if isinstance(e, InputError):
+                return invalid(e)
+            if isinstance(e, Busy):
+                return api_error(429, BUSY_MESSAGE, "rate_limit_error", code="busy")
+            raise
+        if caller.bucket is not None:
+            turn.on_complete.append(lambda: limits.close_stream(caller.bucket))
+        return turn
 
     @r.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        user_id = _user(request, body.user)
-        try:
-            sampling = _sampling(body)
-            messages = check_conversation(body.messages)
-            turn = await service.start_turn(
-                user_id=user_id, conversation_id=_conversation_id(request, user_id, messages), messages=messages,
-                sampling=sampling, origin="api", surface="api", model_version=body.model,
-                consent=_consent(service, request, user_id),
-            )
-        except InputError as e:
-            return api_error(400, e.message, "invalid_request_error", e.param)
-        except Busy:
-            return api_error(429, BUSY_MESSAGE, "rate_limit_error", code="busy")
+        turn = await start(body, request)
+        if isinstance(turn, JSONResponse):
+            return turn
         cid = COMPLETION_PREFIX + turn.turn_id
         created = int(time.time())
         headers = {"X-Flywheel-Turn-Id": turn.turn_id, "X-Flywheel-Model-Version": turn.model_version}
-
-        def usage() -> dict[str, int]:
-            p, c = turn.prompt_tokens or 0, turn.completion_tokens or 0
-            return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-        if not body.stream:
-            try:
-                async with aclosing(turn.deltas()) as deltas:
-                    async for _ in deltas:
-                        pass
-            except Exception:  # noqa: BLE001 - logged by the service; the client gets a clean 500
-                return api_error(500, "The model failed while answering; please retry.", "server_error")
-            return JSONResponse(
-                {
-                    "id": cid, "object": "chat.completion", "created": created, "model": turn.model_version,
-                    "system_fingerprint": turn.model_version,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": turn.text},
-                                 "logprobs": None, "finish_reason": _openai_finish(turn.finish_reason)}],
-                    "usage": usage(),
-                },
-                headers=headers,
+        if body.stream:
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            return TurnResponse(
+                turn,
+                _stream_events(turn, cid, created, include_usage),
+                media_type="text/event-stream",
+                headers={**headers, "Cache-Control": "no-cache"},
             )
-
-        include_usage = bool((body.stream_options or {}).get("include_usage"))
-
-        def sse(obj: Any) -> str:
-            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
-            return sse({
-                "id": cid, "object": "chat.completion.chunk", "created": created, "model": turn.model_version,
-                "system_fingerprint": turn.model_version,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-            })
-
-        async def events():
-            yield chunk({"role": "assistant", "content": ""})
-            try:
-                async with aclosing(turn.deltas()) as deltas:
-                    async for d in deltas:
-                        yield chunk({"content": d})
-            except Exception:  # noqa: BLE001 - logged by the service; end the stream with an error event
-                yield sse({"error": {"message": "The model failed while answering; please retry.",
-                                     "type": "server_error", "param": None, "code": None}})
-                return
-            yield chunk({}, _openai_finish(turn.finish_reason))
-            if include_usage:
-                yield sse({"id": cid, "object": "chat.completion.chunk", "created": created,
-                           "model": turn.model_version, "choices": [], "usage": usage()})
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={**headers, "Cache-Control": "no-cache"})
+        try:
+            async with aclosing(turn.deltas()) as deltas:
+                async for _ in deltas:
+                    pass
+        except Exception:  # noqa: BLE001 - logged by the service; reported below
+            turn.finish_reason = "error"
+        finally:
+            await turn.aclose()
+        failure = _failure(turn.finish_reason)
+        if failure is not None:
+            status, message, code = failure
+            return api_error(status, message, "server_error", code=code, headers=headers)
+        return JSONResponse(_completion_body(turn, cid, created), headers=headers)
 
     @r.get("/v1/models")
     async def models():
@@ -198,55 +301,83 @@ def build_api(service: ChatService) -> APIRouter:
         return {
             "object": "list",
             "data": [
-                {"id": v, "object": "model", "created": 0, "owned_by": "flywheel",
-                 "in_release_plan": v in plan.versions()}
+                {
+                    "id": v,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "flywheel",
+                    "in_release_plan": v in plan.versions(),
+                }
                 for v in service.backends
             ],
         }
 
     @r.post("/v1/feedback")
     async def feedback(body: FeedbackRequest, request: Request):
-        user_id = _user(request, body.user)
         try:
+            user_id = _user(request, body.user)
             reason = clean_reason(body.reason)
+            other = _turn_id(body.other_turn_id) if body.other_turn_id else None
+            fb = service.rate(
+                user_id,
+                _turn_id(body.turn_id),
+                body.rating,
+                reason=reason,
+                other_turn_id=other,
+                consent=_consent(service, request, user_id),
+            )
         except InputError as e:
-            return api_error(400, e.message, "invalid_request_error", e.param)
-        pairwise = body.rating in ("a", "b", "tie")
-        if pairwise != bool(body.other_turn_id):
-            return api_error(400, "Use rating up/down/cleared for one turn, or a/b/tie with other_turn_id.",
-                             "invalid_request_error", "rating")
-        turn = service.sessions.owned_turn(user_id, _turn_id(body.turn_id))
-        other = service.sessions.owned_turn(user_id, _turn_id(body.other_turn_id)) if pairwise else None
-        if turn is None or (pairwise and other is None):
-            return api_error(403, "You can rate only answers that were given to you.", "permission_error",
-                             "turn_id", "not_your_turn")
-        fb = service.rate(user_id, turn, body.rating, reason=reason, other=other,
-                          consent=_consent(service, request, user_id))
-        return {"ok": True, "event_id": fb.event_id, "turn_id": turn.turn_id, "model_version": turn.model_version}
+            return invalid(e)
+        except NotYours:
+            return api_error(403, NotYours.message, "permission_error", "turn_id", "not_your_turn")
+        return {"ok": True, "event_id": fb.event_id, "turn_id": fb.turn_id, "model_version": fb.model_version}
 
     @r.get("/healthz")
-    async def healthz():
-        plan = service.router.plan
+    async def healthz(request: Request):
         missing = service.missing_backends()
-        stats = service.producer.stats
-        return {
-            "status": "degraded" if missing else "ok",
-            "model_versions": {v: {"backend": b.name, "load": b.load()} for v, b in service.backends.items()},
-            "release_plan": {"plan_id": plan.plan_id, "stage": plan.stage, "published": service.router.published,
-                             "variants": {v.model_version: v.weight for v in plan.variants}},
-            "missing_backends": missing,
-            "backend_load_errors": service.load_errors,
-            "fallback_version": service.default_version if missing else None,
-            "release_router": {"connected": service.router.connected, "last_error": service.router.last_error},
-            "events": {"broker_up": stats.broker_up, "pending": service.producer.pending(), "sent": stats.sent},
-        }
+        status = "degraded" if missing else "ok"
+        if not is_admin(settings, request.headers.get("authorization")):
+            return {"status": status}  # anonymous callers learn nothing about paths, backends or plans
+        return {"status": status, **health_detail(service, limits)}
 
     @r.get("/metrics")
-    async def metrics():
+    async def metrics(request: Request):
+        if not is_admin(settings, request.headers.get("authorization")):
+            return api_error(401, ADMIN_ONLY, "invalid_request_error", code="admin_token_required")
         data, ctype = service.metrics.render()
         return Response(data, media_type=ctype)
 
     return r
+
+
+def health_detail(service: ChatService, limits: CallerLimits) -> dict[str, Any]:
+    """What operators see at ``/healthz``: backends and their slots, the plan, the router, the event spool."""
+    plan = service.router.plan
+    missing = service.missing_backends()
+    stats = service.producer.stats
+
+    def slots(b: Any) -> int | None:
+        bound = getattr(b, "max_concurrency", None)
+        return round(b.load() * bound) if bound else None
+
+    return {
+        "model_versions": {
+            v: {"backend": b.name, "load": b.load(), "slots_in_use": slots(b)} for v, b in service.backends.items()
+        },
+        "open_turns": service.open_turns,
+        "api_streams_open": limits.streams_open(),
+        "release_plan": {
+            "plan_id": plan.plan_id,
+            "stage": plan.stage,
+            "published": service.router.published,
+            "variants": {v.model_version: v.weight for v in plan.variants},
+        },
+        "missing_backends": missing,
+        "backend_load_errors": service.load_errors,
+        "fallback_version": service.default_version if missing else None,
+        "release_router": {"connected": service.router.connected, "last_error": service.router.last_error},
+        "events": {"broker_up": stats.broker_up, "pending": service.producer.pending(), "sent": stats.sent},
+    }
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -255,7 +386,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         err = (exc.errors() or [{}])[0]
-        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-        msg = err.get("msg", "invalid request")
-        return api_error(400, f"Invalid request: {loc + ': ' if loc else ''}{msg}.", "invalid_request_error",
-                         loc or None)
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")[:100]
+        msg = str(err.get("msg", "invalid request"))[:200]
+        return api_error(
+            400, f"Invalid request: {loc + ': ' if loc else ''}{msg}.", "invalid_request_error", loc or None
+        )

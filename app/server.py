@@ -3,13 +3,18 @@
     python -m app.server            # serves on FLYWHEEL_APP_HOST:FLYWHEEL_APP_PORT (127.0.0.1:7860)
 
 ``create_app`` wires one of each per process: backends (from ``app.backends.registry``), the release router,
-the sessions store, the metrics registry and the event producer (spool ``app``).
+the sessions store, the API key store and per-key limits, the metrics registry and the event producer (spool
+``app``). Every request first passes ``Guard`` (Host check, bounded body, API key and rate limit on ``/v1``).
+Everything it reads comes from ``Settings`` (``FLYWHEEL_APP_AUTH`` for the optional browser login,
+``FLYWHEEL_APP_MAX_NEW_TOKENS`` for the UI's answer length, ``FLYWHEEL_API_AUTH`` for keys); ``serve`` refuses to
+listen beyond loopback without API keys.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 from contextlib import asynccontextmanager
 from http.cookies import SimpleCookie
 from typing import Any
@@ -17,15 +22,25 @@ from typing import Any
 import gradio as gr
 import uvicorn
 from fastapi import FastAPI
+from pydantic import SecretStr
 
 from app.api import build_api, install_error_handlers
 from app.backends.base import Backend
+from app.keys import (
+    Caller,
+    CallerLimits,
+    ExposureError,
+    KeyStore,
+    access_mode,
+    allowed_hosts,
+    check_exposure,
+    host_name,
+)
 from app.metrics import Metrics
 from app.router import ReleaseRouter
 from app.service import ChatService
 from app.sessions import COOKIE_MAX_AGE, COOKIE_NAME, Sessions
 from app.ui import CSS, build_ui
-from app.validation import MAX_BODY_BYTES
 from feedback.producer import EventProducer
 from feedback.settings import Settings, get_settings
 
@@ -63,25 +78,135 @@ class UserCookie:
         return await self.app(scope, receive, send_with_cookie)
 
 
-class BodyLimit:
-    """ASGI middleware: API bodies over the limit get an OpenAI-style 413 before they are read."""
+def _json_reply(
+    status: int, message: str, type_: str, code: str | None = None, extra: list[tuple[bytes, bytes]] | None = None
+) -> tuple[dict, dict]:
+    body = json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(extra or [])]
+    return (
+        {"type": "http.response.start", "status": status, "headers": headers},
+        {"type": "http.response.body", "body": body},
+    )
 
-    def __init__(self, app: Any, limit: int = MAX_BODY_BYTES):
+
+class Guard:
+    """ASGI middleware, the door every request passes, in this order:
+
+    1. the Host header must name this server (``app_allowed_hosts``): a page on another site that rebinds its
+       DNS name to 127.0.0.1 gets a 400, not the chat or the API;
+    2. the body is counted as it streams, Content-Length or not, and refused with a 413 past ``app_max_body_bytes``
+       (what passes is handed on whole, so no route ever reads an unbounded body);
+    3. a ``/v1`` request needs a valid API key (unless keyless local mode) and is admitted by its key's rate
+       limit (429 with ``Retry-After``); the ``Caller`` goes to the route in ``request.state.caller``.
+    """
+
+    OPEN_V1 = ("/v1/docs", "/v1/openapi.json")
+
+    def __init__(self, app: Any, settings: Settings, keys: KeyStore, limits: CallerLimits):
         self.app = app
-        self.limit = limit
+        self.settings = settings
+        self.keys = keys
+        self.limits = limits
+        self.hosts = allowed_hosts(settings)
+        self.max_body = settings.app_max_body_bytes
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
-            size = dict(scope["headers"]).get(b"content-length", b"")
-            if size.isdigit() and int(size) > self.limit:
-                body = json.dumps({"error": {"message": f"The request body is larger than {self.limit:,} bytes.",
-                                             "type": "invalid_request_error", "param": None, "code": None}}).encode()
-                await send({"type": "http.response.start", "status": 413,
-                            "headers": [(b"content-type", b"application/json"),
-                                        (b"content-length", str(len(body)).encode())]})
-                await send({"type": "http.response.body", "body": body})
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        host = host_name(headers.get(b"host", b"").decode("latin-1"))
+        if self.hosts is not None and host not in self.hosts:
+            return await self._reply(
+                scope,
+                send,
+                400,
+                "This server does not answer for that Host name; add it to FLYWHEEL_APP_ALLOWED_HOSTS if it is yours.",
+                "invalid_request_error",
+                "bad_host",
+            )
+        if scope["type"] == "websocket":
+            return await self.app(scope, receive, send)
+        receive = await self._bounded_body(scope, headers, receive, send)
+        if receive is None:
+            return
+        if scope["path"].startswith("/v1/") and scope["path"] not in self.OPEN_V1:
+            caller = await self._admit(scope, headers, send)
+            if caller is None:
                 return
+            scope.setdefault("state", {})["caller"] = caller
         return await self.app(scope, receive, send)
+
+    async def _reply(self, scope, send, status, message, type_, code=None, extra=None) -> None:
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        start, body = _json_reply(status, message, type_, code, extra)
+        await send(start)
+        await send(body)
+
+    async def _bounded_body(self, scope, headers, receive, send):
+        """The request's body read whole (at most ``max_body`` bytes) and replayed; None after a 413 was sent."""
+        if scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
+            return receive
+        too_big = f"The request body is larger than {self.max_body:,} bytes."
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_body:
+            await self._reply(scope, send, 413, too_big, "invalid_request_error", "body_too_large")
+            return None
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                await self._reply(scope, send, 413, too_big, "invalid_request_error", "body_too_large")
+                return None
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: disconnect notices, as the server gives them
+
+        return replay
+
+    async def _admit(self, scope, headers, send) -> Caller | None:
+        if access_mode(self.settings, self.keys) == "keys":
+            key = self.keys.verify(headers.get(b"authorization", b"").decode("latin-1"))
+            if key is None:
+                await self._reply(
+                    scope,
+                    send,
+                    401,
+                    "A valid API key is needed: send Authorization: Bearer <key> "
+                    "(an operator creates one with `flywheel keys create`).",
+                    "invalid_request_error",
+                    "invalid_api_key",
+                )
+                return None
+            caller = Caller(key.key_id, f"key:{key.key_id}")
+        else:
+            return Caller(None, None)  # keyless mode serves this machine only (check_exposure): no quotas
+        wait = self.limits.admit(caller.bucket)
+        if wait is not None:
+            await self._reply(
+                scope,
+                send,
+                429,
+                "Too many requests from this key; slow down and retry shortly.",
+                "rate_limit_error",
+                "rate_limited",
+                [(b"retry-after", str(max(1, round(wait))).encode())],
+            )
+            return None
+        return caller
 
 
 def create_app(
@@ -89,10 +214,10 @@ def create_app(
     *,
     backends: dict[str, Backend] | None = None,
     auth: Auth = None,
-    max_new_tokens: int = 256,
+    max_new_tokens: int | None = None,
 ) -> FastAPI:
     """The combined app. Pass ``backends`` to share already-loaded models (tests); else they are loaded here
-    and closed at shutdown."""
+    and closed at shutdown. ``auth`` and ``max_new_tokens`` override ``settings.app_auth`` / ``app_max_new_tokens``."""
     settings = settings or get_settings()
     owns_backends = backends is None
     if backends is None:
@@ -100,6 +225,8 @@ def create_app(
 
         backends = load_backends(settings)
     sessions = Sessions(settings)
+    keys = KeyStore(settings)
+    limits = CallerLimits.from_settings(settings)
     router = ReleaseRouter(settings)
     producer = EventProducer(settings, spool_name="app")
     service = ChatService(settings, backends, router, sessions, producer, Metrics())
@@ -115,23 +242,42 @@ def create_app(
             for b in {*(backends.values() if owns_backends else ()), *service.loaded.values()}:
                 await b.aclose()
             sessions.close()
+            keys.close()
 
     app = FastAPI(title="Flywheel", lifespan=lifespan, docs_url="/v1/docs", openapi_url="/v1/openapi.json")
     app.state.service = service
+    app.state.keys = keys
     install_error_handlers(app)
-    app.include_router(build_api(service))
-    demo = build_ui(service, max_new_tokens=max_new_tokens)
-    app = gr.mount_gradio_app(app, demo, path="/", auth=auth, css=CSS, run_history=False, ssr_mode=False,
-                              show_error=False, footer_links=["api"])
+    app.include_router(build_api(service, limits))
+    demo = build_ui(service, max_new_tokens=max_new_tokens or settings.app_max_new_tokens)
+    app = gr.mount_gradio_app(
+        app,
+        demo,
+        path="/",
+        auth=auth if auth is not None else parse_auth(settings.app_auth),
+        css=CSS,
+        run_history=False,
+        ssr_mode=False,
+        show_error=False,
+        footer_links=["api"],
+    )
     app.add_middleware(UserCookie, sessions=sessions)
-    app.add_middleware(BodyLimit)
+    app.add_middleware(Guard, settings=settings, keys=keys, limits=limits)
     return app
 
 
-def serve(settings: Settings | None = None, *, auth: Auth = None, max_new_tokens: int = 256,
-          log_level: str = "info") -> None:
-    """Run the app in this process until Ctrl-C (uvicorn handles SIGINT/SIGTERM and drains requests)."""
+def serve(
+    settings: Settings | None = None, *, auth: Auth = None, max_new_tokens: int | None = None, log_level: str = "info"
+) -> None:
+    """Run the app in this process until Ctrl-C (uvicorn handles SIGINT/SIGTERM and drains requests).
+
+    Refuses (``ExposureError``, one sentence) to serve keyless /v1 on a non-loopback address."""
     settings = settings or get_settings()
+    store = KeyStore(settings)
+    try:
+        check_exposure(settings, store)
+    finally:
+        store.close()
     try:
         from feedback.topics import ensure_topics
 
@@ -139,8 +285,7 @@ def serve(settings: Settings | None = None, *, auth: Auth = None, max_new_tokens
     except Exception as e:  # noqa: BLE001 - the producer spools until the broker is back
         log.warning("could not create Kafka topics (%s); events are spooled until the broker answers", e)
     app = create_app(settings, auth=auth, max_new_tokens=max_new_tokens)
-    uvicorn.run(app, host=settings.app_host, port=settings.app_port, log_level=log_level,
-                timeout_graceful_shutdown=10)
+    uvicorn.run(app, host=settings.app_host, port=settings.app_port, log_level=log_level, timeout_graceful_shutdown=10)
 
 
 def configure_logging(level: int = logging.INFO) -> None:
@@ -148,15 +293,23 @@ def configure_logging(level: int = logging.INFO) -> None:
     logging.getLogger("kafka").setLevel(logging.WARNING)  # kafka-python logs every connection at INFO
 
 
-def _auth_from_env(raw: str | None) -> Auth:
-    """``FLYWHEEL_APP_AUTH="alice:secret,bob:hunter2"`` turns on Gradio login for ``python -m app.server``."""
-    pairs = [p.partition(":") for p in (raw or "").split(",") if p.strip()]
+def parse_auth(raw: SecretStr | str | None) -> Auth:
+    """``FLYWHEEL_APP_AUTH="alice:secret,bob:hunter2"`` (``Settings.app_auth``) turns on Gradio login."""
+    text = raw.get_secret_value() if isinstance(raw, SecretStr) else raw or ""
+    pairs = [p.partition(":") for p in text.split(",") if p.strip()]
     return [(u.strip(), pw) for u, _, pw in pairs if u.strip() and pw] or None
 
 
-if __name__ == "__main__":
-    import os
-
+def main() -> int:
     configure_logging()
-    serve(auth=_auth_from_env(os.environ.get("FLYWHEEL_APP_AUTH")),
-          max_new_tokens=int(os.environ.get("FLYWHEEL_APP_MAX_NEW_TOKENS", "256")))
+    try:
+        serve()
+    except ExposureError as e:
+        log.error("%s", e)
+        print(f"app: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

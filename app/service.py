@@ -5,14 +5,21 @@ chunk, so ``Busy`` and input errors surface before a response has begun (a 429 o
 half-open stream). Iterating the returned ``TurnStream`` yields text deltas; when it ends -- finished,
 cut at the length limit, or cancelled by a client that went away -- it records who was served the turn and
 emits exactly one ``ChatTurn`` through the process's producer.
+
+A started answer holds a generation slot in its backend, and no path may keep it: ``start_turn`` closes the
+backend stream on any failure before it returns, ``TurnStream.aclose`` (or ``async with``) frees a turn whose
+deltas were never read, and a turn nobody starts reading within ``app_turn_claim_s`` is closed by a timer, so
+even a caller that drops a turn on the floor cannot leak the slot. ``ChatService.rate`` is the one way in for a
+rating, and it checks that the turns were served to the rater itself.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -20,7 +27,7 @@ from app.backends.base import Backend, Busy, Chunk
 from app.metrics import Metrics
 from app.router import ReleasePlan, ReleaseRouter
 from app.sessions import Sessions, TurnRecord
-from app.validation import InputError, check_conversation
+from app.validation import InputError, Limits, check_conversation
 from feedback.events import ChatTurn, Feedback, Message, Sampling, UserAction, new_id
 from feedback.producer import EventProducer
 from feedback.settings import Settings
@@ -30,7 +37,13 @@ log = logging.getLogger(__name__)
 Origin = Literal["new", "regenerate", "edit", "compare", "api"]
 BUSY_MESSAGE = "The model is busy, please retry in a moment."
 
-__all__ = ["BUSY_MESSAGE", "Busy", "ChatService", "TurnStream"]
+__all__ = ["BUSY_MESSAGE", "Busy", "ChatService", "NotYours", "TurnStream"]
+
+
+class NotYours(PermissionError):
+    """A rating names a turn that was not served to the rater (unknown and foreign look the same)."""
+
+    message = "You can rate only answers that were given to you."
 
 
 @dataclass
@@ -59,10 +72,48 @@ class TurnStream:
     ttft_ms: float | None = None
     latency_ms: float | None = None
     done: bool = False
+    claimed: bool = False
+    claim_timer: asyncio.TimerHandle | None = None
+    on_complete: list[Callable[[], None]] = field(default_factory=list)  # run once, when the slot is free
+
+    async def __aenter__(self) -> TurnStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Free the slot and record the turn now (as ``cancelled`` if it never finished). Idempotent."""
+        self._claim()
+        if self.done:
+            return
+        try:
+            await self.agen.aclose()  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - closing is best effort; the turn is recorded either way
+            log.exception("closing the backend stream of turn %s failed", self.turn_id)
+        finally:
+            if self.finish_reason == "stop" and not self.text:
+                self.finish_reason = "cancelled"
+            self.service._complete(self)
+
+    def _claim(self) -> None:
+        self.claimed = True
+        if self.claim_timer is not None:
+            self.claim_timer.cancel()
+            self.claim_timer = None
+
+    def _expire(self) -> None:
+        """Timer callback: nobody read this turn in time, so close it (the reader went away before starting)."""
+        if not self.claimed and not self.done:
+            log.warning("turn %s was never read; closing it to free its slot", self.turn_id)
+            asyncio.ensure_future(self.aclose())
 
     async def deltas(self) -> AsyncIterator[str]:
         """Text deltas. Consume with ``contextlib.aclosing`` so a client that leaves ends the turn at once."""
+        self._claim()
         finish = "cancelled"
+        if self.done:
+            return
         try:
             chunk = self.first
             self.first = None
@@ -93,7 +144,7 @@ class TurnStream:
             try:
                 await self.agen.aclose()  # type: ignore[attr-defined]  # frees the backend slot at once
             except Exception:  # noqa: BLE001 - freeing the slot is best effort
-                pass
+                log.exception("closing the backend stream of turn %s failed", self.turn_id)
             self.service._complete(self)
 
 
@@ -116,6 +167,7 @@ class ChatService:
         self.producer = producer
         self.metrics = metrics
         self.fallbacks: set[str] = set()
+        self.open_turns = 0  # started and not yet completed: every one holds a backend slot
         self.loaded: dict[str, Backend] = {}  # loaded here for a new plan; closed by the app at shutdown
         self.load_errors: dict[str, str] = {}
         self._loading: set[str] = set()
@@ -185,8 +237,9 @@ class ChatService:
         version = self.router.assign(user_id)
         if version not in self.backends:
             if version not in self.fallbacks:
-                log.warning("release plan names %r but no backend serves it; falling back to %r",
-                            version, self.default_version)
+                log.warning(
+                    "release plan names %r but no backend serves it; falling back to %r", version, self.default_version
+                )
                 self.fallbacks.add(version)
             return self.default_version
         return version
@@ -196,6 +249,17 @@ class ChatService:
         mine = self.resolve(user_id)
         others = [v for v in self.router.plan.versions() if v in self.backends and v != mine]
         return (mine, others[0]) if others else (mine, mine)
+
+    # ---- limits ----------------------------------------------------------------------------------
+    def version_for(self, user_id: str, requested: str | None = None) -> str:
+        """The version that would answer this user now (a served ``requested`` version pins it)."""
+        return requested if requested in self.backends else self.resolve(user_id)
+
+    def limits(self, version: str | None = None) -> Limits:
+        """Input limits of ``version`` (default: the default version), derived from its context window."""
+        backend = self.backends.get(version or self.default_version) or self.backends[self.default_version]
+        context = getattr(backend, "max_context_tokens", None) or self.settings.app_context_tokens
+        return Limits.from_settings(int(context), self.settings)
 
     # ---- generation ------------------------------------------------------------------------------
     async def start_turn(
@@ -211,16 +275,51 @@ class ChatService:
         model_version: str | None = None,
         consent: bool | None = None,
     ) -> TurnStream:
-        """Raises ``InputError`` for bad input and ``Busy`` past the backend's bound, before any output."""
-        messages = check_conversation(messages)
-        version = model_version if model_version in self.backends else self.resolve(user_id)
+        """Raises ``InputError`` for bad input and ``Busy`` past the backend's bound, before any output.
+
+        On any failure the backend stream is closed before this returns; on success the caller owns the turn
+        and must read or close it (``async with turn`` or ``aclosing(turn.deltas())``)."""
+        version = self.version_for(user_id, model_version)
+        limits = self.limits(version)
+        messages = check_conversation(messages, limits)
+        if sampling.max_new_tokens > limits.max_new_tokens:
+            raise InputError(f"max_tokens must be between 1 and {limits.max_new_tokens}.", "max_tokens")
+        if consent is None:
+            consent = self.sessions.consent(user_id)
         backend = self.backends[version]
         t0 = time.perf_counter()
         agen = backend.stream(messages, sampling)
         try:
-            first = await agen.__anext__()
+            first = await self._first_chunk(agen, surface, version)
+            turn = TurnStream(
+                service=self,
+                backend=backend,
+                agen=agen,
+                first=first,
+                user_id=user_id,
+                conversation_id=conversation_id,
+                model_version=version,
+                messages=messages,
+                sampling=sampling,
+                origin=origin,
+                surface=surface,
+                parent_turn_id=parent_turn_id,
+                t0=t0,
+                consent=consent,
+            )
+            turn.claim_timer = asyncio.get_running_loop().call_later(self.settings.app_turn_claim_s, turn._expire)
+        except BaseException:
+            await agen.aclose()  # type: ignore[attr-defined]  # whatever failed, the slot is free again
+            raise
+        self.metrics.in_flight.labels(version).inc()
+        self.open_turns += 1
+        return turn
+
+    async def _first_chunk(self, agen: AsyncIterator[Chunk], surface: str, version: str) -> Chunk | None:
+        try:
+            return await agen.__anext__()
         except StopAsyncIteration:
-            first = None
+            return None
         except Busy:
             self.metrics.requests.labels(surface, version, "busy").inc()
             raise
@@ -230,19 +329,47 @@ class ChatService:
         except Exception:
             self.metrics.requests.labels(surface, version, "error").inc()
             raise
-        self.metrics.in_flight.labels(version).inc()
-        return TurnStream(
-            service=self, backend=backend, agen=agen, first=first, user_id=user_id,
-            conversation_id=conversation_id, model_version=version, messages=messages, sampling=sampling,
-            origin=origin, surface=surface, parent_turn_id=parent_turn_id, t0=t0,
-            consent=self.sessions.consent(user_id) if consent is None else consent,
-        )
 
     def _complete(self, t: TurnStream) -> None:
+        """Once per turn: free its accounting, record it, emit its event, then run its completion callbacks."""
         if t.done:
             return
         t.done = True
+        t._claim()
+        self.open_turns -= 1
         t.latency_ms = (time.perf_counter() - t.t0) * 1000
+        try:
+            self._observe(t)
+            self.sessions.record_turn(TurnRecord(t.turn_id, t.user_id, t.conversation_id, t.model_version))
+            self.producer.emit(
+                ChatTurn(
+                    user_id=t.user_id,
+                    consent=t.consent,
+                    conversation_id=t.conversation_id,
+                    turn_id=t.turn_id,
+                    model_version=t.model_version,
+                    messages=[Message(**x) for x in t.messages],
+                    answer=t.text,
+                    sampling=t.sampling,
+                    latency_ms=t.latency_ms,
+                    ttft_ms=t.ttft_ms,
+                    prompt_tokens=t.prompt_tokens,
+                    completion_tokens=t.completion_tokens,
+                    finish_reason=t.finish_reason,
+                    origin=t.origin,
+                    parent_turn_id=t.parent_turn_id,
+                )
+            )
+        except Exception:  # noqa: BLE001 - the answer was delivered; losing its event must not crash the request
+            log.exception("could not record turn %s", t.turn_id)
+        finally:
+            for callback in t.on_complete:
+                try:
+                    callback()
+                except Exception:  # noqa: BLE001 - one failing callback must not keep the others from running
+                    log.exception("a completion callback of turn %s failed", t.turn_id)
+
+    def _observe(self, t: TurnStream) -> None:
         m = self.metrics
         m.in_flight.labels(t.model_version).dec()
         m.requests.labels(t.surface, t.model_version, t.finish_reason).inc()
@@ -253,39 +380,39 @@ class ChatService:
             m.tokens.labels(t.model_version, "prompt").inc(t.prompt_tokens)
         if t.completion_tokens:
             m.tokens.labels(t.model_version, "completion").inc(t.completion_tokens)
-        try:
-            self.sessions.record_turn(TurnRecord(t.turn_id, t.user_id, t.conversation_id, t.model_version))
-            self.producer.emit(
-                ChatTurn(
-                    user_id=t.user_id, consent=t.consent, conversation_id=t.conversation_id, turn_id=t.turn_id,
-                    model_version=t.model_version, messages=[Message(**x) for x in t.messages], answer=t.text,
-                    sampling=t.sampling, latency_ms=t.latency_ms, ttft_ms=t.ttft_ms, prompt_tokens=t.prompt_tokens,
-                    completion_tokens=t.completion_tokens, finish_reason=t.finish_reason, origin=t.origin,
-                    parent_turn_id=t.parent_turn_id,
-                )
-            )
-        except Exception:  # noqa: BLE001 - the answer was delivered; losing its event must not crash the request
-            log.exception("could not record turn %s", t.turn_id)
 
     # ---- feedback and consent --------------------------------------------------------------------
     def rate(
         self,
         user_id: str,
-        turn: TurnRecord,
+        turn_id: str,
         value: Literal["up", "down", "cleared", "a", "b", "tie"],
         *,
         reason: str | None = None,
-        other: TurnRecord | None = None,
+        other_turn_id: str | None = None,
         consent: bool | None = None,
     ) -> Feedback:
-        """Emit one rating of a turn this user owns (callers check ownership with ``Sessions.owned_turn``)."""
-        if turn.user_id != user_id or (other is not None and other.user_id != user_id):
-            raise PermissionError("a user can rate only answers given to them")
+        """Emit one rating by ``user_id`` of a turn served to them (pairwise: ``other_turn_id`` is B, also theirs).
+
+        The one way in for a rating: ownership is checked here, so no caller can forget it. Raises ``NotYours``
+        for a turn that is not theirs and ``InputError`` for a value that does not fit the kind."""
+        if (other_turn_id is None) != (value in ("up", "down", "cleared")):
+            raise InputError("Use rating up/down/cleared for one answer, or a/b/tie with other_turn_id.", "rating")
+        turn = self.sessions.owned_turn(user_id, turn_id)
+        other = self.sessions.owned_turn(user_id, other_turn_id) if other_turn_id is not None else None
+        if turn is None or (other_turn_id is not None and other is None):
+            raise NotYours(NotYours.message)
         fb = Feedback(
-            user_id=user_id, consent=self.sessions.consent(user_id) if consent is None else consent,
-            conversation_id=turn.conversation_id, turn_id=turn.turn_id, model_version=turn.model_version,
-            kind="pairwise" if other is not None else "thumbs", value=value, reason=reason,
-            other_turn_id=other.turn_id if other else None, other_model_version=other.model_version if other else None,
+            user_id=user_id,
+            consent=self.sessions.consent(user_id) if consent is None else consent,
+            conversation_id=turn.conversation_id,
+            turn_id=turn.turn_id,
+            model_version=turn.model_version,
+            kind="pairwise" if other is not None else "thumbs",
+            value=value,
+            reason=reason,
+            other_turn_id=other.turn_id if other else None,
+            other_model_version=other.model_version if other else None,
         )
         self.producer.emit(fb)
         self.metrics.ratings.labels(turn.model_version, fb.kind, value).inc()

@@ -19,7 +19,7 @@ from typing import Any
 
 import gradio as gr
 
-from app.service import BUSY_MESSAGE, Busy, ChatService, TurnStream
+from app.service import BUSY_MESSAGE, Busy, ChatService, NotYours, TurnStream
 from app.sessions import LOGIN_PREFIX
 from app.validation import InputError, clean_reason, clean_text, content_text
 from feedback.events import Sampling, new_id
@@ -109,8 +109,8 @@ def build_ui(service: ChatService, *, max_new_tokens: int = 256, temperature: fl
         reply = {"role": "assistant", "content": "", "turn_id": turn.turn_id,
                  "model_version": turn.model_version, "rating": None, "done": False}
         st["messages"].append(reply)
-        yield display(st["messages"]), st, "", "", gr.skip()
         try:
+            yield display(st["messages"]), st, "", "", gr.skip()
             async with aclosing(turn.deltas()) as deltas:
                 async for _ in deltas:
                     reply["content"] = turn.text
@@ -122,6 +122,7 @@ def build_ui(service: ChatService, *, max_new_tokens: int = 256, temperature: fl
             yield display(st["messages"]), st, gr.skip(), status_md("Something went wrong; please retry."), gr.skip()
             return
         finally:
+            await turn.aclose()  # frees the slot even when the browser left before the first token was read
             reply["content"] = turn.text
             reply["done"] = True
         sessions.save_conversation(uid, st["conversation_id"], st["messages"])
@@ -190,15 +191,15 @@ def build_ui(service: ChatService, *, max_new_tokens: int = 256, temperature: fl
         i = data.index if isinstance(data.index, int) else data.index[0]
         msgs = st["messages"]
         m = msgs[i] if 0 <= i < len(msgs) else None
-        turn = sessions.owned_turn(uid, m["turn_id"]) if m and m.get("turn_id") else None
-        if turn is None:
-            return st, gr.update(visible=False), gr.skip(), status_md(NOT_YOURS)
         value = "up" if data.liked is True else "down" if data.liked is False else "cleared"
-        service.rate(uid, turn, value)
+        try:
+            fb = service.rate(uid, str((m or {}).get("turn_id") or ""), value)
+        except NotYours:
+            return st, gr.update(visible=False), gr.skip(), status_md(NOT_YOURS)
         m["rating"] = None if value == "cleared" else value
         sessions.save_conversation(uid, st["conversation_id"], msgs)
         if value == "down":
-            st["pending_reason"] = turn.turn_id
+            st["pending_reason"] = fb.turn_id
             return st, gr.update(visible=True), "", status_md("Thanks. What was wrong? (optional)", "info")
         st["pending_reason"] = None
         return st, gr.update(visible=False), "", status_md("Thanks for the feedback.", "ok")
@@ -210,9 +211,11 @@ def build_ui(service: ChatService, *, max_new_tokens: int = 256, temperature: fl
         except InputError as e:
             return st, gr.skip(), gr.skip(), status_md(e.message)
         turn_id, st["pending_reason"] = st.get("pending_reason"), None
-        turn = sessions.owned_turn(uid, turn_id) if turn_id else None
-        if turn is not None and text:
-            service.rate(uid, turn, "down", reason=text)
+        if turn_id and text:
+            try:
+                service.rate(uid, turn_id, "down", reason=text)
+            except NotYours:
+                return st, gr.update(visible=False), "", status_md(NOT_YOURS)
         return st, gr.update(visible=False), "", status_md("Thanks for the feedback.", "ok")
 
     # ---- conversations and consent --------------------------------------------------------------
@@ -266,8 +269,7 @@ def build_ui(service: ChatService, *, max_new_tokens: int = 256, temperature: fl
         turns = [t for t in starts if isinstance(t, TurnStream)]
         if len(turns) < 2:
             for t in turns:  # release the slot we did get
-                async with aclosing(t.deltas()):
-                    pass
+                await t.aclose()
             err = next(e for e in starts if not isinstance(e, TurnStream))
             msg = err.message if isinstance(err, InputError) else BUSY_MESSAGE if isinstance(err, Busy) else \
                 "Something went wrong; please retry."
@@ -309,14 +311,13 @@ def build_ui(service: ChatService, *, max_new_tokens: int = 256, temperature: fl
             return gr.skip(), gr.skip(), gr.skip(), status_md("Start a comparison first.")
         if pair.get("voted"):
             return gr.skip(), gr.skip(), gr.skip(), status_md("You already voted on this pair.")
-        a = sessions.owned_turn(uid, pair["a"]["turn_id"])
-        b = sessions.owned_turn(uid, pair["b"]["turn_id"])
-        if a is None or b is None:
+        try:
+            fb = service.rate(uid, pair["a"]["turn_id"], choice, other_turn_id=pair["b"]["turn_id"])
+        except NotYours:
             return gr.skip(), gr.skip(), gr.skip(), status_md(NOT_YOURS)
-        service.rate(uid, a, choice, other=b)
         pair["voted"] = True
-        return (pair, gr.update(label=f"Answer A · {a.model_version}"),
-                gr.update(label=f"Answer B · {b.model_version}"),
+        return (pair, gr.update(label=f"Answer A · {fb.model_version}"),
+                gr.update(label=f"Answer B · {fb.other_model_version}"),
                 status_md("Thanks! Vote recorded.", "ok"))
 
     def voter(choice: str):

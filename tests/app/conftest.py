@@ -18,6 +18,8 @@ from feedback.settings import Settings
 from tests.conftest import REPO, free_port, need_model
 
 MODEL = REPO / ".flywheel" / "models" / "base"
+ADMIN_TOKEN = "test-operator-token"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}  # headers for operator routes (/healthz detail, /metrics)
 
 
 def _embedded(max_concurrency: int, max_queue: int) -> Iterator:
@@ -62,8 +64,12 @@ class LiveApp:
 
 def start_app(settings: Settings, backends: dict, **kw) -> LiveApp:
     """The combined app (API + UI) under a real uvicorn server in a thread, as ``python -m app.server`` runs it."""
+    from pydantic import SecretStr
+
     from app.server import create_app
 
+    if settings.admin_token is None:
+        settings = settings.model_copy(update={"admin_token": SecretStr(ADMIN_TOKEN)})
     app = create_app(settings, backends=backends, **kw)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))

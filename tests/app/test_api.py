@@ -13,7 +13,7 @@ from openai import OpenAI
 
 from app.router import ReleasePlan, publish_plan
 from feedback.events import ChatTurn, Feedback, UserAction
-from tests.app.conftest import read_events, start_app
+from tests.app.conftest import ADMIN, read_events, start_app
 
 pytestmark = pytest.mark.integration
 
@@ -69,7 +69,7 @@ def test_openai_client_streams_and_rates_and_events_arrive(live, settings):
     assert (pair.turn_id, pair.other_turn_id, pair.value) == (turn_id, plain.id.removeprefix("chatcmpl-"), "a")
     assert any(isinstance(e, UserAction) and e.action == "consent_granted" for e in fb)
 
-    metrics = httpx.get(f"{live.url}/metrics").text
+    metrics = httpx.get(f"{live.url}/metrics", headers=ADMIN).text
     assert 'flywheel_ratings_total{kind="thumbs",model_version="base",value="down"} 1.0' in metrics
     assert 'flywheel_requests_total{model_version="base",status="' in metrics
     assert "flywheel_tokens_total" in metrics and "flywheel_request_latency_seconds_bucket" in metrics
@@ -88,7 +88,7 @@ def test_huggingface_inference_client_works_unchanged(live):
 def test_models_and_health(live):
     models = client(live).models.list()
     assert [m.id for m in models.data] == ["base"]
-    h = httpx.get(f"{live.url}/healthz").json()
+    h = httpx.get(f"{live.url}/healthz", headers=ADMIN).json()
     assert h["status"] == "ok" and h["release_plan"]["variants"] == {"base": 1.0} and not h["missing_backends"]
 
 
@@ -112,11 +112,11 @@ def test_a_user_can_rate_only_their_own_answers(live, settings):
     "messages, fragment",
     [
         ([{"role": "user", "content": ""}], "empty"),
-        ([{"role": "user", "content": "x" * 4001}], "limit is 4,000"),
+        ([{"role": "user", "content": "x" * 4097}], "limit is 4,096"),
         ([{"role": "user", "content": "beep\x07"}], "control characters"),
         ([{"role": "user", "content": "hi"}] * 41, "too long"),
-        ([{"role": "user", "content": "a" * 3999}, {"role": "assistant", "content": "b" * 12000},
-          {"role": "user", "content": "c" * 3000}], "too long"),
+        ([{"role": "user", "content": "a" * 4000}, {"role": "assistant", "content": "b" * 8000}] * 2
+         + [{"role": "user", "content": "c"}], "too long"),
         ([], "empty"),
         ([{"role": "assistant", "content": "hi"}], "last message"),
     ],
@@ -214,7 +214,7 @@ def test_new_plan_moves_a_user_while_requests_are_in_flight(settings, model_back
         r = c.chat.completions.create(model="flywheel", messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
                                       user=user)
         assert r.model == "base"
-        h = httpx.get(f"{app.url}/healthz").json()
+        h = httpx.get(f"{app.url}/healthz", headers=ADMIN).json()
         assert h["status"] == "degraded" and h["missing_backends"] == ["ghost"] and h["fallback_version"] == "base"
         turns = read_events(settings, settings.topic_turns, lambda evs: len(evs) >= 9)
         assert {t.model_version for t in turns} == {"base", "v2"}
@@ -243,7 +243,7 @@ def test_a_plan_naming_a_new_model_loads_it_without_a_restart(settings, model_ba
             assert model == "base"  # the fallback serves until the new model is loaded
             time.sleep(0.5)
         assert model == "sft-0001"
-        h = httpx.get(f"{app.url}/healthz").json()
+        h = httpx.get(f"{app.url}/healthz", headers=ADMIN).json()
         assert h["status"] == "ok" and "sft-0001" in h["model_versions"]
     finally:
         app.stop()

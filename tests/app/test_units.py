@@ -11,7 +11,7 @@ from app.router import ReleasePlan, user_point
 from app.sessions import Sessions, TurnRecord, api_user_id
 from app.ui import display, escape_for_display
 from app.validation import (
-    MAX_CONVERSATION_MESSAGES,
+    DEFAULT_LIMITS,
     MAX_MESSAGE_CHARS,
     InputError,
     check_conversation,
@@ -26,7 +26,7 @@ from feedback.settings import Settings
     [
         ("", "empty"),
         ("   \n\t ", "empty"),
-        ("x" * (MAX_MESSAGE_CHARS + 1), "limit is 4,000"),
+        ("x" * (MAX_MESSAGE_CHARS + 1), f"limit is {MAX_MESSAGE_CHARS:,}"),
         ("bell\x07", "control characters (U+0007)"),
         ("nul\x00byte", "U+0000"),
         (None, "must be text"),
@@ -48,11 +48,11 @@ def test_good_text_is_normalised_and_keeps_newlines_and_unicode():
 def test_conversation_limits():
     with pytest.raises(InputError, match="empty"):
         check_conversation([])
-    too_many = [{"role": "user", "content": "hi"}] * (MAX_CONVERSATION_MESSAGES + 1)
+    too_many = [{"role": "user", "content": "hi"}] * (DEFAULT_LIMITS.conversation_messages + 1)
     with pytest.raises(InputError, match="too long"):
         check_conversation(too_many)
-    long_chat = [{"role": "user", "content": "y" * 3000}, {"role": "assistant", "content": "z" * 14000},
-                 {"role": "user", "content": "more"}]
+    long_chat = [{"role": "user", "content": "y" * 4000}, {"role": "assistant", "content": "z" * 8000}] * 2 + [
+        {"role": "user", "content": "more"}]
     with pytest.raises(InputError, match="too long"):
         check_conversation(long_chat)
     with pytest.raises(InputError, match="last message"):
