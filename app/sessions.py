@@ -68,6 +68,7 @@ class Sessions:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._signer = URLSafeSerializer(load_secret(settings.home), salt="flywheel-user")
         self._db = sqlite3.connect(self.dir / "sessions.sqlite", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA secure_delete=ON")  # a deleted user's text is overwritten, not left in free pages
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(
@@ -198,3 +199,26 @@ class Sessions:
                 (turn_id, user_id),
             ).fetchone()
         return TurnRecord(*row) if row else None
+
+    # ---- deletion --------------------------------------------------------------------------------
+    def stored_consent(self, user_id: str) -> bool | None:
+        """The recorded consent, or None when this user never set one."""
+        with self._mu:
+            row = self._db.execute("SELECT consent FROM users WHERE user_id = ?", (user_id,)).fetchone()
+        return None if row is None else bool(row[0])
+
+    def delete_user(self, user_id: str) -> int:
+        """Erase everything stored about this user (conversations, turn ownership, consent), overwriting the
+        freed pages (``secure_delete``) and truncating the WAL so no copy of their text stays on disk."""
+        with self._mu:
+            n = 0
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for table in ("conversations", "turns", "users"):
+                    n += self._db.execute(f"DELETE FROM {table} WHERE user_id = ?", (user_id,)).rowcount
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return n
