@@ -39,16 +39,22 @@ def serve(
     host: str = typer.Option(None, help="Default: FLYWHEEL_APP_HOST (127.0.0.1)."),
     port: int = typer.Option(None, help="Default: FLYWHEEL_APP_PORT (7860)."),
     auth: list[str] = AUTH,
-    max_new_tokens: int = typer.Option(256, min=1, max=2048, help="Answer length in the browser UI."),
+    max_new_tokens: int = typer.Option(None, min=1, max=2048, help="Answer length in the browser UI "
+                                       "(default: FLYWHEEL_APP_MAX_NEW_TOKENS, 256)."),
 ) -> None:
     """Serve the UI and the API on one port until Ctrl-C."""
+    from app.keys import ExposureError
     from app.server import configure_logging
     from app.server import serve as run
 
     s = get_settings()
     update = {k: v for k, v in (("app_host", host), ("app_port", port)) if v is not None}
     configure_logging()
-    run(s.model_copy(update=update) if update else s, auth=_auth(auth), max_new_tokens=max_new_tokens)
+    try:
+        run(s.model_copy(update=update) if update else s, auth=_auth(auth), max_new_tokens=max_new_tokens)
+    except ExposureError as e:
+        typer.echo(f"app: {e}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app_cmd.command("plan")
