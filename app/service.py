@@ -419,7 +419,11 @@ class ChatService:
         return fb
 
     def set_consent(self, user_id: str, consent: bool) -> None:
-        if self.sessions.set_consent(user_id, consent):
-            self.producer.emit(
-                UserAction(user_id=user_id, consent=consent, action="consent_granted" if consent else "consent_revoked")
-            )
+        """Event first, local state second: if the event cannot be recorded (``SpoolFull``) the stored consent
+        is unchanged, so the next toggle emits again; a change is never lost silently."""
+        if self.sessions.stored_consent(user_id) == consent:
+            return
+        self.producer.emit(
+            UserAction(user_id=user_id, consent=consent, action="consent_granted" if consent else "consent_revoked")
+        )
+        self.sessions.set_consent(user_id, consent)
