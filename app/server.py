@@ -40,7 +40,7 @@ from app.metrics import Metrics
 from app.router import ReleaseRouter
 from app.service import ChatService
 from app.sessions import COOKIE_MAX_AGE, COOKIE_NAME, Sessions
-from app.ui import CSS, build_ui
+from app.ui import CSS, JS, build_ui
 from feedback.producer import EventProducer
 from feedback.settings import Settings, get_settings
 
@@ -256,10 +256,11 @@ def create_app(
         path="/",
         auth=auth if auth is not None else parse_auth(settings.app_auth),
         css=CSS,
+        js=JS,
         run_history=False,
         ssr_mode=False,
         show_error=False,
-        footer_links=["api"],
+        footer_links=["gradio", "settings"],  # the API link is the UI's own "Use via API" (/v1/docs)
     )
     app.add_middleware(UserCookie, sessions=sessions)
     app.add_middleware(Guard, settings=settings, keys=keys, limits=limits)
