@@ -7,16 +7,24 @@ occupy consecutive ranges in the order listed. List the incumbent first and the 
 
     from app.router import ReleasePlan, publish_plan
     publish_plan(settings, ReleasePlan.weighted({"base": 0.9, "sft-3": 0.1}, stage="canary"))
+
+A plan may name only valid versions: names match ``VERSION_PATTERN`` (so never a path), and the app serves a
+name only if ``servable_dir`` finds it (the base model, or ``<models_dir>/<name>/`` with ``lineage.json`` and
+``config.json``) or ``backends.yaml`` names it. The last plan seen is cached in ``$FLYWHEEL_HOME/router/plan.json``
+(0600): an app that starts while Kafka is down serves that plan, not the default one, so a restart can never
+undo a rollback.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -28,7 +36,48 @@ from feedback.settings import Settings
 log = logging.getLogger(__name__)
 
 PLAN_KEY = b"plan"
-Version = Annotated[str, Field(min_length=1, max_length=128)]
+VERSION_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+Version = Annotated[str, Field(pattern=VERSION_PATTERN)]
+
+
+def servable_dir(settings: Settings, version: str) -> Path | None:
+    """The model directory that may serve ``version``: the base model, or a trained version's directory with
+    its lineage and config. Never anything else (no paths, no arbitrary directories)."""
+    import re
+
+    if not re.fullmatch(VERSION_PATTERN, version):
+        return None
+    if version == settings.model_version:
+        base = settings.base_model_path
+        return base if (base / "config.json").is_file() else None
+    d = settings.models_dir / version
+    return d if (d / "lineage.json").is_file() and (d / "config.json").is_file() else None
+
+
+def plan_cache_path(settings: Settings) -> Path:
+    return settings.home / "router" / "plan.json"
+
+
+def load_cached_plan(settings: Settings) -> ReleasePlan | None:
+    try:
+        return ReleasePlan.model_validate_json(plan_cache_path(settings).read_bytes())
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        log.warning("ignoring an unreadable cached release plan: %s", e)
+        return None
+
+
+def save_cached_plan(settings: Settings, plan: ReleasePlan) -> None:
+    path = plan_cache_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(plan.model_dump_json().encode())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 class Variant(BaseModel):
@@ -118,7 +167,8 @@ class ReleaseRouter:
     def __init__(self, settings: Settings, poll_ms: int = 200):
         self.settings = settings
         self.default_plan = ReleasePlan.single(settings.model_version, plan_id="default", stage="default")
-        self._plan: ReleasePlan | None = None
+        self._plan: ReleasePlan | None = load_cached_plan(settings)  # never the default over a real plan
+        self.from_cache = self._plan is not None
         self._poll_ms = poll_ms
         self._stop = threading.Event()
         self._changed = threading.Condition()
@@ -168,11 +218,16 @@ class ReleaseRouter:
             if self._plan is None or plan.plan_id != self._plan.plan_id:
                 log.info("release plan %s (%s): %s", plan.plan_id, plan.stage,
                          {v.model_version: v.weight for v in plan.variants})
-            changed = self._plan is None or plan.plan_id != self._plan.plan_id
+            changed = self._plan is None or plan.plan_id != self._plan.plan_id or self.from_cache
             self._plan = plan
+            self.from_cache = False
             self.plans_seen += 1
             self._changed.notify_all()
         if changed:
+            try:
+                save_cached_plan(self.settings, plan)
+            except OSError as e:
+                log.warning("could not cache the release plan: %s", e)
             for listener in self.listeners:
                 try:
                     listener(plan)

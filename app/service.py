@@ -25,7 +25,7 @@ from typing import Literal
 
 from app.backends.base import Backend, Busy, Chunk
 from app.metrics import Metrics
-from app.router import ReleasePlan, ReleaseRouter
+from app.router import ReleasePlan, ReleaseRouter, servable_dir
 from app.sessions import Sessions, TurnRecord
 from app.validation import InputError, Limits, check_conversation
 from feedback.events import ChatTurn, Feedback, Message, Sampling, UserAction, new_id
@@ -175,6 +175,8 @@ class ChatService:
         for version, backend in backends.items():
             metrics.watch_backend(version, backend.load)
         router.listeners.append(self.prepare)
+        if router.published:  # a cached plan (Kafka may be down): load what it names now
+            self.prepare(router.plan)
 
     # ---- backends for new releases ---------------------------------------------------------------
     def _spec_for(self, version: str) -> dict | None:
@@ -186,8 +188,8 @@ class ChatService:
         except ValueError as e:
             log.warning("cannot read the backend config: %s", e)
             spec = None
-        if spec is None and (self.settings.models_dir / version / "config.json").exists():
-            spec = {"kind": "embedded", "path": str(self.settings.models_dir / version)}
+        if spec is None and (path := servable_dir(self.settings, version)) is not None:
+            spec = {"kind": "embedded", "path": str(path)}
         return spec
 
     def prepare(self, plan: ReleasePlan) -> None:
