@@ -228,7 +228,11 @@ def test_a_plan_naming_a_new_model_loads_it_without_a_restart(settings, model_ba
     app = start_app(settings, {"base": model_backend})
     try:
         settings.models_dir.mkdir(parents=True, exist_ok=True)
-        (settings.models_dir / "sft-0001").symlink_to(MODEL)  # a freshly trained release, same weights here
+        version_dir = settings.models_dir / "sft-0001"  # a freshly trained release, same weights here
+        version_dir.mkdir()
+        for f in MODEL.iterdir():
+            (version_dir / f.name).symlink_to(f)
+        (version_dir / "lineage.json").write_text('{"name": "sft-0001", "parent": "base", "tainted": false}')
         plan = ReleasePlan.single("sft-0001", stage="full")
         publish_plan(settings, plan)
         assert app.service.router.wait_for(plan.plan_id, timeout=10)
