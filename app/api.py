@@ -22,14 +22,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from contextlib import aclosing
 from typing import Any, Literal
 
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.auth import is_admin
 from app.keys import Caller, CallerLimits
@@ -37,8 +40,11 @@ from app.service import BUSY_MESSAGE, Busy, ChatService, NotYours, TurnStream
 from app.validation import InputError, Limits, check_conversation, check_sampling, clean_reason, clean_user
 from feedback.events import Sampling
 
+log = logging.getLogger(__name__)
+
 COMPLETION_PREFIX = "chatcmpl-"
 FAILED = "The model failed while answering; please retry."
+UNAVAILABLE = "The model is not answering right now; please retry in a moment."
 STOPPED = "The model stopped before finishing (the server is shutting down); please retry."
 ADMIN_ONLY = "This needs the operator token: send Authorization: Bearer <FLYWHEEL_ADMIN_TOKEN>."
 
@@ -260,6 +266,9 @@ def build_api(service: ChatService, limits: CallerLimits) -> APIRouter:
                 return invalid(e)
             if isinstance(e, Busy):
                 return api_error(429, BUSY_MESSAGE, "rate_limit_error", code="busy")
+            if isinstance(e, Exception):  # logged by the service; the backend itself failed to start
+                log.error("the backend of %s failed to start an answer: %s", version, e)
+                return api_error(503, UNAVAILABLE, "server_error", code="model_unavailable")
             raise
         if caller.bucket is not None:
             turn.on_complete.append(lambda: limits.close_stream(caller.bucket))
@@ -381,7 +390,19 @@ def health_detail(service: ChatService, limits: CallerLimits) -> dict[str, Any]:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """OpenAI-style 400s for malformed API bodies (never a stack trace, never FastAPI's 422 shape)."""
+    """OpenAI-style errors for every API failure a client can cause: malformed bodies (never FastAPI's 422 shape),
+    an ``InputError`` raised by any route (a 400 with its sentence), and HTTP errors under ``/v1``."""
+
+    @app.exception_handler(InputError)
+    async def _input(request: Request, exc: InputError):
+        return invalid(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        if not request.url.path.startswith("/v1/"):
+            return await http_exception_handler(request, exc)
+        type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return api_error(exc.status_code, f"{exc.detail}.".replace("..", "."), type_, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
