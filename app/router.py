@@ -216,8 +216,12 @@ class ReleaseRouter:
     def _set(self, plan: ReleasePlan) -> None:
         with self._changed:
             if self._plan is None or plan.plan_id != self._plan.plan_id:
-                log.info("release plan %s (%s): %s", plan.plan_id, plan.stage,
-                         {v.model_version: v.weight for v in plan.variants})
+                log.info(
+                    "release plan %s (%s): %s",
+                    plan.plan_id,
+                    plan.stage,
+                    {v.model_version: v.weight for v in plan.variants},
+                )
             changed = self._plan is None or plan.plan_id != self._plan.plan_id or self.from_cache
             self._plan = plan
             self.from_cache = False

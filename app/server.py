@@ -26,6 +26,7 @@ from pydantic import SecretStr
 
 from app.api import build_api, install_error_handlers
 from app.backends.base import Backend
+from app.deletion import build_deletion_api, install_spool_full_handler
 from app.keys import (
     Caller,
     CallerLimits,
@@ -248,7 +249,9 @@ def create_app(
     app.state.service = service
     app.state.keys = keys
     install_error_handlers(app)
+    install_spool_full_handler(app)
     app.include_router(build_api(service, limits))
+    app.include_router(build_deletion_api(service))
     demo = build_ui(service, max_new_tokens=max_new_tokens or settings.app_max_new_tokens)
     app = gr.mount_gradio_app(
         app,

@@ -108,7 +108,7 @@ _ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 class EventError(ValueError):
     """Raised for bytes that are not a valid event; ``reason`` is the DLQ reason code."""
 
-    def __init__(self, reason: Literal["invalid_json", "schema", "oversized"], detail: str):
+    def __init__(self, reason: Literal["invalid_json", "schema", "oversized", "undecryptable"], detail: str):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail

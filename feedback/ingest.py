@@ -11,7 +11,13 @@ dropped by the primary key. Kafka's group offsets are also committed (after Duck
 Bad messages (not JSON, failing the schema, over ``max_event_bytes``) go to the DLQ topic with the reason and
 the original bytes (headers carry reason, detail and source position) and to the ``dead_letters`` table; the
 DLQ produce is flushed before the batch commits, so no bad message is lost (a crash may repeat one in the DLQ;
-its key ``topic:partition:offset`` identifies repeats).
+its key ``topic:partition:offset`` identifies repeats). Each DLQ send is confirmed (its future resolved) before
+the batch that produced it commits; a failed DLQ send fails the commit, so the batch is read again.
+
+Sealed values (``feedback.shred``) are opened with the user's key first. A value whose key was destroyed by a
+deletion request is dropped and counted (``shredded``); one whose key is unknown goes to the DLQ
+(``undecryptable``). A reader holding the warehouse past the writer's patience makes the commit wait and retry
+(the batch stays in memory, later events wait in Kafka), never drop.
 
 The consumer keeps the DuckDB file open while busy and hands it to readers in other processes between batches
 (``feedback.warehouse.WriterSession``).
@@ -33,8 +39,9 @@ from kafka.structs import OffsetAndMetadata
 
 from feedback.events import EventError, parse_event
 from feedback.settings import Settings, get_settings
+from feedback.shred import SHREDDED, KeyStore
 from feedback.sink import Batch, commit_batch
-from feedback.warehouse import WriterSession, connect, init_schema, stored_offsets
+from feedback.warehouse import WarehouseBusy, WriterSession, connect, init_schema, stored_offsets
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +53,21 @@ class IngestStats:
     inserted: dict[str, int] = field(default_factory=dict)
     dead_letters: int = 0
     duplicates: int = 0
+    shredded: int = 0
+    busy_retries: int = 0
     last_commit_at: float | None = None
     first_data_at: float | None = None  # perf_counter() when the first records arrived (after the group join)
 
     def as_dict(self) -> dict:
-        return {"batches": self.batches, "messages": self.messages, "inserted": dict(self.inserted),
-                "dead_letters": self.dead_letters, "duplicates": self.duplicates}
+        return {
+            "batches": self.batches,
+            "messages": self.messages,
+            "inserted": dict(self.inserted),
+            "dead_letters": self.dead_letters,
+            "duplicates": self.duplicates,
+            "shredded": self.shredded,
+            "busy_retries": self.busy_retries,
+        }
 
 
 class _SeekToWarehouse(ConsumerRebalanceListener):
@@ -83,6 +99,7 @@ class IngestConsumer:
         self._inflight: Future | None = None
         self._kafka_offsets: dict[tuple[str, int], int] = {}
         self.writer = WriterSession(self.s.warehouse_path, timeout_s=self.s.warehouse_lock_timeout_s)
+        self.keys = KeyStore(self.s)
         init_schema(self.writer.connection())
         config = dict(
             bootstrap_servers=self.s.bootstrap_servers,
@@ -117,8 +134,12 @@ class IngestConsumer:
     def stop(self) -> None:
         self._stop.set()
 
-    def run(self, idle_exit_s: float | None = None, max_seconds: float | None = None,
-            stop_when: Callable[[IngestStats], bool] | None = None) -> IngestStats:
+    def run(
+        self,
+        idle_exit_s: float | None = None,
+        max_seconds: float | None = None,
+        stop_when: Callable[[IngestStats], bool] | None = None,
+    ) -> IngestStats:
         """Consume until stopped, or idle for ``idle_exit_s`` with nothing pending, or ``max_seconds``, or
         ``stop_when(stats)`` is true after a commit (tests and benchmarks)."""
         started = time.monotonic()
@@ -161,28 +182,45 @@ class IngestConsumer:
     def _add(self, records) -> None:
         if self._batch_started is None:
             self._batch_started = time.monotonic()
-        for tp, msgs in records.items():
-            for m in msgs:
-                raw = m.value if m.value is not None else b""
-                try:
-                    event = parse_event(raw, max_bytes=self.s.max_event_bytes)
-                except EventError as e:
-                    self.batch.add_dead_letter(tp.topic, tp.partition, m.offset, e.reason, e.detail, raw)
-                    self._to_dlq(tp, m, e)
+        msgs = [(tp, m) for tp, ms in records.items() for m in ms]
+        opened = self.keys.open_many([m.value if m.value is not None else b"" for _, m in msgs])
+        for (tp, m), plain in zip(msgs, opened, strict=True):
+            raw = m.value if m.value is not None else b""
+            try:
+                if plain is SHREDDED:
+                    self.stats.shredded += 1  # its user was deleted: nothing to keep
+                elif plain is None:
+                    raise EventError("undecryptable", "sealed with a key this machine does not hold")
                 else:
-                    self.batch.add_event(event, tp.partition, m.offset)
-                self.batch.advance(tp.topic, tp.partition, m.offset)
+                    self.batch.add_event(parse_event(plain, max_bytes=self.s.max_event_bytes), tp.partition, m.offset)
+            except EventError as e:
+                self.batch.add_dead_letter(tp.topic, tp.partition, m.offset, e.reason, e.detail, raw)
+                self._to_dlq(tp, m, e)
+            self.batch.advance(tp.topic, tp.partition, m.offset)
 
     def _to_dlq(self, tp, m, e: EventError) -> None:
         if self._dlq is None:
-            self._dlq = KafkaProducer(bootstrap_servers=self.s.bootstrap_servers, acks="all",
-                                      enable_idempotence=True, client_id="flywheel-dlq",
-                                      max_request_size=max(2 * 1024 * 1024, 4 * self.s.max_event_bytes))
-        headers = [("reason", e.reason.encode()), ("detail", e.detail.encode()[:4000]),
-                   ("source_topic", tp.topic.encode()), ("source_partition", str(tp.partition).encode()),
-                   ("source_offset", str(m.offset).encode())]
-        self._dlq.send(self.s.topic_dlq, key=f"{tp.topic}:{tp.partition}:{m.offset}".encode(),
-                       value=m.value or b"", headers=headers)
+            self._dlq = KafkaProducer(
+                bootstrap_servers=self.s.bootstrap_servers,
+                acks="all",
+                enable_idempotence=True,
+                client_id="flywheel-dlq",
+                max_request_size=max(2 * 1024 * 1024, 4 * self.s.max_event_bytes),
+            )
+        headers = [
+            ("reason", e.reason.encode()),
+            ("detail", e.detail.encode()[:4000]),
+            ("source_topic", tp.topic.encode()),
+            ("source_partition", str(tp.partition).encode()),
+            ("source_offset", str(m.offset).encode()),
+        ]
+        fut = self._dlq.send(
+            self.s.topic_dlq,
+            key=f"{tp.topic}:{tp.partition}:{m.offset}".encode(),
+            value=m.value or b"",
+            headers=headers,
+        )
+        self.batch.dlq_sends.append(fut)
 
     def flush(self, wait: bool = False) -> None:
         """Hand the pending batch to the commit thread (at most one batch in flight) and start a new one.
@@ -207,9 +245,11 @@ class IngestConsumer:
 
     def _commit(self, batch: Batch) -> None:
         """Commit thread: DLQ first, then the batch, then hand the file to readers if one waits."""
-        if self._dlq is not None:
+        if batch.dlq_sends:
             self._dlq.flush(timeout=30)
-        inserted = commit_batch(self.writer.connection(), batch, self.group)
+            for fut in batch.dlq_sends:
+                fut.get(timeout=30)  # raises if the broker did not take it: the batch must not commit
+        inserted = self._commit_rows(batch)
         st = self.stats
         st.batches += 1
         st.messages += batch.messages
@@ -221,14 +261,26 @@ class IngestConsumer:
         self._kafka_offsets.update(batch.offsets)
         self.writer.maybe_yield()
 
+    def _commit_rows(self, batch: Batch) -> dict[str, int]:
+        """Rows and offsets in one transaction, waiting (not failing) while a reader holds the file too long."""
+        while True:
+            try:
+                return commit_batch(self.writer.connection(), batch, self.group)
+            except WarehouseBusy as e:
+                if self._stop.is_set():
+                    raise
+                self.stats.busy_retries += 1
+                log.warning("warehouse busy (%s); the batch waits and retries", e)
+
     def _commit_kafka_offsets(self) -> None:
         """Informational only (lag tools): the warehouse is the source of truth for positions."""
         if not self._kafka_offsets:
             return
         offsets, self._kafka_offsets = self._kafka_offsets, {}
         try:
-            self.consumer.commit_async({TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
-                                        for (t, p), o in offsets.items()})
+            self.consumer.commit_async(
+                {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
+            )
         except Exception:  # noqa: BLE001
             log.debug("kafka offset commit failed (informational)", exc_info=True)
 
@@ -238,6 +290,7 @@ class IngestConsumer:
         finally:
             self._committer.shutdown(wait=True)
             self.writer.close()
+            self.keys.close()
             if self._dlq is not None:
                 self._dlq.close(timeout=10)
 
@@ -245,8 +298,9 @@ class IngestConsumer:
 def lag(s: Settings, group: str | None = None) -> dict[str, dict]:
     """Per-topic end offsets vs. the offsets stored in the warehouse (the truth for this sink)."""
     group = group or s.ingest_group
-    consumer = KafkaConsumer(bootstrap_servers=s.bootstrap_servers, client_id="flywheel-status",
-                             request_timeout_ms=5000)
+    consumer = KafkaConsumer(
+        bootstrap_servers=s.bootstrap_servers, client_id="flywheel-status", request_timeout_ms=5000
+    )
     try:
         tps = []
         for topic in (s.topic_turns, s.topic_feedback, s.topic_dlq, s.topic_releases):
@@ -282,8 +336,14 @@ def main(settings: Settings | None = None) -> None:
         last = 0
         while not ingest._stop.wait(10):
             st = ingest.stats
-            log.info("ingest: %d messages (+%d), rows %s, dead letters %d, duplicates dropped %d",
-                     st.messages, st.messages - last, st.inserted, st.dead_letters, st.duplicates)
+            log.info(
+                "ingest: %d messages (+%d), rows %s, dead letters %d, duplicates dropped %d",
+                st.messages,
+                st.messages - last,
+                st.inserted,
+                st.dead_letters,
+                st.duplicates,
+            )
             last = st.messages
 
     threading.Thread(target=report, daemon=True).start()

@@ -5,6 +5,12 @@ the broker). A background thread sends the spool in order, keyed by conversation
 ordered in its partition, and removes rows only once the broker acknowledged them. While the broker is down
 the spool grows on disk; a restarted process finds it and sends it. A crash between the broker's ack and the
 spool delete re-sends a few events: they carry the same ``event_id`` and the ingest sink drops them.
+
+Turns and ratings are sealed with the user's payload key before they reach the outbox (``feedback.shred``), so a
+deletion makes every copy unreadable. ``emit()`` raises ``SpoolFull`` when the outbox cannot take the event (disk
+full, size bound reached): the caller must refuse the request, since the event is not recorded. A record the
+broker refuses for good (too large, invalid topic) is moved to the spool's ``rejected.log`` instead of blocking
+everything behind it; ``stats.rejected`` counts them.
 """
 
 from __future__ import annotations
@@ -16,10 +22,21 @@ import time
 from dataclasses import dataclass, field
 
 from kafka import KafkaProducer
+from kafka.errors import (
+    CorruptRecordError,
+    InvalidRecordError,
+    InvalidTopicError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+)
 
 from feedback.events import ChatTurn, Feedback, UserAction, partition_key, to_bytes
 from feedback.settings import Settings, get_settings
-from feedback.spool import Spool
+from feedback.shred import KeyStore
+from feedback.spool import Spool, SpoolFull
+
+__all__ = ["EventProducer", "ProducerStats", "SpoolFull"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +46,7 @@ class ProducerStats:
     sent: int = 0
     send_failures: int = 0
     broker_up: bool = False
+    rejected: int = 0
     last_error: str | None = None
     last_error_at: float | None = field(default=None, repr=False)
 
@@ -44,7 +62,15 @@ class EventProducer:
         **kafka_overrides,
     ):
         self.settings = settings or get_settings()
-        self.spool = Spool(self.settings.spool_path, spool_name or f"producer-{os.getpid()}")
+        s = self.settings
+        self.spool = Spool(
+            s.spool_path,
+            spool_name or f"producer-{os.getpid()}",
+            max_bytes=s.spool_max_bytes,
+            fsync=s.spool_fsync,
+            fsync_interval_s=s.spool_fsync_interval_ms / 1000,
+        )
+        self.keys = KeyStore(s) if s.payload_encryption else None
         self.stats = ProducerStats()
         self._batch = batch
         self._kafka_config = dict(
@@ -70,9 +96,16 @@ class EventProducer:
         return self.settings.topic_turns if isinstance(event, ChatTurn) else self.settings.topic_feedback
 
     def emit(self, event: ChatTurn | Feedback | UserAction) -> None:
-        """Durably queue one event for Kafka. Returns once it is on local disk."""
-        self.spool.append(self.topic_for(event), partition_key(event), to_bytes(event))
+        """Durably queue one event for Kafka. Returns once it is in the outbox; raises ``SpoolFull`` if it is not."""
+        self.spool.append(self.topic_for(event), partition_key(event), self.encode(event))
         self._wake.set()
+
+    def encode(self, event: ChatTurn | Feedback | UserAction) -> bytes:
+        """The value on the wire: turns and ratings sealed with the user's key; user actions in clear."""
+        raw = to_bytes(event)
+        if self.keys is not None and not isinstance(event, UserAction):
+            return self.keys.seal(event.user_id, raw)
+        return raw
 
     def emit_raw(self, topic: str, key: bytes | None, value: bytes) -> None:
         """Queue bytes as they are (tests and replays: the DLQ path must see what a client really sent)."""
@@ -101,6 +134,8 @@ class EventProducer:
         self._thread.join(timeout=5)
         self._drop_producer()
         self.spool.close()
+        if self.keys is not None:
+            self.keys.close()
 
     # ---- sender thread -----------------------------------------------------------------------------
     def _get_producer(self) -> KafkaProducer:
@@ -119,27 +154,14 @@ class EventProducer:
     def _run(self) -> None:
         backoff = 0.1
         while not self._stop.is_set():
+            self.spool.sync()
             rows = self.spool.peek(self._batch)
             if not rows:
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue
             try:
-                producer = self._get_producer()
-                futures = [(rid, producer.send(topic, key=key, value=value)) for rid, topic, key, value in rows]
-                producer.flush(timeout=10)
-                acked = None
-                for rid, fut in futures:
-                    if not fut.is_done or fut.failed():
-                        break
-                    acked = rid
-                if acked is not None:
-                    self.spool.ack_through(acked)
-                    self.stats.sent += sum(1 for rid, _ in futures if rid <= acked)
-                if acked != rows[-1][0]:
-                    failed = next((f for _, f in futures if f.is_done and f.failed()), None)
-                    why = failed.exception if failed else "timeout"
-                    raise RuntimeError(f"broker did not acknowledge all sends: {why}")
+                self._send(rows)
                 self.stats.broker_up = True
                 backoff = 0.1
             except Exception as e:  # noqa: BLE001 - any failure: keep the spool, reconnect, retry
@@ -151,3 +173,48 @@ class EventProducer:
                 self._drop_producer()
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 2.0)
+
+    def _send(self, rows: list[tuple[int, str, bytes | None, bytes]]) -> None:
+        """Send one batch in order; acknowledge the longest acknowledged prefix; set aside a head record the
+        broker refuses for good; raise for anything retriable (the caller backs off and retries)."""
+        producer = self._get_producer()
+        futures = []
+        for rid, topic, key, value in rows:
+            try:
+                futures.append((rid, producer.send(topic, key=key, value=value)))
+            except KafkaError as e:  # raised before sending: too large for the client, no metadata ...
+                futures.append((rid, e))
+                break
+        producer.flush(timeout=10)
+        acked = None
+        failure: BaseException | None = None
+        for rid, fut in futures:
+            if isinstance(fut, BaseException):
+                failure = fut
+                break
+            if not fut.is_done:
+                break
+            if fut.failed():
+                failure = fut.exception
+                break
+            acked = rid
+        if acked is not None:
+            self.spool.ack_through(acked)
+            self.stats.sent += sum(1 for rid, _ in futures if rid <= acked)
+        if acked == rows[-1][0]:
+            return
+        head = next(r for r in rows if acked is None or r[0] > acked)
+        if failure is not None and _refused_for_good(failure):
+            self.spool.reject(head[0], head[1], head[2], head[3], f"{type(failure).__name__}: {failure}")
+            self.stats.rejected += 1
+            return
+        raise RuntimeError(f"broker did not acknowledge all sends: {failure or 'timeout'}")
+
+
+def _refused_for_good(e: BaseException) -> bool:
+    """Errors about the record itself, which no retry can fix (everything else, e.g. a broker outage or missing
+    replicas, is retried until the broker takes the record)."""
+    return isinstance(e, _POISON)
+
+
+_POISON = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidTopicError, CorruptRecordError, InvalidRecordError)

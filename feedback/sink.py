@@ -17,10 +17,20 @@ import duckdb
 import pyarrow as pa
 
 from feedback.events import ChatTurn, Feedback, UserAction
-from feedback.warehouse import DEAD_LETTER_COLUMNS, FEEDBACK_COLUMNS, TURN_COLUMNS, USER_ACTION_COLUMNS
+from feedback.warehouse import (
+    DEAD_LETTER_COLUMNS,
+    FEEDBACK_COLUMNS,
+    TURN_COLUMNS,
+    USER_ACTION_COLUMNS,
+    not_deleted_sql,
+    purge_user_rows,
+)
 
-EVENT_TABLES = {"chat_turn": ("turns", TURN_COLUMNS), "feedback": ("feedback", FEEDBACK_COLUMNS),
-                "user_action": ("user_actions", USER_ACTION_COLUMNS)}
+EVENT_TABLES = {
+    "chat_turn": ("turns", TURN_COLUMNS),
+    "feedback": ("feedback", FEEDBACK_COLUMNS),
+    "user_action": ("user_actions", USER_ACTION_COLUMNS),
+}
 _POSITION = ("kafka_partition", "kafka_offset", "ingested_at")
 
 
@@ -29,20 +39,37 @@ def _select_sql(table: str, columns: list[tuple[str, str]]) -> str:
     fields = [(name, sql_type.split()[0]) for name, sql_type in columns if name not in _POSITION]
     structure = json.dumps({name: ty for name, ty in fields})
     exprs = [name if name in _POSITION else f"e.{name}" for name, _ in columns]
+    # Turns and ratings of a user who asked for deletion after making them are dropped here too, so a late
+    # copy (a re-send, a slow producer) never brings deleted text back.
+    where = "" if table == "user_actions" else f" WHERE {not_deleted_sql('e')}"
     return (
         f"INSERT OR IGNORE INTO {table} SELECT {', '.join(exprs)} FROM "
         f"(SELECT from_json(raw, '{structure}') AS e, kafka_partition, kafka_offset, ingested_at FROM _batch)"
+        f"{where}"
     )
 
 
 _INSERT_SQL = {t: _select_sql(t, cols) for t, cols in EVENT_TABLES.values()}
-_BATCH_SCHEMA = pa.schema([("raw", pa.string()), ("kafka_partition", pa.int32()), ("kafka_offset", pa.int64()),
-                           ("ingested_at", pa.timestamp("us", tz="UTC"))])
-_DEAD_SCHEMA = pa.schema([
-    ("topic", pa.string()), ("kafka_partition", pa.int32()), ("kafka_offset", pa.int64()), ("reason", pa.string()),
-    ("detail", pa.string()), ("size_bytes", pa.int64()), ("raw_prefix", pa.binary()),
-    ("ingested_at", pa.timestamp("us", tz="UTC")),
-])
+_BATCH_SCHEMA = pa.schema(
+    [
+        ("raw", pa.string()),
+        ("kafka_partition", pa.int32()),
+        ("kafka_offset", pa.int64()),
+        ("ingested_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+_DEAD_SCHEMA = pa.schema(
+    [
+        ("topic", pa.string()),
+        ("kafka_partition", pa.int32()),
+        ("kafka_offset", pa.int64()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("size_bytes", pa.int64()),
+        ("raw_prefix", pa.binary()),
+        ("ingested_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
 assert [f.name for f in _DEAD_SCHEMA] == [c for c, _ in DEAD_LETTER_COLUMNS]
 
 
@@ -63,6 +90,8 @@ class Batch:
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     messages: int = 0
     duplicates: int = 0
+    deletions: list[tuple[str, datetime]] = field(default_factory=list)  # (user_id, requested_at)
+    dlq_sends: list = field(default_factory=list)  # DLQ produce futures: confirmed before the batch commits
 
     def add_event(self, event: ChatTurn | Feedback | UserAction, partition: int | None, offset: int | None) -> None:
         r = self.rows[EVENT_TABLES[event.type][0]]
@@ -73,6 +102,8 @@ class Batch:
         r.raw.append(event.model_dump_json())  # canonical JSON of the validated event (never the raw bytes)
         r.partition.append(partition)
         r.offset.append(offset)
+        if isinstance(event, UserAction) and event.action == "delete_request":
+            self.deletions.append((event.user_id, event.ts))
 
     def add_dead_letter(self, topic: str, partition: int, offset: int, reason: str, detail: str, raw: bytes) -> None:
         self.dead.append((topic, partition, offset, reason, detail, len(raw), raw[:1024]))
@@ -90,13 +121,20 @@ class Batch:
         out = {}
         for table, r in self.rows.items():
             if r.raw:
-                out[table] = pa.table([r.raw, pa.array(r.partition, pa.int32()), pa.array(r.offset, pa.int64()),
-                                       pa.array([committed_at] * len(r.raw), _BATCH_SCHEMA.field(3).type)],
-                                      schema=_BATCH_SCHEMA)
+                out[table] = pa.table(
+                    [
+                        r.raw,
+                        pa.array(r.partition, pa.int32()),
+                        pa.array(r.offset, pa.int64()),
+                        pa.array([committed_at] * len(r.raw), _BATCH_SCHEMA.field(3).type),
+                    ],
+                    schema=_BATCH_SCHEMA,
+                )
         if self.dead:
             cols = list(zip(*self.dead, strict=True)) + [[committed_at] * len(self.dead)]
-            out["dead_letters"] = pa.table([pa.array(c, f.type) for c, f in zip(cols, _DEAD_SCHEMA, strict=True)],
-                                           schema=_DEAD_SCHEMA)
+            out["dead_letters"] = pa.table(
+                [pa.array(c, f.type) for c, f in zip(cols, _DEAD_SCHEMA, strict=True)], schema=_DEAD_SCHEMA
+            )
         return out
 
 
@@ -113,14 +151,18 @@ def commit_batch(con: duckdb.DuckDBPyConnection, batch: Batch, group: str) -> di
             sql = "INSERT INTO dead_letters SELECT * FROM _batch" if name == "dead_letters" else _INSERT_SQL[name]
             inserted[name] = con.execute(sql).fetchall()[0][0]
             con.unregister("_batch")
+        for user_id, requested_at in batch.deletions:  # same transaction: no window where both exist
+            purge_user_rows(con, user_id, requested_at)
         if batch.offsets:
-            offsets = pa.table({
-                "consumer_group": [group] * len(batch.offsets),
-                "topic": [t for t, _ in batch.offsets],
-                "kafka_partition": pa.array([p for _, p in batch.offsets], pa.int32()),
-                "next_offset": pa.array(list(batch.offsets.values()), pa.int64()),
-                "updated_at": pa.array([now] * len(batch.offsets), pa.timestamp("us", tz="UTC")),
-            })
+            offsets = pa.table(
+                {
+                    "consumer_group": [group] * len(batch.offsets),
+                    "topic": [t for t, _ in batch.offsets],
+                    "kafka_partition": pa.array([p for _, p in batch.offsets], pa.int32()),
+                    "next_offset": pa.array(list(batch.offsets.values()), pa.int64()),
+                    "updated_at": pa.array([now] * len(batch.offsets), pa.timestamp("us", tz="UTC")),
+                }
+            )
             con.register("_offsets", offsets)
             con.execute("INSERT OR REPLACE INTO kafka_offsets SELECT * FROM _offsets").fetchall()
             con.unregister("_offsets")

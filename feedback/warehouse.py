@@ -86,6 +86,11 @@ TABLES = {
 
 SCHEMA_SQL = [
     *(f"CREATE TABLE IF NOT EXISTS {t} ({', '.join(f'{c} {ty}' for c, ty in cols)})" for t, cols in TABLES.items()),
+    # Users who asked for deletion (pseudonymous): their rows up to ``requested_at`` are purged, and the sink
+    # drops any that arrive later (a re-send, a slow producer). ``compacted_at``: the file was rewritten since,
+    # so no deleted bytes remain in free blocks (``compact``).
+    """CREATE TABLE IF NOT EXISTS deleted_users (user_hash VARCHAR PRIMARY KEY, requested_at TIMESTAMPTZ,
+        purged_at TIMESTAMPTZ, compacted_at TIMESTAMPTZ)""",
     # The consumer's position, written in the same transaction as the rows it covers: exactly once.
     """CREATE TABLE IF NOT EXISTS kafka_offsets (
         consumer_group VARCHAR, topic VARCHAR, kafka_partition INTEGER, next_offset BIGINT,
@@ -103,7 +108,7 @@ def _is_lock_error(e: Exception) -> bool:
 
 
 def _want_fd(path: Path) -> int:
-    return os.open(f"{path}.want", os.O_CREAT | os.O_RDWR, 0o644)
+    return os.open(f"{path}.want", os.O_CREAT | os.O_RDWR, 0o600)
 
 
 @contextmanager
@@ -228,3 +233,82 @@ class WriterSession:
     def close(self) -> None:
         self._close()
         os.close(self._want)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Deletion: purge a user's rows, then rewrite the file so that no deleted bytes stay in its free blocks.
+# ---------------------------------------------------------------------------------------------------------
+USER_HASH_SQL = "sha256('flywheel-user:' || {col})"  # == feedback.shred.user_hash
+_TEXT_TABLES = ("turns", "feedback")
+
+
+def purge_user_rows(con: duckdb.DuckDBPyConnection, user_id: str, requested_at) -> dict[str, int]:
+    """Inside the caller's transaction: record the deletion and delete the user's turns, ratings and dead
+    letters that mention them. Consent and deletion actions stay (no text; curation and training need them)."""
+    con.execute(
+        f"""INSERT INTO deleted_users VALUES ({USER_HASH_SQL.format(col="?")}, ?, now(), NULL)
+        ON CONFLICT (user_hash) DO UPDATE SET requested_at = greatest(deleted_users.requested_at,
+        excluded.requested_at), purged_at = now(), compacted_at = NULL""",
+        [user_id, requested_at],
+    )
+    out = {}
+    for t in _TEXT_TABLES:
+        out[t] = con.execute(f"DELETE FROM {t} WHERE user_id = ? AND ts <= ?", [user_id, requested_at]).fetchone()[0]
+    out["dead_letters"] = con.execute(
+        "DELETE FROM dead_letters WHERE contains(hex(raw_prefix), hex(?::BLOB)) OR contains(detail, ?)",
+        [user_id.encode(), user_id],
+    ).fetchone()[0]
+    return out
+
+
+def not_deleted_sql(alias: str = "e") -> str:
+    """A WHERE clause keeping only rows of users who did not ask for deletion after the row was made."""
+    return (
+        f"NOT EXISTS (SELECT 1 FROM deleted_users d WHERE d.user_hash = {USER_HASH_SQL.format(col=alias + '.user_id')}"
+        f" AND {alias}.ts <= d.requested_at)"
+    )
+
+
+def compact(path: Path | str, timeout_s: float = 60.0) -> bool:
+    """Rewrite the warehouse into a fresh file and swap it in, so deleted rows leave no bytes behind (DuckDB
+    reuses free blocks but never wipes them). Holds a reader's turn in the handshake and the file's own lock
+    for the whole copy, so the ingest writer waits (its events wait in Kafka). Returns False if nothing needed
+    compacting. Costs one full copy: deletions are batched (every pending one at once)."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    fresh = path.with_name(path.name + ".compact")
+    want = _want_fd(path)
+    try:
+        fcntl.flock(want, fcntl.LOCK_SH)
+        with _open(path, False, timeout_s) as con:
+            init_schema(con)
+            if not con.execute("SELECT count(*) FROM deleted_users WHERE compacted_at IS NULL").fetchone()[0]:
+                return False
+            con.execute("UPDATE deleted_users SET compacted_at = now() WHERE compacted_at IS NULL")
+            con.execute("CHECKPOINT")
+            for f in (fresh, Path(f"{fresh}.wal")):
+                f.unlink(missing_ok=True)
+            db = con.execute("SELECT current_database()").fetchone()[0]
+            con.execute(f"ATTACH '{fresh}' AS flywheel_fresh")
+            try:
+                con.execute(f'COPY FROM DATABASE "{db}" TO flywheel_fresh')
+                con.execute("CHECKPOINT flywheel_fresh")
+            finally:
+                con.execute("DETACH flywheel_fresh")
+            os.chmod(fresh, 0o600)
+            os.replace(fresh, path)  # still holding the old file: nobody wrote in between
+            _fsync_dir(path.parent)
+        return True
+    finally:
+        fresh.unlink(missing_ok=True)
+        fcntl.flock(want, fcntl.LOCK_UN)
+        os.close(want)
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
