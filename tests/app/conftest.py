@@ -14,6 +14,7 @@ import uvicorn
 from kafka import KafkaConsumer, TopicPartition
 
 from feedback.events import parse_event
+from feedback.shred import open_value
 from feedback.settings import Settings
 from tests.conftest import REPO, free_port, need_model
 
@@ -103,7 +104,7 @@ def read_events(settings: Settings, topic: str, until: Callable[[list], bool], t
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for records in consumer.poll(timeout_ms=200).values():
-                events += [parse_event(r.value) for r in records]
+                events += [parse_event(open_value(settings, r.value)) for r in records]
             if until(events):
                 return events
         raise AssertionError(f"events on {topic} never satisfied the condition; got {events}")
