@@ -71,7 +71,7 @@ def test_corruption_mid_segment_skips_to_the_next_good_record_and_counts_it(tmp_
     seg.write_bytes(bytes(data))
     again = Spool(tmp_path, "s")
     got = _values(again)
-    assert len(got) == 9 and f"record-03".encode() * 4 not in got
+    assert len(got) == 9 and "record-03".encode() * 4 not in got
     assert got[0] == b"record-00" * 4 and got[-1] == b"record-09" * 4, "records after the damage are kept"
     assert again.corrupt_regions == 1 and again.corrupt_bytes == size
     assert len(again) == 9
@@ -94,7 +94,7 @@ def test_size_bound_refuses_new_events_while_the_broker_is_away(tmp_path):
 
 def test_files_are_readable_only_by_their_owner(tmp_path):
     sp = Spool(tmp_path / "spool", "s", segment_bytes=100)
-    for i in range(5):
+    for _ in range(5):
         sp.append("t", None, b"z" * 80)
     sp.ack_through(sp.peek(1)[0][0])
     sp.reject(sp.peek(1)[0][0], "t", None, b"z" * 80, "test")
