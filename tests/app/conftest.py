@@ -14,8 +14,8 @@ import uvicorn
 from kafka import KafkaConsumer, TopicPartition
 
 from feedback.events import parse_event
-from feedback.shred import open_value
 from feedback.settings import Settings
+from feedback.shred import open_value
 from tests.conftest import REPO, free_port, need_model
 
 MODEL = REPO / ".flywheel" / "models" / "base"
