@@ -1,40 +1,126 @@
-"""``flywheel simulate``: simulated users chat with the running product through its public API and rate the
-answers, so the loop (events -> warehouse -> curated sets) has data to work on without real users.
+"""``flywheel simulate``: simulated users chat with the running product through its PUBLIC API (never internal
+calls) and rate the answers, so the loop (events -> warehouse -> curated sets -> training -> release) has data
+to work on without real users, and so a release can be judged on ratings that come from a known taste.
 
-    flywheel simulate --users 4 --turns 3
+    flywheel simulate --users 8 --minutes 5
+    flywheel simulate --users 4 --turns 3 --json
 
-Each user consents (or not, ``--consent-rate``), asks questions from a small bundled list, sometimes asks for a
-second sample and compares the two (pairwise), and gives thumbs with reasons. The rating policy is a crude,
-explicit stand-in for taste: it prefers answers that are complete (finished with "stop") and of moderate length.
+Each user has a hidden, consistent taste, drawn once from their id (``Taste.draw``), plus noise on every
+judgement. A majority want concise answers (a word budget); others dislike lists, want the answer first (no
+"Sure! ..." preamble) or want a greeting. Answers cut at the token limit look unfinished to everyone. Because
+most users reward short, direct answers, a model trained on their ratings CAN measurably improve for them: the
+target of ``flywheel demo``.
+
+Per question a user: asks (a new conversation); sometimes asks for a second answer and compares the two
+(side by side, pinned to the other live release when the plan has two, so side-by-side wins per version are
+measured); gives thumbs with a reason; after a thumbs-down sometimes regenerates and rates again. Some users
+withdraw consent part-way (``X-Flywheel-Consent: 0``). Prompts come from ``cli/data/prompts.jsonl``; every fifth
+prompt is held out (``--prompts heldout``) so evaluation users never ask what training users asked.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
 
 import httpx
 import typer
 
 from feedback.settings import get_settings
 
-PROMPTS = [
-    "What is the capital of France?",
-    "Give me three tips for sleeping better.",
-    "Explain photosynthesis to a ten-year-old.",
-    "How do I reverse a list in Python?",
-    "What is the difference between weather and climate?",
-    "Write a haiku about autumn.",
-    "Why is the sky blue?",
-    "Suggest a name for a friendly robot.",
-    "How many minutes are in a day?",
-    "What should I pack for a weekend hike?",
-]
-DOWN_REASONS = ["Too long", "Did not answer the question", "Cut off in the middle", "Not accurate"]
+PROMPTS_FILE = Path(__file__).parent / "data" / "prompts.jsonl"
+PromptSplit = Literal["train", "heldout", "all"]
+GREETINGS = ("hi", "hello", "hey", "greetings", "good morning", "good day")
+PREAMBLES = (
+    "sure",
+    "certainly",
+    "of course",
+    "great question",
+    "absolutely",
+    "i'd be happy",
+    "i would be happy",
+    "okay",
+    "ok,",
+    "well,",
+    "as an ai",
+)
+_LIST_LINE = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+", re.MULTILINE)
+
+
+def load_prompts(split: PromptSplit = "all") -> list[str]:
+    """The shipped prompt set; every fifth prompt is held out for evaluation users."""
+    rows = [json.loads(line) for line in PROMPTS_FILE.read_text().splitlines() if line.strip()]
+    keep = {"all": lambda i: True, "heldout": lambda i: i % 5 == 0, "train": lambda i: i % 5 != 0}[split]
+    return [r["prompt"] for i, r in enumerate(rows) if keep(i)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Taste: what one simulated person likes, and how they judge an answer
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Taste:
+    name: str
+    max_words: int | None = None  # concise: answers longer than this are "too long"
+    no_lists: bool = False
+    answer_first: bool = False
+    wants_greeting: bool = False
+    noise: float = 0.25  # standard deviation of the judgement noise
+    threshold: float = 0.5  # utility above this is a thumbs up
+
+    @classmethod
+    def draw(cls, rng: random.Random) -> Taste:
+        """The population: 60% concise, 15% no lists, 15% answer first, 10% want a greeting."""
+        u = rng.random()
+        if u < 0.60:
+            return cls("concise", max_words=rng.choice((25, 30, 35, 40)))
+        if u < 0.75:
+            return cls("no_lists", no_lists=True, max_words=80)
+        if u < 0.90:
+            return cls("answer_first", answer_first=True, max_words=60)
+        return cls("greeting", wants_greeting=True)
+
+    def complaints(self, answer: str, finish: str) -> list[str]:
+        """What this person dislikes about an answer, most important first (empty: nothing)."""
+        text = answer.strip()
+        low = text.lower()
+        out = []
+        if self.max_words is not None and len(text.split()) > self.max_words:
+            out.append("Too long, get to the point")
+        if finish == "length":
+            out.append("Cut off in the middle")
+        if self.no_lists and _LIST_LINE.search(text):
+            out.append("No lists please, just answer in plain sentences")
+        if self.answer_first and low.startswith(PREAMBLES):
+            out.append("Answer first, skip the preamble")
+        if self.wants_greeting and not low.startswith(GREETINGS):
+            out.append("A friendly greeting would be nice")
+        if not text:
+            out.append("Empty answer")
+        return out
+
+    def utility(self, answer: str, finish: str, rng: random.Random) -> float:
+        return 1.0 - 0.8 * len(self.complaints(answer, finish)) + rng.gauss(0.0, self.noise)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Talking to the API
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class VersionStats:
+    answers: int = 0
+    thumbs: int = 0
+    up: int = 0
+    side_by_side: int = 0
+    wins: int = 0
+    ties: int = 0
+    errors: int = 0
 
 
 @dataclass
@@ -43,85 +129,234 @@ class SimStats:
     turns: int = 0
     thumbs: int = 0
     comparisons: int = 0
+    regenerations: int = 0
+    consent_withdrawn: int = 0
     errors: int = 0
     busy_retries: int = 0
     seconds: float = 0.0
+    tastes: dict[str, int] = field(default_factory=dict)
+    per_version: dict[str, VersionStats] = field(default_factory=dict)
+
+    def version(self, name: str) -> VersionStats:
+        return self.per_version.setdefault(name, VersionStats())
+
+    def merge(self, other: SimStats) -> None:
+        for k in (
+            "users",
+            "turns",
+            "thumbs",
+            "comparisons",
+            "regenerations",
+            "consent_withdrawn",
+            "errors",
+            "busy_retries",
+        ):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+        for k, v in other.tastes.items():
+            self.tastes[k] = self.tastes.get(k, 0) + v
+        for name, vs in other.per_version.items():
+            mine = self.version(name)
+            for k, v in asdict(vs).items():
+                setattr(mine, k, getattr(mine, k) + v)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["per_version"] = {k: asdict(v) for k, v in sorted(self.per_version.items())}
+        return d
 
 
-def _score(answer: str, finish: str) -> float:
-    words = len(answer.split())
-    return (1.0 if finish == "stop" else 0.0) + (1.0 if 5 <= words <= 80 else 0.0)
+@dataclass(frozen=True)
+class SimConfig:
+    users: int = 4
+    turns: int = 0  # questions per user; 0 = until the time is up
+    minutes: float = 0.0  # 0 = until every user asked ``turns`` questions
+    max_tokens: int = 48
+    temperature: float = 0.8
+    consent_rate: float = 0.9
+    compare_rate: float = 0.3
+    regenerate_rate: float = 0.3
+    withdraw_rate: float = 0.0
+    prompts: PromptSplit = "train"
+    seed: int = 0
+    api_key: str = ""
+    user_prefix: str = "sim"
 
 
-def _ask(client: httpx.Client, user: str, consent: bool, conv: str, prompt: str, max_tokens: int,
-         stats: SimStats) -> dict | None:
-    body = {"model": "flywheel", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0.8}
-    headers = {"X-Flywheel-User": user, "X-Flywheel-Consent": "1" if consent else "0",
-               "X-Flywheel-Conversation": conv}
-    for _ in range(20):
-        r = client.post("/v1/chat/completions", json=body, headers=headers)
-        if r.status_code == 429:
-            stats.busy_retries += 1
-            time.sleep(0.5)
-            continue
-        if r.status_code != 200:
-            stats.errors += 1
-            return None
-        stats.turns += 1
-        d = r.json()
-        return {"id": d["id"], "answer": d["choices"][0]["message"]["content"],
-                "finish": d["choices"][0]["finish_reason"]}
-    stats.errors += 1
-    return None
+@dataclass
+class Answer:
+    turn_id: str
+    text: str
+    finish: str
+    version: str
 
 
-def _rate(client: httpx.Client, user: str, payload: dict, stats: SimStats) -> None:
-    r = client.post("/v1/feedback", json=payload, headers={"X-Flywheel-User": user})
-    if r.status_code >= 300:
-        stats.errors += 1
+class SimUser:
+    """One simulated person with a hidden taste, talking to the API over its own HTTP client."""
 
+    def __init__(self, client: httpx.Client, cfg: SimConfig, idx: int, prompts: list[str]):
+        self.client = client
+        self.cfg = cfg
+        self.rng = random.Random(f"{cfg.seed}:{idx}")
+        self.user = f"{cfg.user_prefix}-{cfg.seed}-{idx}"
+        self.taste = Taste.draw(self.rng)
+        self.consent = self.rng.random() < cfg.consent_rate
+        self.prompts = prompts
+        self.stats = SimStats(users=1, tastes={self.taste.name: 1})
 
-def _one_user(base_url: str, idx: int, turns: int, max_tokens: int, consent_rate: float, compare_rate: float,
-              seed: int) -> SimStats:
-    stats = SimStats(users=1)
-    rng = random.Random(seed * 1000 + idx)
-    user = f"sim-{seed}-{idx}"
-    consent = rng.random() < consent_rate
-    with httpx.Client(base_url=base_url, timeout=120) as client:
-        for _ in range(turns):
-            prompt = rng.choice(PROMPTS)
-            conv = uuid.uuid4().hex
-            a = _ask(client, user, consent, conv, prompt, max_tokens, stats)
-            if a is None:
+    def _headers(self, conv: str | None = None) -> dict[str, str]:
+        h = {"X-Flywheel-User": self.user, "X-Flywheel-Consent": "1" if self.consent else "0"}
+        if conv:
+            h["X-Flywheel-Conversation"] = conv
+        if self.cfg.api_key:
+            h["Authorization"] = f"Bearer {self.cfg.api_key}"
+        return h
+
+    def ask(self, conv: str, prompt: str, model: str = "flywheel") -> Answer | None:
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": self.cfg.max_tokens,
+            "temperature": self.cfg.temperature,
+        }
+        for _ in range(120):
+            try:
+                r = self.client.post("/v1/chat/completions", json=body, headers=self._headers(conv))
+            except httpx.HTTPError:
+                r = None
+            if r is not None and r.status_code == 429:
+                self.stats.busy_retries += 1
+                time.sleep(0.25 + self.rng.random() * 0.5)
                 continue
-            if rng.random() < compare_rate:
-                b = _ask(client, user, consent, conv, prompt, max_tokens, stats)
-                if b is not None:
-                    sa, sb = _score(a["answer"], a["finish"]), _score(b["answer"], b["finish"])
-                    verdict = "tie" if sa == sb else ("a" if sa > sb else "b")
-                    _rate(client, user, {"turn_id": a["id"], "other_turn_id": b["id"], "rating": verdict}, stats)
-                    stats.comparisons += 1
-            good = _score(a["answer"], a["finish"]) >= 2 or rng.random() < 0.2
-            payload = {"turn_id": a["id"], "rating": "up" if good else "down"}
-            if not good:
-                payload["reason"] = rng.choice(DOWN_REASONS)
-            _rate(client, user, payload, stats)
-            stats.thumbs += 1
-    return stats
+            if r is None or r.status_code != 200:
+                self.stats.errors += 1
+                self.stats.version(r.headers.get("x-flywheel-model-version", "?") if r is not None else "?").errors += 1
+                return None
+            d = r.json()
+            self.stats.turns += 1
+            a = Answer(d["id"], d["choices"][0]["message"]["content"], d["choices"][0]["finish_reason"], d["model"])
+            self.stats.version(a.version).answers += 1
+            return a
+        self.stats.errors += 1
+        return None
+
+    def _feedback(self, payload: dict) -> bool:
+        r = self.client.post("/v1/feedback", json=payload, headers=self._headers())
+        if r.status_code >= 300:
+            self.stats.errors += 1
+            return False
+        return True
+
+    def thumbs(self, a: Answer) -> bool:
+        complaints = self.taste.complaints(a.text, a.finish)
+        liked = self.taste.utility(a.text, a.finish, self.rng) > self.taste.threshold
+        payload = {"turn_id": a.turn_id, "rating": "up" if liked else "down"}
+        if not liked:
+            payload["reason"] = complaints[0] if complaints else "Not what I wanted"
+        if self._feedback(payload):
+            self.stats.thumbs += 1
+            vs = self.stats.version(a.version)
+            vs.thumbs += 1
+            vs.up += liked
+        return liked
+
+    def compare(self, a: Answer, b: Answer) -> None:
+        ua, ub = (self.taste.utility(x.text, x.finish, self.rng) for x in (a, b))
+        verdict = "tie" if abs(ua - ub) < 0.15 else ("a" if ua > ub else "b")
+        if self._feedback({"turn_id": a.turn_id, "other_turn_id": b.turn_id, "rating": verdict}):
+            self.stats.comparisons += 1
+            if a.version != b.version:
+                for x, won in ((a, verdict == "a"), (b, verdict == "b")):
+                    vs = self.stats.version(x.version)
+                    vs.side_by_side += 1
+                    vs.wins += won
+                    vs.ties += verdict == "tie"
+
+    def other_version(self, mine: str) -> str:
+        """Another release in the current plan (from the public /v1/models), for a side-by-side; else 'flywheel'."""
+        try:
+            models = self.client.get("/v1/models", headers=self._headers()).json()["data"]
+        except (httpx.HTTPError, ValueError, KeyError):
+            return "flywheel"
+        live = [m["id"] for m in models if m.get("in_release_plan") and m["id"] != mine]
+        return live[0] if live else "flywheel"
+
+    def one_question(self) -> None:
+        prompt = self.rng.choice(self.prompts)
+        conv = uuid.uuid4().hex
+        a = self.ask(conv, prompt)
+        if a is None:
+            return
+        if self.rng.random() < self.cfg.compare_rate:
+            b = self.ask(conv, prompt, model=self.other_version(a.version))
+            if b is not None:
+                self.compare(a, b)
+        liked = self.thumbs(a)
+        if not liked and self.rng.random() < self.cfg.regenerate_rate:
+            again = self.ask(conv, prompt)
+            if again is not None:
+                self.stats.regenerations += 1
+                self.thumbs(again)
+
+    def withdraw_consent(self) -> None:
+        """Say no from now on: the next request carries ``X-Flywheel-Consent: 0`` (the app emits the revocation)."""
+        self.consent = False
+        self.stats.consent_withdrawn += 1
+        self.ask(uuid.uuid4().hex, self.rng.choice(self.prompts))
+
+
+def _run_user(base_url: str, cfg: SimConfig, idx: int, prompts: list[str], deadline: float | None) -> SimStats:
+    with httpx.Client(base_url=base_url, timeout=300) as client:
+        u = SimUser(client, cfg, idx, prompts)
+        withdraw_after = (
+            u.rng.randint(1, max(1, cfg.turns or 3)) if u.consent and u.rng.random() < cfg.withdraw_rate else None
+        )
+        asked = 0
+        while (not cfg.turns or asked < cfg.turns) and (deadline is None or time.monotonic() < deadline):
+            u.one_question()
+            asked += 1
+            if withdraw_after is not None and asked == withdraw_after:
+                u.withdraw_consent()
+                break
+        return u.stats
+
+
+def run_simulation(base_url: str, cfg: SimConfig) -> SimStats:
+    """Run ``cfg.users`` users concurrently against the app at ``base_url``; returns the merged stats."""
+    if not cfg.turns and not cfg.minutes:
+        raise ValueError("give --turns or --minutes (or both), else the simulation never ends")
+    prompts = load_prompts(cfg.prompts)
+    deadline = time.monotonic() + cfg.minutes * 60 if cfg.minutes else None
+    total = SimStats()
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(cfg.users) as pool:
+        for f in [pool.submit(_run_user, base_url, cfg, i, prompts, deadline) for i in range(cfg.users)]:
+            total.merge(f.result())
+    total.seconds = round(time.monotonic() - t0, 1)
+    return total
 
 
 def simulate(
-    users: int = typer.Option(4, help="Simulated users, chatting concurrently."),
-    turns: int = typer.Option(3, help="Questions per user."),
-    max_tokens: int = typer.Option(48, help="Answer length cap (keep it small on CPU)."),
-    consent_rate: float = typer.Option(0.9, help="Share of users who allow their data to be used."),
-    compare_rate: float = typer.Option(0.5, help="Share of questions answered twice and compared."),
+    users: int = typer.Option(4, min=1, max=256, help="Simulated users, chatting concurrently."),
+    minutes: float = typer.Option(0.0, min=0.0, help="Stop after this long (0: after --turns questions each)."),
+    turns: int = typer.Option(3, min=0, help="Questions per user (0: until --minutes is up)."),
+    max_tokens: int = typer.Option(48, min=1, max=4096, help="Answer length cap (keep it small on CPU)."),
+    consent_rate: float = typer.Option(0.9, min=0.0, max=1.0, help="Share of users who allow their data to be used."),
+    compare_rate: float = typer.Option(0.3, min=0.0, max=1.0, help="Share of questions answered twice and compared."),
+    regenerate_rate: float = typer.Option(0.3, min=0.0, max=1.0, help="Share of disliked answers regenerated."),
+    withdraw_rate: float = typer.Option(0.0, min=0.0, max=1.0, help="Share of consenting users who later say no."),
+    prompts: str = typer.Option("train", help="Prompt split: train, heldout (every fifth prompt) or all."),
     url: str = typer.Option("", help="Base URL of the app; default from settings (127.0.0.1:7860)."),
-    seed: int = typer.Option(0, help="Changes who the users are and what they ask."),
+    api_key: str = typer.Option("", envvar="FLYWHEEL_API_KEY", help="API key, when the app requires one."),
+    seed: int = typer.Option(0, help="Changes who the users are (and so their tastes) and what they ask."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Simulated users chat with the running app through its API and rate the answers."""
+    """Simulated users with hidden tastes chat with the running app through its API and rate the answers."""
+    if prompts not in ("train", "heldout", "all"):
+        typer.echo(f"simulate: --prompts must be train, heldout or all, not {prompts!r}", err=True)
+        raise typer.Exit(2)
+    if not turns and not minutes:
+        typer.echo("simulate: give --turns or --minutes (or both), else it never ends", err=True)
+        raise typer.Exit(2)
     s = get_settings()
     base = url or f"http://{s.app_host}:{s.app_port}"
     try:
@@ -129,21 +364,41 @@ def simulate(
     except httpx.HTTPError as e:
         typer.echo(f"simulate: the app at {base} is not answering ({e}); start it with `make run`", err=True)
         raise typer.Exit(1) from None
-    stats = SimStats()
-    t0 = time.monotonic()
-    with ThreadPoolExecutor(users) as pool:
-        futures = [pool.submit(_one_user, base, i, turns, max_tokens, consent_rate, compare_rate, seed)
-                   for i in range(users)]
-        for f in futures:
-            one = f.result()
-            for k, v in asdict(one).items():
-                setattr(stats, k, getattr(stats, k) + v)
-    stats.seconds = round(time.monotonic() - t0, 1)
+    cfg = SimConfig(
+        users=users,
+        turns=turns,
+        minutes=minutes,
+        max_tokens=max_tokens,
+        consent_rate=consent_rate,
+        compare_rate=compare_rate,
+        regenerate_rate=regenerate_rate,
+        withdraw_rate=withdraw_rate,
+        prompts=prompts,
+        seed=seed,
+        api_key=api_key,
+    )  # type: ignore[arg-type]
+    if not as_json:
+        typer.echo(
+            f"simulate: {users} users against {base} "
+            f"({f'{minutes} min' if minutes else f'{turns} questions each'}) ...",
+            err=True,
+        )
+    stats = run_simulation(base, cfg)
     if as_json:
-        print(json.dumps(asdict(stats)))
+        print(json.dumps(stats.as_dict()))
     else:
-        typer.echo(f"simulate: {stats.users} users, {stats.turns} answers, {stats.thumbs} thumbs, "
-                   f"{stats.comparisons} comparisons, {stats.errors} errors, {stats.busy_retries} busy retries "
-                   f"in {stats.seconds}s. `flywheel status` shows them landing in the warehouse.")
+        typer.echo(
+            f"simulate: {stats.users} users {stats.tastes}, {stats.turns} answers, {stats.thumbs} thumbs, "
+            f"{stats.comparisons} comparisons, {stats.regenerations} regenerations, "
+            f"{stats.consent_withdrawn} withdrew consent, {stats.errors} errors, {stats.busy_retries} busy "
+            f"retries in {stats.seconds}s"
+        )
+        for name, v in sorted(stats.per_version.items()):
+            rate = f"{v.up / v.thumbs:.0%}" if v.thumbs else "-"
+            typer.echo(
+                f"  {name}: {v.answers} answers, thumbs up {v.up}/{v.thumbs} ({rate}), "
+                f"side-by-side wins {v.wins}/{v.side_by_side}"
+            )
+        typer.echo("`flywheel status` shows them landing in the warehouse.")
     if stats.errors:
         raise typer.Exit(1)

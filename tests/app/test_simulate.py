@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 def test_simulated_users_feed_the_warehouse(settings, live):
     r = subprocess.run(
         [sys.executable, "-m", "cli.main", "simulate", "--users", "2", "--turns", "2", "--max-tokens", "12",
-         "--consent-rate", "1", "--compare-rate", "1", "--url", live.url, "--json"],
+         "--consent-rate", "1", "--compare-rate", "1", "--regenerate-rate", "0", "--url", live.url, "--json"],
         cwd=REPO, env=settings_env(settings), capture_output=True, text=True, timeout=300,
     )
     assert r.returncode == 0, r.stderr[-3000:]
