@@ -187,7 +187,8 @@ def resolve_precision(requested: str = "auto") -> str:
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     cpu = torch.cpu
-    native_bf16 = getattr(cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(
-        cpu, "_is_amx_tile_supported", lambda: False
-    )()
+    native_bf16 = (
+        getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+        or getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+    )
     return "bf16" if native_bf16 else "fp32"
