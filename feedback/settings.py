@@ -60,6 +60,16 @@ class Settings(BaseSettings):
     base_model: str = Field("", description="Path of the base model; default <home>/models/base.")
     model_version: str = Field("base", description="Release name of the base model.")
     backend: Literal["embedded", "remote"] = "embedded"
+    serve_engine: Literal["llama.cpp", "transformers"] = Field(
+        "transformers",
+        description="Engine of in-process (embedded) backends: llama.cpp (GGUF export made on first load, fast on "
+        "CPU) or transformers (the fp32 reference; CUDA). A backends.yaml entry's `engine` key wins.",
+    )
+    serve_precision: Literal["f32", "f16", "bf16", "q8_0"] = Field(
+        "q8_0",
+        description="Weight precision llama.cpp serves (quality vs fp32 measured in benchmarks/results/serve.json). "
+        "A backends.yaml entry's `precision` key wins.",
+    )
 
     # Operators and the model registry
     admin_token: SecretStr | None = Field(
