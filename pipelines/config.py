@@ -7,7 +7,7 @@ thresholds for health checks do not.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -86,3 +86,41 @@ class CurateConfig(BaseSettings):
         d = self.model_dump(include=set(CONTENT_FIELDS))
         d["pii_entities"] = sorted(d["pii_entities"])
         return d
+
+
+class ReleaseConfig(BaseSettings):
+    """Staged rollout and online analysis thresholds, overridable by ``FLYWHEEL_RELEASE_*`` variables.
+
+    Example: ``FLYWHEEL_RELEASE_CANARY_SHARE=0.2 FLYWHEEL_RELEASE_MARGIN=0.03 flywheel releases start dpo-0003``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="FLYWHEEL_RELEASE_", frozen=True, extra="ignore")
+
+    steps: tuple[float, ...] = Field(
+        (0.1, 0.5, 1.0), description="Candidate's share of users at each stage: canary first, 1.0 = full."
+    )
+    min_thumbs: int = Field(30, ge=1, description="Ratings per version before any promote decision (both arms).")
+    min_step_s: float = Field(60.0, ge=0.0, description="Least time a stage runs before it may ramp up.")
+    max_step_s: float = Field(3600.0, gt=0.0, description="A stage still undecided after this long times out.")
+    on_timeout: Literal["rollback", "hold"] = Field(
+        "rollback", description="What an undecided stage does at max_step_s: roll back, or hold for an operator."
+    )
+    margin: float = Field(
+        0.05, ge=0.0, le=1.0, description="Promote when the candidate's thumbs-up rate is not worse by this much."
+    )
+    alpha: float = Field(0.05, gt=0.0, lt=0.5, description="Error rate of the always-valid (sequential) test.")
+    mixture_sd: float = Field(
+        0.1, gt=0.0, description="mSPRT mixing prior's sd for the rate difference (the effect size it expects)."
+    )
+    max_error_increase: float = Field(
+        0.02, ge=0.0, description="Roll back when the candidate's error rate exceeds production's by this much."
+    )
+    min_errors: int = Field(3, ge=1, description="Errors needed before an error-rate rollback (noise guard).")
+    max_latency_ratio: float = Field(
+        1.5, gt=1.0, description="Roll back when the candidate's median latency (and TTFT) is this many times worse."
+    )
+    min_latency_samples: int = Field(20, ge=1, description="Answers per version before a latency rollback.")
+    poll_s: float = Field(10.0, gt=0.0, description="How often the controller re-reads the statistics.")
+    publish_timeout_s: float = Field(
+        15.0, gt=0.0, description="How long a plan change waits for Kafka before it stays pending (retried)."
+    )

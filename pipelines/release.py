@@ -1,0 +1,522 @@
+"""The release controller: a gate-passed candidate goes to canary, ramps up on live ratings, and reaches full
+traffic or is rolled back.
+
+Stages are ``ReleaseConfig.steps`` (candidate's share of users: e.g. 0.1 -> 0.5 -> 1.0). At each look
+``pipelines.analysis`` decides promote / rollback / continue on the traffic since the release began; a manual
+``promote``, ``rollback`` or ``pause`` (operators, with the admin token) does the same by hand.
+
+Every change is:
+- published to the compacted ``releases`` topic (``app.router.publish_plan``) with the release's own salt, so
+  each release draws a different set of canary users, and the app follows it within about a second;
+- recorded in ``$FLYWHEEL_HOME/releases/log.jsonl`` (append-only, fsynced): who or what decided, why, the
+  statistics at that moment, the plan. The state of the current release is a fold over that log, so a
+  controller that dies mid-ramp resumes exactly where it was;
+- mirrored as MLflow aliases (``canary``, ``production``) through ``training.registry``.
+
+Safety: a change is written as *pending* before it is published and marked *applied* after the broker acknowledged
+it. If Kafka is down the plan in force stays what it was (the app keeps serving it, never "nothing"); the pending
+change is re-published by the next controller tick or command. A plan only ever names versions that exist on
+disk and (for candidates) passed their gate and are not tainted (``training.registry.promotable``). Two operators
+(or an operator and the controller) are serialised by an exclusive file lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.router import ReleasePlan, publish_plan
+from feedback.events import new_id
+from feedback.settings import Settings
+from pipelines import analysis
+from pipelines.config import ReleaseConfig
+
+log = logging.getLogger(__name__)
+
+Action = Literal["start", "ramp", "full", "rollback", "pause", "resume", "applied", "alias"]
+Status = Literal["canary", "ramping", "full", "rolled_back"]
+ACTIVE: tuple[Status, ...] = ("canary", "ramping")
+LOCK_TIMEOUT_S = 30.0
+
+
+class ReleaseError(RuntimeError):
+    """A release action that cannot be done; the message says why and what to do."""
+
+
+class Record(BaseModel):
+    """One line of the release log."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    seq: int
+    at: datetime
+    release_id: str
+    action: Action
+    actor: str = Field(description="'controller' or 'operator:<who>'")
+    reason: str = ""
+    candidate: str
+    production: str
+    share: float = Field(ge=0.0, le=1.0, description="Candidate's share of users after this change.")
+    status: Status
+    paused: bool = False
+    plan: dict[str, Any] | None = None  # the ReleasePlan published (None for records that change no plan)
+    applied: bool = True  # False: written before publishing; an 'applied' record follows once it is out
+    stats: dict[str, Any] | None = None
+
+
+class ReleaseState(BaseModel):
+    """The current release, folded from its records."""
+
+    model_config = ConfigDict(frozen=True)
+    release_id: str
+    candidate: str
+    production: str
+    salt: str
+    share: float
+    status: Status
+    paused: bool
+    started_at: datetime
+    stage_started_at: datetime
+    step_index: int
+    pending: Record | None
+    last: Record
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE
+
+    @property
+    def serving(self) -> str:
+        """The version every user gets once this release is over."""
+        return self.candidate if self.status == "full" else self.production
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The log
+# ---------------------------------------------------------------------------------------------------------
+class ReleaseLog:
+    def __init__(self, settings: Settings):
+        self.dir = settings.home / "releases"
+        self.path = self.dir / "log.jsonl"
+        self.lock_path = self.dir / "lock"
+
+    @contextmanager
+    def locked(self, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+        """Exclusive: one operator or controller changes releases at a time; the other waits, then is refused."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise ReleaseError(
+                            f"another operator or the controller has been changing releases for {timeout_s:.0f} s; "
+                            "retry in a moment (`flywheel releases show`)"
+                        ) from None
+                    time.sleep(0.05)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def records(self) -> list[Record]:
+        if not self.path.exists():
+            return []
+        out = []
+        for n, line in enumerate(self.path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(Record.model_validate_json(line))
+            except ValueError:
+                log.warning("%s:%d: skipping an unreadable release record (a torn write?)", self.path, n)
+        return out
+
+    def append(self, **fields: Any) -> Record:
+        """Append one record (call under ``locked()``); fsynced before returning."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        prev = self.records()
+        rec = Record(seq=(prev[-1].seq + 1) if prev else 1, at=datetime.now(UTC), **fields)
+        with open(self.path, "a") as f:
+            f.write(rec.model_dump_json() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return rec
+
+    def releases(self) -> list[ReleaseState]:
+        """Every release, oldest first."""
+        by_id: dict[str, list[Record]] = {}
+        for r in self.records():
+            by_id.setdefault(r.release_id, []).append(r)
+        return [fold(rs) for rs in by_id.values()]
+
+    def current(self) -> ReleaseState | None:
+        rels = self.releases()
+        return rels[-1] if rels else None
+
+
+def fold(records: list[Record]) -> ReleaseState:
+    """The state of one release from its records, in order."""
+    first = records[0]
+    salt = (first.plan or {}).get("salt", "")
+    st = dict(
+        release_id=first.release_id,
+        candidate=first.candidate,
+        production=first.production,
+        salt=salt,
+        share=first.share,
+        status=first.status,
+        paused=False,
+        started_at=first.at,
+        stage_started_at=first.at,
+        step_index=0,
+        pending=None,
+        last=first,
+    )
+    for r in records:
+        if r.action == "applied":
+            st["pending"] = None
+            continue
+        if r.plan is not None:
+            st["pending"] = None if r.applied else r
+            if r.share != st["share"] or r.status != st["status"]:
+                st["stage_started_at"] = r.at
+            if r.action in ("start", "ramp"):
+                st["step_index"] = int((r.stats or {}).get("step_index", st["step_index"]))
+        st.update(share=r.share, status=r.status, paused=r.paused, last=r)
+    return ReleaseState(**st)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checks against the registry and the disk
+# ---------------------------------------------------------------------------------------------------------
+def servable(settings: Settings, version: str) -> bool:
+    """Weights the app can load for this version exist (a model directory, or an entry in backends.yaml)."""
+    if version == settings.model_version or (settings.models_dir / version / "config.json").exists():
+        return True
+    try:
+        from app.backends.registry import backend_config
+
+        return version in backend_config(settings)
+    except ValueError:
+        return False
+
+
+def check_candidate(settings: Settings, version: str) -> None:
+    """Refuse unknown, unservable, gate-failed or tainted versions, with the reason."""
+    from training import registry
+
+    if not registry.NAME_RE.match(version):
+        raise ReleaseError(f"{version!r} is not a model version name (like dpo-0003); see `flywheel models list`")
+    ok, why = registry.promotable(settings, version)
+    if not ok:
+        raise ReleaseError(f"refused: {why}")
+    if not servable(settings, version):
+        raise ReleaseError(f"refused: no weights for {version} under {settings.models_dir}; nothing could serve it")
+
+
+def current_production(settings: Settings, log_: ReleaseLog) -> str:
+    """What serves everyone now: the outcome of the latest release, else the registry's alias, else the base."""
+    cur = log_.current()
+    if cur is not None:
+        return cur.serving if not cur.active else cur.production
+    try:
+        from training import registry
+
+        return registry.get_alias(settings, "production") or settings.model_version
+    except Exception:  # noqa: BLE001 - registry down: the base release is what the app serves by default
+        return settings.model_version
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The controller
+# ---------------------------------------------------------------------------------------------------------
+def plan_for(candidate: str, production: str, share: float, salt: str, stage: str) -> ReleasePlan:
+    """Incumbent first, candidate last (monotone ramps, see ``app.router``)."""
+    if share >= 1.0:
+        return ReleasePlan.single(candidate, stage=stage, salt=salt)
+    if share <= 0.0:
+        return ReleasePlan.single(production, stage=stage, salt=salt)
+    return ReleasePlan.weighted({production: round(1 - share, 6), candidate: round(share, 6)}, stage=stage, salt=salt)
+
+
+class Controller:
+    """Release actions. Every public method takes the lock, so operators and the controller never interleave."""
+
+    def __init__(self, settings: Settings, config: ReleaseConfig | None = None):
+        self.settings = settings
+        self.cfg = config or ReleaseConfig()
+        self.log = ReleaseLog(settings)
+
+    # ---- helpers (called under the lock) --------------------------------------------------------------
+    def _change(
+        self,
+        st: ReleaseState | None,
+        *,
+        action: Action,
+        actor: str,
+        reason: str,
+        share: float,
+        status: Status,
+        stats: dict[str, Any] | None = None,
+        candidate: str | None = None,
+        production: str | None = None,
+        salt: str | None = None,
+        release_id: str | None = None,
+    ) -> Record:
+        cand = candidate or st.candidate  # type: ignore[union-attr]
+        prod = production or st.production  # type: ignore[union-attr]
+        salt = salt if salt is not None else st.salt  # type: ignore[union-attr]
+        stage = {"full": "full", "rolled_back": "rollback"}.get(status, f"{status}-{share:g}")
+        plan = plan_for(cand, prod, share, salt, f"{stage} {cand}")
+        missing = [v for v in plan.versions() if not servable(self.settings, v)]
+        if missing:
+            raise ReleaseError(f"refused: the plan would name {missing}, which nothing can serve")
+        rec = self.log.append(
+            release_id=release_id or st.release_id,
+            action=action,
+            actor=actor,
+            reason=reason,  # type: ignore[union-attr]
+            candidate=cand,
+            production=prod,
+            share=share,
+            status=status,
+            paused=False,
+            plan=json.loads(plan.model_dump_json()),
+            applied=False,
+            stats=stats,
+        )
+        self._apply(rec)
+        return rec
+
+    def _apply(self, rec: Record) -> None:
+        """Publish a recorded plan and mark it applied; on failure it stays pending (and the old plan in force)."""
+        plan = ReleasePlan.model_validate(rec.plan)
+        try:
+            publish_plan(self.settings, plan, timeout=self.cfg.publish_timeout_s)
+        except Exception as e:  # noqa: BLE001 - Kafka down or slow: keep the old plan, retry later
+            raise ReleaseError(
+                f"recorded but NOT yet published ({type(e).__name__}: {e}): users keep the plan in force; "
+                "the controller (or the next command) publishes it when Kafka answers"
+            ) from e
+        self.log.append(
+            release_id=rec.release_id,
+            action="applied",
+            actor=rec.actor,
+            reason=f"plan {plan.plan_id}",
+            candidate=rec.candidate,
+            production=rec.production,
+            share=rec.share,
+            status=rec.status,
+            paused=rec.paused,
+        )
+        self._mirror_aliases(rec)
+
+    def _mirror_aliases(self, rec: Record) -> None:
+        try:
+            from training import registry
+
+            if rec.status == "full":
+                registry.set_alias(self.settings, "production", rec.candidate)
+                registry.delete_alias(self.settings, "canary")
+            elif rec.status == "rolled_back":
+                registry.delete_alias(self.settings, "canary")
+            else:
+                registry.set_alias(self.settings, "canary", rec.candidate)
+        except Exception as e:  # noqa: BLE001 - the plan is what users see; the registry mirror is retried later
+            log.warning("could not mirror release %s as registry aliases: %s", rec.release_id, e)
+
+    def _resume_pending(self) -> ReleaseState | None:
+        st = self.log.current()
+        if st is not None and st.pending is not None:
+            log.info("re-publishing pending release change #%d (%s)", st.pending.seq, st.pending.action)
+            self._apply(st.pending)
+            st = self.log.current()
+        return st
+
+    def _active(self) -> ReleaseState:
+        st = self._resume_pending()
+        if st is None or not st.active:
+            raise ReleaseError("no release in progress: start one with `flywheel releases start <version>`")
+        return st
+
+    # ---- actions ---------------------------------------------------------------------------------------
+    def start(self, candidate: str, actor: str, reason: str = "") -> ReleaseState:
+        with self.log.locked():
+            st = self._resume_pending()
+            if st is not None and st.active:
+                raise ReleaseError(
+                    f"release {st.release_id} of {st.candidate} is in progress ({st.status} "
+                    f"{st.share:.0%}): roll it back or let it finish first"
+                )
+            check_candidate(self.settings, candidate)
+            production = current_production(self.settings, self.log)
+            if candidate == production:
+                raise ReleaseError(f"{candidate} already serves everyone")
+            share = self.cfg.steps[0]
+            self._change(
+                None,
+                action="start",
+                actor=actor,
+                reason=reason or "gate passed",
+                share=share,
+                status="full" if share >= 1.0 else "canary",
+                stats={"step_index": 0},
+                candidate=candidate,
+                production=production,
+                salt=new_id(),
+                release_id=new_id()[:12],
+            )
+            return self.log.current()  # type: ignore[return-value]
+
+    def promote(
+        self, actor: str, reason: str = "", full: bool = False, stats: dict[str, Any] | None = None
+    ) -> ReleaseState:
+        """Next ramp step (or straight to full)."""
+        with self.log.locked():
+            return self._promote(self._active(), actor, reason, full, stats)
+
+    def _promote(
+        self, st: ReleaseState, actor: str, reason: str, full: bool, stats: dict[str, Any] | None
+    ) -> ReleaseState:
+        steps = self.cfg.steps
+        nxt = len(steps) - 1 if full else min(st.step_index + 1, len(steps) - 1)
+        share = 1.0 if full else max(steps[nxt], st.share)
+        status: Status = "full" if share >= 1.0 else "ramping"
+        self._change(
+            st,
+            action="full" if status == "full" else "ramp",
+            actor=actor,
+            reason=reason,
+            share=share,
+            status=status,
+            stats={**(stats or {}), "step_index": nxt},
+        )
+        return self.log.current()  # type: ignore[return-value]
+
+    def rollback(self, actor: str, reason: str = "", stats: dict[str, Any] | None = None) -> ReleaseState:
+        with self.log.locked():
+            st = self._active()
+            self._change(
+                st,
+                action="rollback",
+                actor=actor,
+                reason=reason or "manual rollback",
+                share=0.0,
+                status="rolled_back",
+                stats=stats,
+            )
+            return self.log.current()  # type: ignore[return-value]
+
+    def pause(self, actor: str, reason: str = "", paused: bool = True) -> ReleaseState:
+        """Stop (or restart) automatic decisions; the plan in force stays as it is."""
+        with self.log.locked():
+            st = self._active()
+            self.log.append(
+                release_id=st.release_id,
+                action="pause" if paused else "resume",
+                actor=actor,
+                reason=reason,
+                candidate=st.candidate,
+                production=st.production,
+                share=st.share,
+                status=st.status,
+                paused=paused,
+            )
+            return self.log.current()  # type: ignore[return-value]
+
+    def analyse(self, st: ReleaseState) -> analysis.Analysis:
+        cand, prod = analysis.read_arms(
+            self.settings.warehouse_path,
+            st.candidate,
+            st.production,
+            st.started_at,
+            self.settings.warehouse_lock_timeout_s,
+        )
+        elapsed = (datetime.now(UTC) - st.stage_started_at).total_seconds()
+        return analysis.analyse(cand, prod, self.cfg, elapsed)
+
+    def tick(self) -> tuple[ReleaseState | None, analysis.Analysis | None]:
+        """One look: publish anything pending, then act on the analysis (unless paused). Safe to call anytime."""
+        with self.log.locked():
+            st = self._resume_pending()
+            if st is None or not st.active:
+                return st, None
+            a = self.analyse(st)
+            self._save_latest(st, a)
+            if st.paused:
+                return st, a
+            stats = a.as_dict()
+            if a.decision == "rollback":
+                self._change(
+                    st,
+                    action="rollback",
+                    actor="controller",
+                    reason="; ".join(a.reasons),
+                    share=0.0,
+                    status="rolled_back",
+                    stats=stats,
+                )
+            elif a.decision == "promote":
+                self._promote(st, "controller", "; ".join(a.reasons), False, stats)
+            elif a.decision == "hold" and not st.paused:
+                self.log.append(
+                    release_id=st.release_id,
+                    action="pause",
+                    actor="controller",
+                    reason="; ".join(a.reasons),
+                    candidate=st.candidate,
+                    production=st.production,
+                    share=st.share,
+                    status=st.status,
+                    paused=True,
+                    stats=stats,
+                )
+            return self.log.current(), a
+
+    def _save_latest(self, st: ReleaseState, a: analysis.Analysis) -> None:
+        """The latest look, for the dashboard and `releases show` (overwritten atomically each tick)."""
+        path = self.log.dir / "latest_analysis.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(
+            json.dumps({"release_id": st.release_id, "at": datetime.now(UTC).isoformat(), **a.as_dict()}, default=str)
+        )
+        os.replace(tmp, path)
+
+    def run(
+        self,
+        until_done: bool = True,
+        max_s: float | None = None,
+        on_look: Callable[[ReleaseState | None, analysis.Analysis | None], None] | None = None,
+    ) -> ReleaseState | None:
+        """Look every ``poll_s`` until the release is over (or ``max_s``). Kafka trouble is retried, not fatal."""
+        t0 = time.monotonic()
+        while True:
+            try:
+                st, a = self.tick()
+            except ReleaseError as e:
+                log.warning("release controller: %s", e)
+                st, a = self.log.current(), None
+            if on_look is not None:
+                on_look(st, a)
+            if st is None or not st.active or not until_done:
+                return st
+            if max_s is not None and time.monotonic() - t0 >= max_s:
+                return st
+            time.sleep(self.cfg.poll_s)
+
+
+def latest_analysis(settings: Settings) -> dict[str, Any] | None:
+    path = settings.home / "releases" / "latest_analysis.json"
+    return json.loads(path.read_text()) if path.exists() else None
