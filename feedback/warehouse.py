@@ -104,7 +104,14 @@ class WarehouseBusy(RuntimeError):
 
 def _is_lock_error(e: Exception) -> bool:
     msg = str(e).lower()
-    return "lock" in msg or "conflicting" in msg or "being used by another process" in msg
+    # "different configuration": this very process holds the file the other way (a writer and a reader in one
+    # process, e.g. tests); it is released at the writer's next hand-over just the same.
+    return (
+        "lock" in msg
+        or "conflicting" in msg
+        or "being used by another process" in msg
+        or "different configuration" in msg
+    )
 
 
 def _want_fd(path: Path) -> int:
