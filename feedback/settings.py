@@ -112,6 +112,25 @@ class Settings(BaseSettings):
     )
     registered_model: str = Field("flywheel-chat", description="The one registered model every version belongs to.")
 
+    def child_env(self, pythonpath: Path | None = None) -> dict[str, str]:
+        """The environment a child process needs to see these same settings (``FLYWHEEL_*``), on top of ours."""
+        import json
+        import os
+
+        env = dict(os.environ)
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            key = f"FLYWHEEL_{name.upper()}"
+            if value is None:
+                env.pop(key, None)
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            env[key] = json.dumps(value) if isinstance(value, list | dict | tuple | set) else str(value)
+        if pythonpath is not None:
+            env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), *filter(None, [env.get("PYTHONPATH")])])
+        return env
+
     @property
     def topics(self) -> dict[str, str]:
         p = self.topic_prefix
