@@ -41,15 +41,21 @@
     const bots = document.querySelectorAll('#chatbot [data-testid="bot"]');
     return bots.length ? bots[bots.length - 1] : null;
   };
-  // Gradio's own copy button would copy the HTML behind a bubble: copy what is shown instead.
+  // Gradio's own copy button would copy the HTML behind a bubble: take the click first and copy what is shown.
   document.addEventListener('click', (ev) => {
-    const btn = ev.target.closest && ev.target.closest('#chatbot button[aria-label="Copy message"], #chatbot button[title="Copy message"]');
+    const btn = ev.target.closest && ev.target.closest('#chatbot button[aria-label="Copy message"]');
     if (!btn) return;
-    const row = btn.closest('.message-row') || btn.closest('.bot-row') || btn.closest('.user-row');
+    const buttons = btn.closest('.message-buttons');
+    const row = buttons && buttons.previousElementSibling;
     const bubble = row && row.querySelector('[data-testid="bot"], [data-testid="user"]');
     if (!bubble) return;
+    ev.stopPropagation();
+    ev.preventDefault();
     const text = bubble.getAttribute('data-testid') === 'bot' ? answerText(bubble) : bubble.innerText.trim();
-    setTimeout(() => copyText(text), 0);  // after Gradio's own write, so ours is what stays
+    copyText(text).then(() => {
+      btn.classList.add('fw-copied');
+      setTimeout(() => btn.classList.remove('fw-copied'), 1500);
+    });
   }, true);
 
   document.addEventListener('click', (ev) => {

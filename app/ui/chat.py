@@ -45,6 +45,7 @@ class ChatView:
     stop: Any = _skip()
     cont: Any = _skip()
     keep: Any = _skip()
+    reason: Any = _skip()
 
     def out(self) -> tuple:
         return tuple(getattr(self, f) for f in self.__dataclass_fields__)
@@ -60,6 +61,7 @@ def streaming_controls() -> dict[str, Any]:
         "stop": gr.update(visible=True),
         "cont": gr.update(visible=False),
         "keep": gr.update(visible=False),
+        "reason": gr.update(visible=False),
     }
 
 
@@ -246,7 +248,7 @@ class ChatHandlers:
         st["messages"] = msgs[:i]
         st["pending_reason"] = st["previous"] = None
         self.ctx.sessions.save_conversation(uid, st["conversation_id"], st["messages"])
-        return ChatView(chatbot_update(st), st, text, "", **idle_controls(st)).out()
+        return ChatView(chatbot_update(st), st, text, "", reason=gr.update(visible=False), **idle_controls(st)).out()
 
     def like(self, st: Chat, data: gr.LikeData, request: gr.Request) -> tuple:
         """Thumbs up / down / cleared on one answer; a thumbs-down opens the optional reason box."""

@@ -35,7 +35,7 @@ def build_ui(service: ChatService, *, max_new_tokens: int = 256, temperature: fl
         pair = gr.State({})
         with gr.Sidebar(open=False, elem_id="sidebar"):
             gr.Markdown("### Flywheel")
-            new_btn = gr.Button("＋ New chat", elem_id="new-chat", size="sm")
+            new_btn = gr.Button("+ New chat", elem_id="new-chat", size="sm")
             history = gr.Radio(label="Your conversations", choices=[], elem_id="history")
             with gr.Row(elem_id="conv-actions"):
                 rename_btn = gr.Button("Rename", elem_id="rename", size="sm")
@@ -130,7 +130,7 @@ def build_ui(service: ChatService, *, max_new_tokens: int = 256, temperature: fl
                 cmp_status = gr.Markdown(elem_id="cmp-status")
 
         # ---- wiring -------------------------------------------------------------------------------
-        chat_out = [chatbot, state, msg, status, history, send_btn, stop_btn, cont_btn, keep_row]
+        chat_out = [chatbot, state, msg, status, history, send_btn, stop_btn, cont_btn, keep_row, reason_row]
         gen = dict(concurrency_limit=None, show_progress="hidden")
         msg.submit(chat.send, [msg, state], chat_out, **gen)
         send_btn.click(chat.send, [msg, state], chat_out, **gen)
