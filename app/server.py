@@ -22,6 +22,7 @@ from typing import Any
 import gradio as gr
 import uvicorn
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from pydantic import SecretStr
 
 from app.api import build_api, install_error_handlers
@@ -245,7 +246,10 @@ def create_app(
             sessions.close()
             keys.close()
 
-    app = FastAPI(title="Flywheel", lifespan=lifespan, docs_url="/v1/docs", openapi_url="/v1/openapi.json")
+    # The /v1 docs page with Swagger UI served from here (fastapi-offline), not from a CDN: it works offline and
+    # tells no third party who reads it. Its assets live outside /v1, so they need no API key.
+    app = FastAPIOffline(title="Flywheel", lifespan=lifespan, docs_url="/v1/docs", redoc_url=None,
+                         openapi_url="/v1/openapi.json", static_url="/api-docs-static")
     app.state.service = service
     app.state.keys = keys
     install_error_handlers(app)
