@@ -52,12 +52,14 @@ def run_stack(s: Settings, app_server: bool = True, prefect: bool = True) -> int
 
     py = sys.executable
     children = [Child("ingest", [py, "-m", "feedback.ingest"])]
+    children.append(Child("mlflow", [py, "-m", "infra.mlflow_server"]))  # registry UI; marker once it answers
     if prefect:
         from infra import prefect_server
 
         prefect_server.start(s)
         console.print(f"[green]up[/green] prefect server http://{s.prefect_host}:{s.prefect_port}")
         children.append(Child("flows", [py, "-m", "pipelines.serve"]))
+        children.append(Child("worker", [py, "-m", "pipelines.serve", "worker"]))  # runs `train` on flywheel-cpu
     if app_server:
         children.append(Child("app", [py, "-m", "app.server"]))
 
@@ -74,6 +76,8 @@ def run_stack(s: Settings, app_server: bool = True, prefect: bool = True) -> int
     if app_server:
         console.print(f"[bold]chat:[/bold] http://{s.app_host}:{s.app_port}/   "
                       f"[bold]API:[/bold] http://{s.app_host}:{s.app_port}/v1   (Ctrl-C stops everything)")
+    console.print(f"[bold]MLflow:[/bold] http://{s.mlflow_host}:{s.mlflow_port}/"
+                  + (f"   [bold]Prefect:[/bold] http://{s.prefect_host}:{s.prefect_port}/" if prefect else ""))
     while not stopping:
         time.sleep(0.5)
         for c in children:
