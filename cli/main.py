@@ -153,12 +153,14 @@ def _mount_parts() -> None:
     from cli.datasets import datasets_app
     from cli.flows import run_flow
     from cli.keys import keys_app
+    from cli.models import models_app
     from cli.releases import releases_app
     from cli.simulate import simulate
 
     app.add_typer(datasets_app, name="datasets")
     app.add_typer(app_cmd, name="app")
     app.add_typer(keys_app, name="keys")
+    app.add_typer(models_app, name="models")
     app.add_typer(releases_app, name="releases")
     app.command("simulate")(simulate)
     app.command("run", help="Run a flow once, now: flywheel run <flow>.")(run_flow)

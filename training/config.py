@@ -51,7 +51,6 @@ class RecipeModel(BaseModel):
     reward_version: str | None = Field(
         None, description="rlhf: the registered reward model to optimise against (default: the newest one)."
     )
-    gradient_checkpointing: bool = False
 
 
 class RecipeConfig(BaseModel):

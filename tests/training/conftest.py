@@ -94,15 +94,57 @@ def curate_into(settings: Settings, events: list) -> str:
     return write_snapshot(curated, settings.datasets_dir).snapshot_id
 
 
+def land_through_kafka(settings: Settings, events: list) -> None:
+    """Events travel the real path: producer (spool, Kafka) -> ingest (exactly once) -> the DuckDB warehouse."""
+    from feedback.ingest import IngestConsumer
+    from feedback.producer import EventProducer
+
+    producer = EventProducer(settings, spool_name="training-fixture")
+    try:
+        for e in events:
+            producer.emit(e)
+        assert producer.flush(60), "the broker did not acknowledge the simulated events"
+    finally:
+        producer.close()
+    IngestConsumer(settings).run(
+        idle_exit_s=3.0, max_seconds=120, stop_when=lambda st: sum(st.inserted.values()) >= len(events)
+    )
+
+
+def curate_only(settings: Settings) -> str:
+    from pipelines import curate as cur
+    from pipelines.config import CurateConfig
+    from pipelines.snapshots import write_snapshot
+
+    curated = cur.curate(cur.read_warehouse(settings.warehouse_path), CurateConfig(eval_fraction=0.25))
+    return write_snapshot(curated, settings.datasets_dir).snapshot_id
+
+
 @pytest.fixture(scope="session")
-def trained_home(tmp_path_factory) -> tuple[Settings, str]:
-    """One home for the training tests: the real base model (copied), a curated snapshot, an MLflow store."""
+def trained_home(tmp_path_factory, kafka_broker: Settings) -> tuple[Settings, str]:
+    """One home for the training tests: the real base model (copied), simulated events landed through the real
+    broker and ingest, a curated snapshot, and MLflow's real SQLite store (no server: ``mlflow_port=1``)."""
+    import uuid
+
+    from feedback.topics import ensure_topics
+
     need_model(BASE)
     home = tmp_path_factory.mktemp("train") / "home"
     (home / "models").mkdir(parents=True)
     shutil.copytree(BASE, home / "models" / "base")
-    settings = Settings(home=home, mlflow_port=1)  # port 1: never a server; MLflow's SQLite store is opened directly
-    return settings, curate_into(settings, simulated_events())
+    tag = uuid.uuid4().hex[:8]
+    settings = Settings(
+        home=home,
+        mlflow_port=1,
+        kafka_bootstrap=kafka_broker.kafka_bootstrap,
+        topic_prefix=f"train{tag}",
+        ingest_group=f"ingest-{tag}",
+        ingest_batch_ms=100,
+        ingest_session_timeout_ms=6_000,
+    )
+    ensure_topics(settings)
+    land_through_kafka(settings, simulated_events())
+    return settings, curate_only(settings)
 
 
 def overrides(steps: int = 2, **extra) -> list[str]:
