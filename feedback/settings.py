@@ -57,6 +57,12 @@ class Settings(BaseSettings):
     app_port: int = 7860
     prefect_host: str = "127.0.0.1"
     prefect_port: int = 4200
+    prefect_work_pool: str = Field(
+        "flywheel-cpu", description="Process work pool of the `train` deployment; `flywheel up` starts its worker."
+    )
+    prefect_gpu_work_pool: str = Field(
+        "flywheel-gpu", description="Pool of the `train-gpu` deployment (gpu configs); a GPU machine joins it."
+    )
     base_model: str = Field("", description="Path of the base model; default <home>/models/base.")
     model_version: str = Field("base", description="Release name of the base model.")
     backend: Literal["embedded", "remote"] = "embedded"
