@@ -24,8 +24,10 @@ from feedback.deletion import DELETION_DEADLINE_S, pending_deletions, process_de
 from feedback.events import ChatTurn, Message
 from feedback.producer import EventProducer
 from feedback.shred import SHREDDED, KeyStore, is_sealed, user_hash
+from feedback.spool import Spool
 from feedback.warehouse import connect, row_counts
-from tests.conftest import settings_env
+from tests.app.conftest import start_app
+from tests.conftest import free_port, settings_env
 
 pytestmark = pytest.mark.integration
 
@@ -76,29 +78,46 @@ def test_deletion_reaches_every_store_within_the_stated_time(live, settings, kaf
     marker = f"zebra{uuid.uuid4().hex[:12]}"
     c = OpenAI(base_url=live.api, api_key="not-needed", max_retries=0)
     r = c.chat.completions.create(
-        model="flywheel", messages=[{"role": "user", "content": f"My secret word is {marker}."}], max_tokens=4,
-        user=VICTIM, extra_headers={"X-Flywheel-Consent": "1"},
+        model="flywheel",
+        messages=[{"role": "user", "content": f"My secret word is {marker}."}],
+        max_tokens=4,
+        user=VICTIM,
+        extra_headers={"X-Flywheel-Consent": "1"},
     )
-    fb = httpx.post(f"{live.api}/feedback", json={"turn_id": r.id, "rating": "down", "reason": f"not {marker}",
-                                                  "user": VICTIM}, timeout=30)
+    fb = httpx.post(
+        f"{live.api}/feedback",
+        json={"turn_id": r.id, "rating": "down", "reason": f"not {marker}", "user": VICTIM},
+        timeout=30,
+    )
     assert fb.status_code == 200, fb.text
-    c.chat.completions.create(model="flywheel", messages=[{"role": "user", "content": "Hello there"}], max_tokens=4,
-                              user=BYSTANDER, extra_headers={"X-Flywheel-Consent": "1"})
+    c.chat.completions.create(
+        model="flywheel",
+        messages=[{"role": "user", "content": "Hello there"}],
+        max_tokens=4,
+        user=BYSTANDER,
+        extra_headers={"X-Flywheel-Consent": "1"},
+    )
     victim_id = f"api:{VICTIM}"
     live.service.sessions.save_conversation(victim_id, "conv-ui", [{"role": "user", "content": marker}])
     snap = _snapshot(settings.datasets_dir, "snap-victim", [victim_id, "api:other"], marker)
     keep = _snapshot(settings.datasets_dir, "snap-other", ["api:other"], "nothing of theirs")
     model_dir = settings.models_dir / "dpo-0001"
     model_dir.mkdir(parents=True)
-    (model_dir / "lineage.json").write_text(json.dumps({"name": "dpo-0001", "snapshot_id": "snap-victim",
-                                                        "tainted": False}))
+    (model_dir / "lineage.json").write_text(
+        json.dumps({"name": "dpo-0001", "snapshot_id": "snap-victim", "tainted": False})
+    )
 
-    ingest = subprocess.Popen([sys.executable, "-m", "feedback.ingest"], env=settings_env(settings),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ingest = subprocess.Popen(
+        [sys.executable, "-m", "feedback.ingest"],
+        env=settings_env(settings),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 90
-        while (row_counts(settings.warehouse_path)["turns"] < 2 or _warehouse_text(settings, marker) < 2) \
-                and time.monotonic() < deadline:
+        while (
+            row_counts(settings.warehouse_path)["turns"] < 2 or _warehouse_text(settings, marker) < 2
+        ) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert _warehouse_text(settings, marker) >= 2, "the victim's turn and rating must be in the warehouse first"
 
@@ -114,12 +133,31 @@ def test_deletion_reaches_every_store_within_the_stated_time(live, settings, kaf
 
         # A late copy (an old turn re-sent after the deletion) must not bring the text back.
         late = EventProducer(settings, spool_name="late")
-        late.emit(ChatTurn(user_id=victim_id, consent=True, conversation_id="c-late", turn_id="t-late",
-                           model_version="base", messages=[Message(role="user", content=f"late {marker}")],
-                           answer=marker, latency_ms=1.0, ts=datetime.now(UTC) - timedelta(minutes=5)))
-        late.emit(ChatTurn(user_id="api:other", consent=True, conversation_id="c-x", turn_id="t-other",
-                           model_version="base", messages=[Message(role="user", content="hi")], answer="ok",
-                           latency_ms=1.0))
+        late.emit(
+            ChatTurn(
+                user_id=victim_id,
+                consent=True,
+                conversation_id="c-late",
+                turn_id="t-late",
+                model_version="base",
+                messages=[Message(role="user", content=f"late {marker}")],
+                answer=marker,
+                latency_ms=1.0,
+                ts=datetime.now(UTC) - timedelta(minutes=5),
+            )
+        )
+        late.emit(
+            ChatTurn(
+                user_id="api:other",
+                consent=True,
+                conversation_id="c-x",
+                turn_id="t-other",
+                model_version="base",
+                messages=[Message(role="user", content="hi")],
+                answer="ok",
+                latency_ms=1.0,
+            )
+        )
         assert late.flush(60)
         late.close()
         deadline = time.monotonic() + 60
@@ -142,8 +180,9 @@ def test_deletion_reaches_every_store_within_the_stated_time(live, settings, kaf
         "session store": list((settings.home / "app").glob("sessions.sqlite*")),
         "snapshots": [p for p in settings.datasets_dir.rglob("*") if p.is_file()],
         "spool": [p for p in settings.spool_path.rglob("*") if p.is_file()],
-        "kafka log": [p for p in (kafka_broker.kafka_dir / "data").rglob("*")
-                      if p.is_file() and settings.topic_prefix in str(p)],
+        "kafka log": [
+            p for p in (kafka_broker.kafka_dir / "data").rglob("*") if p.is_file() and settings.topic_prefix in str(p)
+        ],
     }
     for store, files in stores.items():
         assert files or store in ("warehouse file",), f"nothing to search in {store}?"
@@ -170,6 +209,36 @@ def test_training_sees_a_deletion_as_pending_until_every_step_is_done(settings):
     rid = request_deletion(settings, "api:someone")
     pending = pending_deletions(settings)
     assert [p.request_id for p in pending] == [rid] and set(pending[0].steps_left) == {
-        "keys", "warehouse", "snapshots", "compacted"}
+        "keys",
+        "warehouse",
+        "snapshots",
+        "compacted",
+    }
     assert process_deletions(settings) == []
     assert pending_deletions(settings) == []
+
+
+def test_a_consent_change_whose_event_cannot_be_recorded_is_refused_not_lost(settings, model_backend):
+    offline = settings.model_copy(
+        update={"kafka_bootstrap": f"127.0.0.1:{free_port()}", "spool_max_bytes": 1024 * 1024}
+    )
+    sp = Spool(offline.spool_path, "app")
+    sp.append_many([("t", None, b"q" * 1000)] * 1100)  # the outbox is at its bound while Kafka is away
+    sp.close()
+    app = start_app(offline, {"base": model_backend})
+    try:
+        r = httpx.post(
+            f"{app.api}/chat/completions",
+            timeout=60,
+            headers={"X-Flywheel-Consent": "0"},
+            json={
+                "model": "flywheel",
+                "user": "carol",
+                "max_tokens": 2,
+                "messages": [{"role": "user", "content": "hi"}],
+            },
+        )
+        assert r.status_code == 503 and "retry" in r.json()["error"]["message"]
+        assert app.service.sessions.stored_consent("api:carol") is None, "local state must not run ahead"
+    finally:
+        app.stop()
