@@ -19,14 +19,9 @@ requests on these CPUs (DESIGN.md); this loop gave 76-90 tokens/s in total for 8
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import logging
 import os
 import sys
-import threading
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 if "torch" not in sys.modules:
@@ -37,12 +32,10 @@ if "torch" not in sys.modules:
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from tokenizers.decoders import DecodeStream
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from app.backends.base import Busy, Chunk
-from feedback.events import Sampling
+from app.backends.batching import BatchingBackend, Request
 
 log = logging.getLogger(__name__)
 
@@ -86,31 +79,13 @@ def _new_cache(config) -> DynamicCache:
     return cache
 
 
-@dataclass(eq=False)
-class _Request:
-    ids: list[int]
-    sampling: Sampling
-    max_new: int
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-    decoder: DecodeStream
-    generator: torch.Generator | None
-    completion: int = 0
-    cancelled: bool = False
-    done: bool = False
+class EmbeddedBackend(BatchingBackend):
+    """A causal LM loaded in this process with transformers, shared by up to ``max_concurrency`` streams.
 
-
-def _deliver(items: list[tuple[_Request, Chunk]]) -> None:
-    for req, chunk in items:
-        req.queue.put_nowait(chunk)
-
-
-class EmbeddedBackend:
-    """A causal LM loaded in this process, shared by up to ``max_concurrency`` concurrent streams.
-
-    ``max_queue`` more requests may wait for a slot; past that ``stream`` raises ``Busy`` at once. Prompts are
-    trimmed to ``max_context_tokens`` by dropping the oldest non-system messages.
+    The fp32 reference engine (and the one for CUDA); ``llamacpp.LlamaCppBackend`` is the faster CPU engine.
     """
+
+    prefill_budget = PREFILL_TOKEN_BUDGET
 
     def __init__(
         self,
@@ -123,9 +98,6 @@ class EmbeddedBackend:
         dtype: torch.dtype | None = None,
         num_threads: int | None = None,
     ):
-        self.name = f"embedded:{model_path}"
-        self.max_concurrency = max_concurrency
-        self.max_queue = max_queue
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -135,162 +107,43 @@ class EmbeddedBackend:
             # Process-global. All cores for intra-op work: only the decode thread does heavy torch work, and on
             # 2 cores oversubscribing (more threads than cores) costs more than it gains.
             torch.set_num_threads(num_threads or len(os.sched_getaffinity(0)))
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
         cfg = self.model.config
-        self.max_context_tokens = min(max_context_tokens, getattr(cfg, "max_position_embeddings", None) or 10**9)
-        self._fast = self.tokenizer._tokenizer  # the Rust tokenizer, for incremental decoding
-        self._stop_ids = self._find_stop_ids()
-
-        self._cv = threading.Condition()
-        self._pending: collections.deque[_Request] = collections.deque()
-        self._inflight = 0  # admitted and not yet released: active rows + waiting requests
-        self._closed = False
+        context = min(max_context_tokens, getattr(cfg, "max_position_embeddings", None) or 10**9)
+        eos = self.model.generation_config.eos_token_id
+        self._setup(f"embedded:{model_path}", tokenizer, eos, max_concurrency, max_queue, context)
         # Batch state, touched only by the decode thread.
-        self._rows: list[_Request] = []
         self._cache: DynamicCache | None = None
         self._pad: torch.Tensor | None = None  # (B,) left padding of each row
         self._next: torch.Tensor | None = None  # (B, 1) token each row feeds at the next step
         self._width = 0  # cache length in columns, padding included
-        # Chunks of one step, handed to each event loop in one call: one wake-up per step, not one per stream.
-        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[_Request, Chunk]]] = {}
 
         with torch.inference_mode():  # first-call kernel setup out of the first user's TTFT
             self.model(input_ids=torch.tensor([[self._stop_ids[0]] * 4], device=self.device), logits_to_keep=1)
-        self._thread = threading.Thread(target=self._run, name="embedded-decode", daemon=True)
-        self._thread.start()
+        self._start()
 
-    def _find_stop_ids(self) -> list[int]:
-        ids: list[int] = []
-        eos = self.model.generation_config.eos_token_id
-        ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
-        if self.tokenizer.eos_token_id is not None:
-            ids.append(self.tokenizer.eos_token_id)
-        for t in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
-            tid = self.tokenizer.convert_tokens_to_ids(t)
-            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
-                ids.append(tid)
-        return list(dict.fromkeys(ids))
+    # ---- engine hooks (decode thread) ----
 
-    # ---- consumer side (event loop) ----
+    def _new_rng(self, seed: int) -> torch.Generator:
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(seed)
+        return gen
 
-    def load(self) -> float:
-        return min(1.0, self._inflight / self.max_concurrency)
-
-    def encode(self, messages: list[dict[str, str]]) -> list[int]:
-        """Chat-template token ids, dropping the oldest non-system messages until the prompt fits."""
-        msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
-        limit = self.max_context_tokens - 1
-        while True:
-            ids = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-            if len(ids) <= limit:
-                return ids
-            drop = next((i for i, m in enumerate(msgs[:-1]) if m["role"] != "system"), None)
-            if drop is None:
-                raise ValueError(f"the message is {len(ids)} tokens; this model takes at most {limit}")
-            del msgs[drop]
-
-    async def stream(self, messages: list[dict[str, str]], sampling: Sampling) -> AsyncIterator[Chunk]:
-        ids = self.encode(messages)
-        with self._cv:
-            if self._closed:
-                raise RuntimeError("backend is closed")
-            if self._inflight >= self.max_concurrency + self.max_queue:
-                raise Busy(f"{self._inflight} requests in flight (bound {self.max_concurrency}+{self.max_queue})")
-            self._inflight += 1
-        req = None
-        try:  # from here on every path, a failing seed or setup included, gives the slot back in `finally`
-            gen = None
-            if sampling.temperature > 0:
-                gen = torch.Generator(device=self.device)
-                gen.manual_seed(sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(8)) >> 1)
-            req = _Request(
-                ids=ids,
-                sampling=sampling,
-                max_new=max(1, min(sampling.max_new_tokens, self.max_context_tokens - len(ids))),
-                loop=asyncio.get_running_loop(),
-                queue=asyncio.Queue(),
-                decoder=DecodeStream(skip_special_tokens=True),
-                generator=gen,
-            )
-            with self._cv:
-                self._pending.append(req)
-                self._cv.notify()
-            while True:
-                chunk = await req.queue.get()
-                if chunk.finish_reason is not None:
-                    req.done = True
-                yield chunk
-                if req.done:
-                    return
-        finally:
-            with self._cv:
-                self._inflight -= 1
-                if req is not None:
-                    req.cancelled = True  # the decode thread drops the row before its next step
-                    try:
-                        self._pending.remove(req)
-                    except ValueError:
-                        pass
-
-    async def aclose(self) -> None:
-        with self._cv:
-            self._closed = True
-            self._cv.notify()
-        await asyncio.to_thread(self._thread.join, 30)
-
-    # ---- decode thread ----
-
-    def _run(self) -> None:
+    def _iterate(self, new: list[Request]) -> None:
         with torch.inference_mode():
-            while True:
-                with self._cv:
-                    while not (self._pending or self._rows or self._closed):
-                        self._cv.wait()
-                    if self._closed:
-                        break
-                    new: list[_Request] = []
-                    budget = PREFILL_TOKEN_BUDGET
-                    while self._pending and len(self._rows) + len(new) < self.max_concurrency:
-                        if new and len(self._pending[0].ids) > budget:
-                            break
-                        req = self._pending.popleft()
-                        new.append(req)
-                        budget -= len(req.ids)
-                try:
-                    for req in new:
-                        if not req.cancelled:
-                            self._prefill(req)
-                            self._flush()  # the first token goes out before the next prefill
-                    self._drop([i for i, r in enumerate(self._rows) if not r.cancelled])
-                    if self._rows:
-                        self._step()
-                except Exception:  # noqa: BLE001 - fail the affected streams, keep serving the next ones
-                    log.exception("decode step failed")
-                    for req in self._rows + new:
-                        if not req.done:
-                            req.done = True
-                            self._send(req, Chunk("", finish_reason="error"))
-                    self._rows, self._cache, self._pad, self._next, self._width = [], None, None, None, 0
-                self._flush()
-        for req in self._rows + list(self._pending):
-            self._send(req, Chunk("", finish_reason="cancelled"))
-        self._flush()
+            for req in new:
+                if not req.cancelled:
+                    self._prefill(req)
+                    self._flush()  # the first token goes out before the next prefill
+            self._drop([i for i, r in enumerate(self._rows) if not r.cancelled])
+            if self._rows:
+                self._step()
 
-    def _send(self, req: _Request, chunk: Chunk) -> None:
-        self._outbox.setdefault(req.loop, []).append((req, chunk))
+    def _reset(self) -> None:
+        self._rows, self._cache, self._pad, self._next, self._width = [], None, None, None, 0
 
-    def _flush(self) -> None:
-        for loop, items in self._outbox.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:  # that event loop is gone: nobody reads these streams any more
-                for req, _ in items:
-                    req.cancelled = True
-        self._outbox = {}
-
-    def _prefill(self, req: _Request) -> None:
+    def _prefill(self, req: Request) -> None:
         cache = _new_cache(self.model.config)
         ids = torch.tensor([req.ids], device=self.device)
         logits = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits
@@ -299,7 +152,7 @@ class EmbeddedBackend:
             return
         self._join(req, cache, tok)
 
-    def _join(self, req: _Request, cache: DynamicCache, tok: int) -> None:
+    def _join(self, req: Request, cache: DynamicCache, tok: int) -> None:
         n = len(req.ids)
         nxt = torch.tensor([[tok]], device=self.device)
         if self._cache is None:
@@ -359,7 +212,7 @@ class EmbeddedBackend:
         self._next = torch.tensor(toks, device=self.device)[:, None]
         self._drop(keep)
 
-    def _sample(self, logits: torch.Tensor, reqs: list[_Request]) -> list[int]:
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
         toks = logits.argmax(-1).tolist()
         for i, req in enumerate(reqs):
             s = req.sampling
@@ -369,28 +222,7 @@ class EmbeddedBackend:
                     sorted_p, order = probs.sort(descending=True)
                     outside = sorted_p.cumsum(0) - sorted_p > s.top_p  # keep the smallest set reaching top_p
                     sorted_p[outside] = 0.0
-                    toks[i] = int(order[torch.multinomial(sorted_p, 1, generator=req.generator)])
+                    toks[i] = int(order[torch.multinomial(sorted_p, 1, generator=req.rng)])
                 else:
-                    toks[i] = int(torch.multinomial(probs, 1, generator=req.generator))
+                    toks[i] = int(torch.multinomial(probs, 1, generator=req.rng))
         return toks
-
-    def _emit(self, req: _Request, tok: int) -> bool:
-        """Send ``tok``'s text to the consumer; True when the request is finished (or nobody listens)."""
-        if req.cancelled:
-            return True
-        req.completion += 1
-        reason = None
-        text = ""
-        if tok in self._stop_ids:
-            reason = "stop"
-        else:
-            text = req.decoder.step(self._fast, tok) or ""
-            if req.completion >= req.max_new:
-                reason = "length"
-        if reason is None:
-            if text:
-                self._send(req, Chunk(text))
-            return False
-        req.done = True
-        self._send(req, Chunk(text, finish_reason=reason, prompt_tokens=len(req.ids), completion_tokens=req.completion))
-        return True

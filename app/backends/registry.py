@@ -1,10 +1,13 @@
 """Which backend serves which model version.
 
 ``$FLYWHEEL_HOME/backends.yaml`` maps a model version (release name) to a backend; without the file the base
-release is served by the embedded model at the settings' base model path. Example::
+release is served by the embedded model at the settings' base model path. An embedded entry runs on the engine
+``settings.serve_engine`` (llama.cpp on its GGUF export at ``settings.serve_precision``, or transformers) unless
+the entry names its own ``engine`` / ``precision``. Example::
 
     base: {kind: embedded, path: .flywheel/models/base, max_concurrency: 8}
-    sft-0003: {kind: embedded, path: .flywheel/models/sft-0003}
+    sft-0003: {kind: embedded, path: .flywheel/models/sft-0003, engine: transformers}
+    dpo-0004: {kind: embedded, path: .flywheel/models/dpo-0004, engine: llama.cpp, precision: f32}
     big: {kind: remote, url: http://gpu-box:8080, model: meta-llama/Llama-3.1-8B-Instruct, api_key_env: TGI_KEY}
 """
 
@@ -20,7 +23,9 @@ import yaml
 from app.backends.base import Backend
 from feedback.settings import Settings, get_settings
 
-_EMBEDDED_KEYS = {"max_concurrency", "max_queue", "max_context_tokens", "device", "num_threads"}
+_EMBEDDED_KEYS = {"max_concurrency", "max_queue", "max_context_tokens", "num_threads"}
+_TRANSFORMERS_KEYS = _EMBEDDED_KEYS | {"device"}
+_LLAMA_CPP_KEYS = _EMBEDDED_KEYS | {"precision", "prefill_chunk"}
 _REMOTE_KEYS = {"model", "max_concurrency", "timeout"}
 
 
@@ -38,18 +43,28 @@ def backend_config(settings: Settings | None = None) -> dict[str, dict[str, Any]
     return {settings.model_version: {"kind": "embedded", "path": str(settings.base_model_path)}}
 
 
-def build_backend(spec: Mapping[str, Any], base_dir: Path | None = None) -> Backend:
+def build_backend(spec: Mapping[str, Any], base_dir: Path | None = None, settings: Settings | None = None) -> Backend:
     """One backend from one mapping entry; unknown keys are errors, so a typo never passes silently."""
     spec = dict(spec)
     kind = spec.pop("kind", "embedded")
     if kind == "embedded":
-        from app.backends.embedded import EmbeddedBackend  # torch + model weights: only when asked for
-
+        settings = settings or get_settings()
         path = Path(spec.pop("path"))
         if not path.is_absolute() and base_dir is not None and not path.exists():
             path = base_dir / path
-        _check(spec, _EMBEDDED_KEYS, kind)
-        return EmbeddedBackend(path, **spec)
+        engine = spec.pop("engine", settings.serve_engine)
+        if engine == "llama.cpp":
+            from app.backends.llamacpp import LlamaCppBackend  # llama.cpp + model weights: only when asked for
+
+            spec.setdefault("precision", settings.serve_precision)
+            _check(spec, _LLAMA_CPP_KEYS, f"{kind} ({engine})")
+            return LlamaCppBackend(path, **spec)
+        if engine == "transformers":
+            from app.backends.embedded import EmbeddedBackend  # torch + model weights: only when asked for
+
+            _check(spec, _TRANSFORMERS_KEYS, f"{kind} ({engine})")
+            return EmbeddedBackend(path, **spec)
+        raise ValueError(f"unknown engine {engine!r} for an embedded backend (llama.cpp or transformers)")
     if kind == "remote":
         from app.backends.remote import RemoteBackend
 
@@ -76,5 +91,5 @@ def load_backends(
         raise ValueError("no backends configured")
     backends: dict[str, Backend] = {}
     for version, spec in config.items():
-        backends[str(version)] = build_backend(spec, base_dir=settings.home)
+        backends[str(version)] = build_backend(spec, base_dir=settings.home, settings=settings)
     return backends
