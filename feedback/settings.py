@@ -110,6 +110,12 @@ class Settings(BaseSettings):
     app_turn_claim_s: float = Field(
         30.0, gt=0, description="A started answer nobody reads within this time is cancelled and its slot freed."
     )
+    app_max_loaded_versions: int = Field(
+        3,
+        ge=1,
+        description="Model versions the app keeps loaded at once; past it the least recently used one is unloaded "
+        "(never the base, one the release plan names, or one answering a request).",
+    )
     mlflow_host: str = "127.0.0.1"
     mlflow_port: int = 5000
     mlflow_tracking_uri: str = Field(
