@@ -3,7 +3,8 @@ JSON object instead.
 
     flywheel up                     # the whole stack in the foreground; Ctrl-C stops it cleanly
     flywheel status [--json]        # broker health, per-topic lag, warehouse row counts
-    flywheel kafka start|stop|status
+    flywheel kafka start [--brokers 3]|stop|status
+    flywheel down                   # stop what a (killed) `flywheel up` left running, the broker included
     flywheel ingest                 # the continuous Kafka -> DuckDB consumer
     flywheel simulate               # simulated users chat and rate through the API
 """
@@ -33,41 +34,52 @@ def _print_json(obj) -> None:
 
 
 @kafka_app.command("start")
-def kafka_start(as_json: bool = JSON) -> None:
-    """Start the broker (fetching its jars on first use) and wait until it answers; harmless if running."""
+def kafka_start(
+    brokers: int = typer.Option(0, "--brokers", min=0, max=5, help="Local brokers (3: a cluster with RF 3, "
+                                "min.insync.replicas=2); default FLYWHEEL_KAFKA_LOCAL_BROKERS (1)."),
+    as_json: bool = JSON,
+) -> None:
+    """Start the broker(s) (fetching jars on first use) and wait until they answer; harmless if running."""
     from infra import kafka_local
 
     s = get_settings()
+    n = brokers or s.kafka_local_brokers
     try:
-        st = kafka_local.start(s, quiet=as_json)
+        st = kafka_local.start(s, quiet=as_json) if n == 1 else kafka_local.start_cluster(s, n, quiet=as_json)
     except kafka_local.KafkaError as e:
         console.print(f"[red]kafka: {e}[/red]")
         raise typer.Exit(1) from None
     if as_json:
         _print_json(st.as_dict())
-    else:
+    elif n == 1:
         console.print(f"kafka: broker answering on {st.bootstrap} (pid {st.pid or 'external'}); "
                       f"topics {', '.join(s.topics.values())}")
+    else:
+        console.print(f"kafka: {n} brokers answering on {st.bootstrap} (replication 3, min.insync.replicas 2). "
+                      f"Point the stack at all of them: FLYWHEEL_KAFKA_LOCAL_BROKERS={n} flywheel up "
+                      f"(or FLYWHEEL_KAFKA_BOOTSTRAP={st.bootstrap} FLYWHEEL_KAFKA_REPLICATION=3 "
+                      "FLYWHEEL_KAFKA_MIN_INSYNC=2)")
 
 
 @kafka_app.command("stop")
 def kafka_stop(as_json: bool = JSON) -> None:
-    """Stop the local broker cleanly (its data stays)."""
+    """Stop the local broker(s) cleanly (their data stays)."""
     from infra import kafka_local
 
-    stopped = kafka_local.stop(get_settings())
+    stopped = kafka_local.stop_all(get_settings())
     if as_json:
         _print_json({"stopped": stopped})
     else:
-        console.print("kafka: stopped" if stopped else "kafka: no local broker was running")
+        console.print(f"kafka: stopped {', '.join(stopped)}" if stopped else "kafka: no local broker was running")
 
 
 @kafka_app.command("status")
 def kafka_status(as_json: bool = JSON) -> None:
-    """Is the local broker running and answering?"""
+    """Is the local broker (or cluster) running and answering?"""
     from infra import kafka_local
 
-    st = kafka_local.status(get_settings())
+    s = get_settings()
+    st = kafka_local.cluster_status(s) if s.kafka_local_brokers > 1 else kafka_local.status(s)
     if as_json:
         _print_json(st.as_dict())
     else:
@@ -145,6 +157,24 @@ def up(
     from cli.stack import run_stack
 
     raise typer.Exit(run_stack(get_settings(), app_server=app_server, prefect=prefect))
+
+
+@app.command()
+def down(as_json: bool = JSON) -> None:
+    """Stop what `flywheel up` started, even if it was killed: supervisor, app, ingest, flows, Prefect, broker(s)."""
+    from cli.stack import down as stack_down
+
+    out = stack_down(get_settings())
+    if as_json:
+        _print_json(out)
+        return
+    seconds = out.pop("seconds")
+    if out:
+        for name, how in out.items():
+            console.print(f"{how} {name}")
+        console.print(f"flywheel down: done in {seconds}s")
+    else:
+        console.print("flywheel down: nothing was running")
 
 
 def _mount_parts() -> None:

@@ -1,29 +1,103 @@
-"""``flywheel up``: start every service, supervise them, and stop them all cleanly on Ctrl-C.
+"""``flywheel up``: start every service, supervise them, and stop them all cleanly on Ctrl-C; ``flywheel down``:
+stop whatever a killed ``flywheel up`` left behind.
 
 Order: Kafka broker (a daemon; stopped at the end only if this command started it), the ingest consumer,
 the Prefect server and the flow runner, the chat app. A child that dies is restarted with backoff and the
-event is printed; Ctrl-C (or SIGTERM) stops the children in reverse order with SIGTERM, then SIGKILL after 20 s.
+event is printed.
+
+Stopping within ``STOP_BUDGET_S`` (10 s): on Ctrl-C or SIGTERM every child and the Prefect server get SIGTERM
+at the same time (each runs in its own process group, so the whole tree is reached), whatever is still alive
+after ``CHILD_GRACE_S`` gets SIGKILL, then the broker gets the rest of the budget for a clean shutdown before
+SIGKILL (its log recovers on restart; producers keep unacknowledged events in their outbox, so nothing is lost).
+
+Every process is recorded in ``$FLYWHEEL_HOME/run/<name>.pid`` as ``<pid> <create_time>`` (so a recycled pid
+is never signalled), the supervisor itself as ``up.pid``. ``flywheel down`` asks a live supervisor to stop, then
+stops every recorded process still alive, the Prefect server and the broker(s), within the same budget.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+import psutil
 from rich.console import Console
 
 from feedback.settings import Settings
 
 console = Console()
+STOP_BUDGET_S = 10.0
+CHILD_GRACE_S = 5.0
 
 
+# ---- pid files ------------------------------------------------------------------------------------------
+def run_dir(s: Settings) -> Path:
+    d = s.home / "run"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def write_pid(s: Settings, name: str, pid: int) -> None:
+    try:
+        created = psutil.Process(pid).create_time()
+    except psutil.Error:
+        return
+    (run_dir(s) / f"{name}.pid").write_text(f"{pid} {created}")
+
+
+def recorded(s: Settings, name: str) -> psutil.Process | None:
+    """The live process recorded under ``name`` (None if gone, or if its pid now belongs to someone else)."""
+    path = run_dir(s) / f"{name}.pid"
+    try:
+        pid_s, created_s = path.read_text().split()
+        proc = psutil.Process(int(pid_s))
+        if abs(proc.create_time() - float(created_s)) > 0.01 or proc.status() == psutil.STATUS_ZOMBIE:
+            raise psutil.NoSuchProcess(int(pid_s))
+        return proc
+    except (FileNotFoundError, ValueError, psutil.Error):
+        path.unlink(missing_ok=True)
+        return None
+
+
+def _signal_tree(proc: psutil.Process, sig: int) -> None:
+    """Signal a process and everything it started (its children may have left its group)."""
+    try:
+        family = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        family = [proc]
+    for p in family:
+        try:
+            p.send_signal(sig)
+        except psutil.Error:
+            pass
+
+
+def stop_processes(procs: dict[str, psutil.Process], grace_s: float) -> dict[str, str]:
+    """SIGTERM all at once, SIGKILL what is left after ``grace_s``. Returns name -> 'stopped' | 'killed'."""
+    for p in procs.values():
+        _signal_tree(p, signal.SIGTERM)
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=grace_s)
+    out = {name: "stopped" for name in procs}
+    for name, p in procs.items():
+        if p in alive:
+            _signal_tree(p, signal.SIGKILL)
+            out[name] = "killed"
+    psutil.wait_procs(alive, timeout=2)
+    return out
+
+
+# ---- flywheel up ----------------------------------------------------------------------------------------
 @dataclass
 class Child:
     name: str
     argv: list[str]
+    env: dict[str, str] | None = None
     proc: subprocess.Popen | None = None
     restarts: int = 0
     next_start: float = 0.0
@@ -33,8 +107,10 @@ class Child:
         logs = s.home / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         self.log_path = str(logs / f"{self.name}.log")
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
-        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True, env=self.env)
+        write_pid(s, self.name, self.proc.pid)
         console.print(f"[green]up[/green] {self.name} (pid {self.proc.pid}, log {self.log_path})")
 
 
@@ -42,74 +118,140 @@ def run_stack(s: Settings, app_server: bool = True, prefect: bool = True) -> int
     from infra import kafka_local
 
     s.home.mkdir(parents=True, exist_ok=True)
+    write_pid(s, "up", psutil.Process().pid)
+    n = s.kafka_local_brokers
+    env = dict(os.environ)
+    if n > 1:  # every child talks to the whole cluster (bootstrap list, RF 3, min ISR 2)
+        s = kafka_local.cluster_settings(s, kafka_local.cluster_nodes(s, None if _has_cluster(s) else n))
+        env.update({"FLYWHEEL_KAFKA_BOOTSTRAP": s.kafka_bootstrap, "FLYWHEEL_KAFKA_REPLICATION":
+                    str(s.kafka_replication), "FLYWHEEL_KAFKA_MIN_INSYNC": str(s.kafka_min_insync)})
     started_broker = not kafka_local.answering(s)
     try:
-        st = kafka_local.start(s)
+        st = kafka_local.start(s) if n == 1 else kafka_local.start_cluster(s, n)
     except kafka_local.KafkaError as e:
         console.print(f"[red]kafka: {e}[/red]")
         return 1
     console.print(f"[green]up[/green] kafka {st.bootstrap} (pid {st.pid or 'external'})")
 
     py = sys.executable
-    children = [Child("ingest", [py, "-m", "feedback.ingest"])]
-    children.append(Child("mlflow", [py, "-m", "infra.mlflow_server"]))  # registry UI; marker once it answers
-    if prefect:
-        from infra import prefect_server
+    children = [Child("ingest", [py, "-m", "feedback.ingest"], env)]
+    children.append(Child("mlflow", [py, "-m", "infra.mlflow_server"], env))  # registry UI; marker once it answers
+    stopping = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    try:
+        if prefect:
+            from infra import prefect_server
 
-        prefect_server.start(s)
-        console.print(f"[green]up[/green] prefect server http://{s.prefect_host}:{s.prefect_port}")
-        children.append(Child("flows", [py, "-m", "pipelines.serve"]))
-        children.append(Child("worker", [py, "-m", "pipelines.serve", "worker"]))  # runs `train` on flywheel-cpu
-    if app_server:
-        children.append(Child("app", [py, "-m", "app.server"]))
-
-    stopping = False
-
-    def _stop(*_):
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGTERM, _stop)
-    for c in children:
-        c.start(s)
+            prefect_server.start(s)
+            console.print(f"[green]up[/green] prefect server http://{s.prefect_host}:{s.prefect_port}")
+            children.append(Child("flows", [py, "-m", "pipelines.serve"], env))
+            children.append(Child("worker", [py, "-m", "pipelines.serve", "worker"], env))  # `train` runs here
+        if app_server:
+            children.append(Child("app", [py, "-m", "app.server"], env))
+        for c in children:
+            c.start(s)
+    except Exception as e:  # noqa: BLE001 - a failed start must not leave half a stack running
+        console.print(f"[red]start-up failed: {e}[/red]; stopping what was started")
+        stop_stack(s, children, prefect=prefect, broker=started_broker)
+        return 1
     if app_server:
         console.print(f"[bold]chat:[/bold] http://{s.app_host}:{s.app_port}/   "
                       f"[bold]API:[/bold] http://{s.app_host}:{s.app_port}/v1   (Ctrl-C stops everything)")
     console.print(f"[bold]MLflow:[/bold] http://{s.mlflow_host}:{s.mlflow_port}/"
                   + (f"   [bold]Prefect:[/bold] http://{s.prefect_host}:{s.prefect_port}/" if prefect else ""))
-    while not stopping:
-        time.sleep(0.5)
+    while not stopping.wait(0.5):
         for c in children:
-            if c.proc is not None and c.proc.poll() is not None and not stopping:
-                code = c.proc.returncode
-                c.proc = None
-                c.restarts += 1
-                delay = min(30.0, 2.0 ** min(c.restarts, 5))
-                c.next_start = time.monotonic() + delay
-                console.print(f"[red]{c.name} exited with {code}[/red]; restarting in {delay:.0f}s "
-                              f"(see {c.log_path})")
-            if c.proc is None and time.monotonic() >= c.next_start and not stopping:
-                c.start(s)
+            _supervise(s, c, stopping)
+    stop_stack(s, children, prefect=prefect, broker=started_broker)
+    return 0
+
+
+def _has_cluster(s: Settings) -> bool:
+    from infra import kafka_local
+
+    return (kafka_local.cluster_dir(s) / "cluster.json").exists()
+
+
+def _supervise(s: Settings, c: Child, stopping: threading.Event) -> None:
+    if c.proc is not None and c.proc.poll() is not None and not stopping.is_set():
+        code = c.proc.returncode
+        c.proc = None
+        c.restarts += 1
+        delay = min(30.0, 2.0 ** min(c.restarts, 5))
+        c.next_start = time.monotonic() + delay
+        console.print(f"[red]{c.name} exited with {code}[/red]; restarting in {delay:.0f}s (see {c.log_path})")
+    if c.proc is None and time.monotonic() >= c.next_start and not stopping.is_set():
+        c.start(s)
+
+
+def stop_stack(s: Settings, children: list[Child], prefect: bool, broker: bool) -> dict[str, str]:
+    """Everything down within ``STOP_BUDGET_S``: children and Prefect together, then the broker."""
+    from infra import kafka_local
+
+    t0 = time.monotonic()
     console.print("stopping ...")
-    for c in reversed(children):
-        if c.proc is not None and c.proc.poll() is None:
-            c.proc.terminate()
-    deadline = time.monotonic() + 20
-    for c in reversed(children):
-        if c.proc is None:
-            continue
-        try:
-            c.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            c.proc.kill()
-        console.print(f"stopped {c.name}")
+    procs = {c.name: psutil.Process(c.proc.pid) for c in children if c.proc is not None and c.proc.poll() is None}
+    if prefect and (p := _prefect_proc(s)) is not None:
+        procs["prefect server"] = p
+    result = stop_processes(procs, CHILD_GRACE_S)
+    for c in children:
+        if c.proc is not None:
+            c.proc.poll()  # reap
+        (run_dir(s) / f"{c.name}.pid").unlink(missing_ok=True)
     if prefect:
         from infra import prefect_server
 
-        prefect_server.stop(s)
-        console.print("stopped prefect server")
-    if started_broker:
-        kafka_local.stop(s)
+        prefect_server.stop(s, timeout_s=0.5)  # already stopped above; clears its pid files
+    for name, how in result.items():
+        console.print(f"{how} {name}")
+    if broker:
+        left = max(2.0, STOP_BUDGET_S - (time.monotonic() - t0) - 0.5)
+        kafka_local.stop_all(s, timeout_s=left)
+        result["kafka"] = "stopped"
         console.print("stopped kafka")
-    return 0
+    (run_dir(s) / "up.pid").unlink(missing_ok=True)
+    console.print(f"all stopped in {time.monotonic() - t0:.1f}s")
+    return result
+
+
+def _prefect_proc(s: Settings) -> psutil.Process | None:
+    from infra import prefect_server
+
+    try:
+        pid = int((prefect_server.prefect_dir(s) / "server.pid").read_text())
+        return psutil.Process(pid)
+    except (FileNotFoundError, ValueError, psutil.Error):
+        return None
+
+
+# ---- flywheel down --------------------------------------------------------------------------------------
+def down(s: Settings) -> dict[str, str]:
+    """Stop what a (possibly killed) ``flywheel up`` left: its supervisor, children, Prefect, the broker(s)."""
+    from infra import kafka_local
+
+    t0 = time.monotonic()
+    out: dict[str, str] = {}
+    sup = recorded(s, "up")
+    if sup is not None and sup.pid != psutil.Process().pid:
+        sup.send_signal(signal.SIGTERM)  # a live supervisor stops its own stack in order
+        gone, _ = psutil.wait_procs([sup], timeout=STOP_BUDGET_S)
+        out["up"] = "stopped" if gone else "still stopping"
+    procs = {}
+    for f in sorted(run_dir(s).glob("*.pid")):
+        if f.stem != "up" and (p := recorded(s, f.stem)) is not None:
+            procs[f.stem] = p
+    if (p := _prefect_proc(s)) is not None:
+        procs["prefect server"] = p
+    out.update(stop_processes(procs, CHILD_GRACE_S))
+    for f in run_dir(s).glob("*.pid"):
+        if f.stem != "up":
+            f.unlink(missing_ok=True)
+    from infra import prefect_server
+
+    prefect_server.stop(s, timeout_s=0.5)
+    left = max(2.0, STOP_BUDGET_S - (time.monotonic() - t0))
+    for name in kafka_local.stop_all(s, timeout_s=left):
+        out[name] = "stopped"
+    out["seconds"] = f"{time.monotonic() - t0:.1f}"
+    return out

@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     kafka_min_insync: int = Field(1, ge=1, description="min.insync.replicas for new topics (2 in production).")
     kafka_controller_port: int = Field(9093, description="Local KRaft controller port (local broker only).")
     kafka_heap: str = Field("768m", description="JVM heap of the local broker.")
+    kafka_local_brokers: int = Field(
+        1, ge=1, le=5, description="Local brokers `flywheel up` / `flywheel kafka start` run (3: RF 3, min ISR 2)."
+    )
     topic_prefix: str = Field("flywheel", description="Topics are <prefix>.turns, .feedback, .dlq, .releases.")
 
     # Producer
