@@ -1,4 +1,4 @@
-"""Unit tests of the app's pure parts: input limits, display escaping, sticky routing, signed users, ownership.
+"""Unit tests of the app's pure parts: input limits, sticky routing, signed users, ownership.
 No services, no model."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import pytest
 
 from app.router import ReleasePlan, user_point
 from app.sessions import Sessions, TurnRecord, api_user_id
-from app.ui import display, escape_for_display
 from app.validation import (
     DEFAULT_LIMITS,
     MAX_MESSAGE_CHARS,
@@ -61,16 +60,6 @@ def test_conversation_limits():
         check_conversation([{"role": "tool", "content": "a"}])
     blocks = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
     assert check_conversation(blocks) == [{"role": "user", "content": "ab"}]
-
-
-def test_html_is_escaped_outside_code_and_kept_inside():
-    shown = escape_for_display("<script>alert(1)</script> and `<b>` and\n```html\n<i>x</i>\n```")
-    assert "<script>" not in shown and "&lt;script&gt;" in shown
-    assert "`<b>`" in shown and "<i>x</i>" in shown
-    rendered = display([{"role": "assistant", "content": "<img src=x onerror=alert(1)>", "model_version": "v2",
-                         "done": True}])
-    assert rendered[0]["content"].startswith("&lt;img")
-    assert 'class="fw-version">v2</sub>' in rendered[0]["content"]
 
 
 def test_assignment_is_sticky_weighted_and_monotone_under_a_ramp():
