@@ -29,7 +29,7 @@ from app.router import ReleasePlan, ReleaseRouter, servable_dir
 from app.sessions import Sessions, TurnRecord
 from app.validation import InputError, Limits, check_conversation
 from feedback.events import ChatTurn, Feedback, Message, Sampling, UserAction, new_id
-from feedback.producer import EventProducer
+from feedback.producer import EventProducer, SpoolFull
 from feedback.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ class TurnStream:
     ttft_ms: float | None = None
     latency_ms: float | None = None
     done: bool = False
+    unrecorded: bool = False  # its ChatTurn could not be recorded (outbox full): the API says so
     claimed: bool = False
     claim_timer: asyncio.TimerHandle | None = None
     on_complete: list[Callable[[], None]] = field(default_factory=list)  # run once, when the slot is free
@@ -362,6 +363,9 @@ class ChatService:
                     parent_turn_id=t.parent_turn_id,
                 )
             )
+        except SpoolFull as e:  # not recorded: the API answers 503 (a clear error), never a normal answer
+            t.unrecorded = True
+            log.error("turn %s not recorded: %s", t.turn_id, e)
         except Exception:  # noqa: BLE001 - the answer was delivered; losing its event must not crash the request
             log.exception("could not record turn %s", t.turn_id)
         finally:
