@@ -150,8 +150,13 @@ class TurnResponse(StreamingResponse):
             await self.turn.aclose()
 
 
+UNRECORDED = "The service could not record this answer (its event outbox is full); please retry in a minute."
+
+
 def _failure(finish_reason: str) -> tuple[int, str, str] | None:
     """How a finish reason that is not a normal end reaches API clients: (status, message, code)."""
+    if finish_reason == "unrecorded":  # the answer exists but its event could not be recorded (outbox full)
+        return 503, UNRECORDED, "outbox_full"
     if finish_reason == "error":
         return 500, FAILED, "model_error"
     if finish_reason == "cancelled":
@@ -203,7 +208,7 @@ async def _stream_events(turn: TurnStream, cid: str, created: int, include_usage
                 yield chunk({"content": d})
     except Exception:  # noqa: BLE001 - logged by the service; the failure is reported below
         turn.finish_reason = "error"
-    failure = _failure(turn.finish_reason)
+    failure = _failure("unrecorded" if turn.unrecorded else turn.finish_reason)
     if failure is not None:  # an error event ends the stream: the openai client raises it, never a clean stop
         status, message, code = failure
         yield _sse({"error": {"message": message, "type": "server_error", "param": None, "code": code}})
@@ -298,7 +303,7 @@ def build_api(service: ChatService, limits: CallerLimits) -> APIRouter:
             turn.finish_reason = "error"
         finally:
             await turn.aclose()
-        failure = _failure(turn.finish_reason)
+        failure = _failure("unrecorded" if turn.unrecorded else turn.finish_reason)
         if failure is not None:
             status, message, code = failure
             return api_error(status, message, "server_error", code=code, headers=headers)
