@@ -10,8 +10,8 @@ and ``FLYWHEEL_KAFKA_CONTROLLER_PORT``.
 
 A local cluster (``start_cluster``, the path operators take past one machine) runs N combined KRaft nodes on
 this machine, each in ``$FLYWHEEL_HOME/kafka/cluster/node-<i>/`` with its own pid file: brokers on the bootstrap
-port and the next ones (9092, 9093, 9094), controllers after them (9095 ...), or on the ports listed in
-``FLYWHEEL_KAFKA_BOOTSTRAP`` when it names N servers. Topics get replication factor 3 and
+port and the next ones (9092, 9093, 9094), or on the ports listed in ``FLYWHEEL_KAFKA_BOOTSTRAP`` when it names
+N servers; controllers on the ports right after the highest broker port (9095 ...). Topics get replication factor 3 and
 ``min.insync.replicas=2``, as do Kafka's internal topics, so one broker can die without losing an acknowledged
 event or refusing writes. ``stop_node``/``start_node`` take one node down and back (the fault campaign).
 """
@@ -285,8 +285,7 @@ def cluster_nodes(s: Settings, n: int | None = None) -> list[Node]:
     host, _, port0 = servers[0].rpartition(":")
     host = host or "127.0.0.1"
     ports = [int(x.rpartition(":")[2]) for x in servers] if len(servers) == n else [int(port0) + i for i in range(n)]
-    controllers = [max(ports) + 1 + i for i in range(n)] if len(servers) != n else [
-        s.kafka_controller_port + i for i in range(n)]
+    controllers = [max(ports) + 1 + i for i in range(n)]
     return [Node(i + 1, host, ports[i], controllers[i], cluster_dir(s) / f"node-{i + 1}") for i in range(n)]
 
 
@@ -369,7 +368,7 @@ def start_node(s: Settings, node: Node, nodes: list[Node], cluster_id: str) -> i
     return proc.pid
 
 
-def _cluster_id(s: Settings) -> str:
+def cluster_id(s: Settings) -> str:
     f = cluster_dir(s) / "cluster.id"
     if not f.exists():
         out = subprocess.run([_java(), "-cp", _classpath(), "kafka.tools.StorageTool", "random-uuid"],
@@ -391,7 +390,7 @@ def start_cluster(s: Settings, brokers: int = 3, wait_s: float = 180.0, create_t
     cluster_dir(s).mkdir(parents=True, exist_ok=True)
     layout.write_text(json.dumps([{"node_id": n.node_id, "host": n.host, "port": n.port,
                                    "controller_port": n.controller_port, "dir": str(n.dir)} for n in nodes]))
-    cid = _cluster_id(s)
+    cid = cluster_id(s)
     for node in nodes:
         pid = start_node(s, node, nodes, cid)
         if not quiet:

@@ -26,7 +26,8 @@ def _env(home: Path) -> dict[str, str]:
     env.update({
         "FLYWHEEL_HOME": str(home), "FLYWHEEL_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
         "FLYWHEEL_KAFKA_CONTROLLER_PORT": str(free_port()), "FLYWHEEL_APP_PORT": str(free_port()),
-        "FLYWHEEL_PREFECT_PORT": str(free_port()), "FLYWHEEL_KAFKA_HEAP": "512m", "PYTHONPATH": str(REPO),
+        "FLYWHEEL_PREFECT_PORT": str(free_port()), "FLYWHEEL_MLFLOW_PORT": str(free_port()),
+        "FLYWHEEL_KAFKA_HEAP": "512m", "PYTHONPATH": str(REPO),
         "FLYWHEEL_BASE_MODEL": os.environ.get("FLYWHEEL_BASE_MODEL", str(REPO / ".flywheel" / "models" / "base")),
     })
     return env
@@ -78,7 +79,7 @@ def test_ctrl_c_stops_the_whole_stack_within_ten_seconds(tmp_path):
 
         _wait_for(app_answers, 300, "the stack did not come up", home)
         procs = _recorded(home)
-        assert len(procs) >= 5, "supervisor, ingest, flows, app, broker and Prefect are recorded"
+        assert len(procs) >= 6, "supervisor, ingest, flows, app, broker and Prefect are recorded"
         t0 = time.monotonic()
         up.send_signal(signal.SIGINT)
         _wait_for(lambda: not _alive(procs), 30, "something still runs", home)
@@ -98,10 +99,10 @@ def test_down_stops_what_a_killed_stack_left_behind(tmp_path):
     try:
         _wait_for(lambda: (home / "run" / "ingest.pid").exists(), 180, "ingest did not start", home)
         procs = _recorded(home)
-        assert len(procs) == 3  # supervisor, ingest, broker
+        assert len(procs) >= 3  # supervisor, ingest, broker (and whatever else the stack supervises)
         up.kill()  # SIGKILL: no clean-up of its own
         up.wait(10)
-        assert len(_alive(procs)) == 2, "the broker and ingest outlive a killed supervisor"
+        assert len(_alive(procs)) == len(procs) - 1, "the broker and the children outlive a killed supervisor"
         out = subprocess.run([sys.executable, "-m", "cli.main", "down", "--json"], env=env, cwd=REPO,
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
