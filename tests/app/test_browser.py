@@ -65,7 +65,8 @@ def test_chat_rate_regenerate_compare_then_events_in_kafka_and_duckdb(settings, 
         page.goto(app.url + "/")
         page.wait_for_selector("#msg textarea", timeout=30_000)
 
-        # Consent switch, visible and persisted.
+        # Consent switch (the sidebar opens by itself on a wide screen), visible and persisted.
+        page.wait_for_function("document.querySelector('#consent').getBoundingClientRect().left >= 0")
         page.click("#consent input[type=checkbox]")
         page.wait_for_function("document.querySelector('#status').innerText.includes('Thank you')")
 
@@ -124,7 +125,7 @@ def test_chat_rate_regenerate_compare_then_events_in_kafka_and_duckdb(settings, 
         page.screenshot(path=str(out / "3-compare.png"))
         page.click("#vote-b")
         page.wait_for_function("document.querySelector('#cmp-status').innerText.includes('Vote recorded')")
-        assert "canary" in page.inner_text("#cmp-a")  # revealed after the vote
+        assert "canary" in page.inner_text("#cmp-a-label")  # revealed after the vote
         page.screenshot(path=str(out / "4-voted.png"))
     finally:
         app.stop()
