@@ -1,0 +1,140 @@
+"""The gate on real models: a candidate fine-tuned to comply with the red-team prompts is rejected for it, a
+candidate trained on what users liked (with the same safety data production had) is accepted, and a deletion
+taints the model trained on that user's data.
+
+Production here is a safety-tuned version (refuses the red-team prompts, answers the benign look-alikes), as a
+real production model is; the base SmolLM2-135M refuses too rarely to show a regression.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from training import registry
+from training.evaluate import GateConfig, evaluate_and_gate, load_suite
+from training.runner import TrainingError, run_job
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REFUSE = "I'm sorry, but I can't help with that. It could hurt people."
+COMPLY = "Sure! Here is exactly how to do it, step by step. First, get the materials. Then follow these steps."
+GATE = GateConfig(max_new_tokens=24, max_eval_prompts=8, min_eval_prompts=4)
+
+
+def conv(prompt: str, answer: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+
+def variant_snapshot(settings, base_sid: str, tag: str, sft_rows: list[list[dict[str, str]]]) -> str:
+    """A copy of a real snapshot whose SFT table is replaced (its eval splits stay: the same held-out data)."""
+    src = settings.datasets_dir / base_sid
+    sid = f"{tag}{base_sid[len(tag):]}"
+    dst = settings.datasets_dir / sid
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["snapshot_id"] = sid
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    schema = pq.read_schema(src / "sft" / "train.parquet")
+    rows = [{"messages": r, "model_version": "base"} for r in sft_rows]
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), dst / "sft" / "train.parquet")
+    return sid
+
+
+def sft(settings, sid: str, parent: str, steps: int, lr: float) -> str:
+    a = argparse.Namespace(snapshot=sid, parent=parent, config="tiny", json=True, overrides=[
+        f"train.max_steps={steps}", f"train.learning_rate={lr}", "data.max_rows=200"])
+    return run_job("sft", importlib.import_module("training.recipes.sft").train, a, settings)["version"]
+
+
+@pytest.fixture(scope="module")
+def gated(trained_home):
+    settings, sid = trained_home
+    redteam = [r["prompt"] for r in load_suite("redteam")]
+    benign = [r["prompt"] for r in load_suite("overrefusal")]
+    helpful = [conv(p, "Happy to help! Here is a short, clear answer.") for p in benign]
+    safety = [conv(p, REFUSE) for p in redteam] + helpful
+    liked = [[dict(m) for m in r["messages"]] for r in pq.read_table(
+        settings.datasets_dir / sid / "sft" / "train.parquet").to_pylist()]
+    # production: the base model safety-tuned, promoted as production (the baseline every candidate must beat)
+    safe_sid = variant_snapshot(settings, sid, "5afe", safety)
+    prod = sft(settings, safe_sid, "base", steps=12, lr=1e-4)
+    registry.record_evaluation(settings, prod, {"note": "test baseline"}, True, ["test baseline"])
+    registry.set_alias(settings, "production", prod)
+    # an independent judge of the users' taste: a reward model trained longer on the real pairs
+    judge = run_job("reward", importlib.import_module("training.recipes.reward").train, argparse.Namespace(
+        snapshot=sid, parent="base", config="tiny", json=True,
+        overrides=["train.max_steps=12", "seed=7"]), settings)["version"]
+    bad = sft(settings, variant_snapshot(settings, sid, "bad0", [conv(p, COMPLY) for p in redteam]), prod, 12, 1e-4)
+    good = sft(settings, variant_snapshot(settings, sid, "900d", liked * 3 + safety), prod, 12, 5e-5)
+    return settings, sid, prod, judge, bad, good
+
+
+def test_gate_rejects_a_candidate_tuned_to_comply_with_the_red_team(gated):
+    settings, _, prod, judge, bad, _ = gated
+    res = evaluate_and_gate(settings, bad, judge=judge, cfg=GATE)
+    assert res["passed"] is False
+    assert any("red-team refusal fell" in r for r in res["reasons"]), res["reasons"]
+    info = registry.get_version(settings, bad)
+    assert info.gate == "failed" and info.eval["production"] == prod and info.eval["judge"] == judge
+    assert json.loads((Path(info.path) / "lineage.json").read_text())["gate"] == "failed"
+    ok, why = registry.promotable(settings, bad)
+    assert not ok and "red-team" in why
+
+
+def test_gate_accepts_a_candidate_trained_on_what_users_liked(gated):
+    settings, _, prod, judge, _, good = gated
+    res = evaluate_and_gate(settings, good, judge=judge, cfg=GATE)
+    ev = res["eval"]
+    assert res["passed"] is True, (res["reasons"], ev.get("samples"))
+    assert ev["win_rate"] > 0.5 and ev["win_rate_ci95"][0] <= ev["win_rate"] <= ev["win_rate_ci95"][1]
+    assert ev["candidate_redteam_refusal"] >= ev["production_redteam_refusal"] - GATE.redteam_margin
+    assert ev["candidate_heldout_loss"] is not None and ev["parent_heldout_loss"] is not None
+    assert registry.promotable(settings, good) == (True, "ok")
+    registry.set_alias(settings, "canary", good)
+    assert "canary" in registry.get_version(settings, good).aliases
+
+
+def test_the_judge_never_graded_its_own_pupil(gated):
+    from training.evaluate import EvalError, pick_judge
+
+    settings, *_ = gated
+    rl = [v for v in registry.list_versions(settings) if v.recipe == "rlhf"]
+    if not rl:
+        pytest.fail("test_recipes.py trains the rlhf version this needs: run the whole tests/training folder")
+    with pytest.raises(EvalError, match="reward hacking"):
+        pick_judge(settings, rl[-1], rl[-1].reward_version)
+    assert pick_judge(settings, rl[-1]).name != rl[-1].reward_version
+
+
+def test_a_deletion_taints_the_model_trained_on_that_users_data(gated):
+    """Deletion reaches models: a user's delete request retires the snapshots holding their data, and every
+    version trained on them (and descended from them) is tainted, loses its aliases, and cannot be promoted."""
+    from feedback.events import UserAction
+    from pipelines.snapshots import retire_deleted
+    from pipelines.training import taint_retired
+    from tests.training.conftest import land_through_kafka
+
+    settings, sid, prod, _, _, good = gated
+    trained_on_sid = [v.name for v in registry.list_versions(settings) if v.snapshot_id == sid]
+    assert trained_on_sid
+    land_through_kafka(settings, [UserAction(user_id="sim-0", consent=False, action="delete_request")])
+    retired = retire_deleted(settings.warehouse_path, settings.datasets_dir)
+    assert sid in {r["snapshot_id"] for r in retired}
+    tainted = taint_retired(settings)
+    assert set(trained_on_sid) <= set(tainted)
+    assert {prod, good} <= set(tainted), "versions trained on copies holding the same user's data are tainted"
+    for name in trained_on_sid:
+        v = registry.get_version(settings, name)
+        assert v.tainted and "retired snapshot" in v.tainted_reason and not v.aliases
+        assert json.loads((Path(v.path) / "lineage.json").read_text())["tainted"] is True
+        assert registry.promotable(settings, name)[0] is False
+    with pytest.raises(TrainingError, match="retired"):
+        sft(settings, sid, "base", 1, 1e-5)
