@@ -27,6 +27,7 @@ from pydantic import SecretStr
 
 from app.api import build_api, install_error_handlers
 from app.backends.base import Backend
+from app.dashboard import mount_dashboard
 from app.deletion import build_deletion_api, install_spool_full_handler
 from app.keys import (
     Caller,
@@ -257,6 +258,7 @@ def create_app(
     app.include_router(build_api(service, limits))
     app.include_router(build_deletion_api(service))
     demo = build_ui(service, max_new_tokens=max_new_tokens or settings.app_max_new_tokens)
+    app = mount_dashboard(app, settings)  # /ops, behind the admin token; before "/" so the chat UI does not shadow it
     app = gr.mount_gradio_app(
         app,
         demo,

@@ -181,6 +181,7 @@ def _mount_parts() -> None:
     """The commands of the product and the pipelines (imported here, so `flywheel kafka ...` stays light)."""
     from cli.app_cmd import app_cmd
     from cli.datasets import datasets_app
+    from cli.demo import demo
     from cli.flows import run_flow
     from cli.keys import keys_app
     from cli.models import models_app
@@ -193,6 +194,7 @@ def _mount_parts() -> None:
     app.add_typer(models_app, name="models")
     app.add_typer(releases_app, name="releases")
     app.command("simulate")(simulate)
+    app.command("demo")(demo)
     app.command("run", help="Run a flow once, now: flywheel run <flow>.")(run_flow)
 
 

@@ -26,6 +26,7 @@ import fcntl
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -239,6 +240,18 @@ def current_production(settings: Settings, log_: ReleaseLog) -> str:
         return settings.model_version
 
 
+def _broker_reachable(settings: Settings, timeout_s: float = 2.0) -> None:
+    """Fail fast (instead of a client's long bootstrap wait) when no bootstrap server accepts a connection."""
+    for server in settings.bootstrap_servers:
+        host, _, port = server.rpartition(":")
+        try:
+            with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
+                return
+        except (OSError, ValueError):
+            continue
+    raise ConnectionError(f"no Kafka bootstrap server answers ({settings.kafka_bootstrap})")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The controller
 # ---------------------------------------------------------------------------------------------------------
@@ -304,6 +317,7 @@ class Controller:
         """Publish a recorded plan and mark it applied; on failure it stays pending (and the old plan in force)."""
         plan = ReleasePlan.model_validate(rec.plan)
         try:
+            _broker_reachable(self.settings)
             publish_plan(self.settings, plan, timeout=self.cfg.publish_timeout_s)
         except Exception as e:  # noqa: BLE001 - Kafka down or slow: keep the old plan, retry later
             raise ReleaseError(
