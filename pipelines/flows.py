@@ -1,8 +1,10 @@
 """The project's Prefect flows: thin compositions of ``pipelines.tasks``.
 
 - ``curate``: warehouse -> one immutable dataset snapshot (SFT, KTO, pairs, prompts; train/eval).
-- ``volume_trigger``: when >= N new usable ratings arrived since the last snapshot, curate then ``train``.
-- ``train``: the training extension point (``pipelines.train_hook``); logs "no training recipe installed".
+- ``volume_trigger``: when >= N new usable ratings arrived since the last snapshot, curate then ``train`` (queued
+  on the ``train`` deployment's work pool when it exists, else run here).
+- ``train``: snapshot -> recipe -> evaluate -> gate -> register (``pipelines.training``); returns the version, the
+  gate verdict with its reasons, the evaluation and seconds per stage.
 - ``ingest_health``: fails loudly when the continuous ingest consumer lags or stops committing.
 
 Flows take no ``Settings`` parameter (deployments must serialise their parameters); they read the process's
@@ -29,33 +31,74 @@ def curate(settings: Settings | None = None, config: CurateConfig | None = None)
     info = tasks.write_snapshot(curated, settings)
     tasks.register_snapshot(info, curated.watermark, settings)
     retired = tasks.retire_deleted(settings)
+    tainted = tasks.taint_retired(settings)  # deletion reaches models trained on retired snapshots
     return {
         "snapshot_id": info.snapshot_id,
         "path": str(info.path),
         "created": info.created,
         "counts": info.manifest["counts"],
         "retired": [r["snapshot_id"] for r in retired],
+        "tainted": tainted,
     }
 
 
-@flow(name="train")
-def train(snapshot_id: str, settings: Settings | None = None) -> None:
-    from pipelines.snapshots import find_snapshot, retired
-
+@flow(name="train", log_prints=True)
+def train(
+    snapshot_id: str | None = None,
+    recipe: str | None = None,
+    parent: str | None = None,
+    config: str | None = None,
+    overrides: list[str] | None = None,
+    judge_overrides: list[str] | None = None,
+    gate: dict[str, Any] | None = None,
+    settings: Settings | None = None,
+) -> dict[str, Any]:
+    """Train one candidate on a snapshot (default: the newest usable one) and gate it. Arguments left out come
+    from ``FLYWHEEL_TRAIN_*`` (``pipelines.training.TrainConfig``); a retired snapshot, one with a pending
+    deletion, an unknown parent or recipe, or a config typo stops the flow with one sentence before training.
+    ``gate`` holds ``training.evaluate.GateConfig`` fields (thresholds, generation length)."""
     settings = settings or get_settings()
-    path = find_snapshot(settings.datasets_dir, snapshot_id)
-    mark = retired(path)
-    if mark:
-        raise ValueError(
-            f"snapshot {path.name} is retired ({mark['reason']}): run `flywheel run curate` for a fresh one"
-        )
-    tasks.train(path.name, path)
+    cfg = tasks.train_config(recipe, parent, config, overrides, judge_overrides)
+    sid = tasks.check_training_inputs(settings, snapshot_id, cfg)
+    result = tasks.train_and_gate(settings, sid, cfg, gate)
+    _publish_train_summary(result)
+    return result
+
+
+def _publish_train_summary(result: dict[str, Any]) -> None:
+    """The result as a Prefect artifact (readable in the UI; its JSON block is what ``flywheel run train`` prints
+    when the run happened on a worker, possibly on another machine)."""
+    import json
+
+    from prefect.artifacts import create_markdown_artifact
+
+    gate = result["gate"]
+    ev = result.get("eval", {})
+    lines = [
+        f"# {result['version']}: gate {'PASSED' if gate['passed'] else 'FAILED'}",
+        "",
+        f"recipe `{result['recipe']}` from `{result['parent']}` on snapshot `{result['snapshot_id']}`",
+        "",
+        *(f"- {r}" for r in gate["reasons"]),
+        "",
+        f"win rate {ev.get('win_rate')} (judge {ev.get('judge')}); stages {result['stages']}",
+        "",
+        "```json",
+        json.dumps(result, default=str, indent=1),
+        "```",
+    ]
+    create_markdown_artifact("\n".join(lines), key="train-result", description=f"train: {result['version']}")
 
 
 @flow(name="volume-trigger")
 def volume_trigger(
-    n: int | None = None, settings: Settings | None = None, config: CurateConfig | None = None
+    n: int | None = None,
+    settings: Settings | None = None,
+    config: CurateConfig | None = None,
+    train_after: bool = True,
+    train_overrides: list[str] | None = None,
 ) -> dict[str, Any]:
+    """``train_after=False`` curates only; ``train_overrides`` go to the recipe when training runs here."""
     settings = settings or get_settings()
     config = config or CurateConfig()
     threshold = n if n is not None else config.volume_trigger_n
@@ -63,8 +106,15 @@ def volume_trigger(
     if new < threshold:
         return {"fired": False, "new_ratings": new, "threshold": threshold}
     snap = curate(settings=settings, config=config)  # fresh: it excludes every deleted user, never retired
-    tasks.train(snap["snapshot_id"], snap["path"])
-    return {"fired": True, "new_ratings": new, "threshold": threshold, "snapshot": snap}
+    out = {"fired": True, "new_ratings": new, "threshold": threshold, "snapshot": snap, "train": None}
+    if train_after:
+        queued = tasks.submit_train(snap["snapshot_id"], settings)
+        out["train"] = (
+            {"queued": queued}
+            if queued
+            else train(snapshot_id=snap["snapshot_id"], overrides=train_overrides, settings=settings)
+        )
+    return out
 
 
 @flow(name="ingest-health")

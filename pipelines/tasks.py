@@ -1,10 +1,10 @@
 """Small typed Prefect tasks over the plain functions in ``pipelines.curate`` / ``snapshots`` / ``triggers`` /
-``health``. Warehouse tasks retry (another process may hold the DuckDB file); pure computation does not.
-Nothing is cached or persisted by Prefect: snapshots are the persisted result."""
+``health`` / ``training``. Warehouse tasks retry (another process may hold the DuckDB file); pure computation
+and training do not (a failed recipe is reported, not re-run). Nothing is cached or persisted by Prefect:
+snapshots and registered model versions are the persisted results."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -12,7 +12,8 @@ from prefect.cache_policies import NO_CACHE
 
 from feedback.settings import Settings
 from pipelines import curate as cur
-from pipelines import health, snapshots, train_hook, triggers
+from pipelines import health, snapshots, triggers
+from pipelines import training as trn
 from pipelines.config import CurateConfig
 from pipelines.pii import PiiScrubber
 
@@ -89,9 +90,120 @@ def count_new_ratings(settings: Settings) -> int:
     return n
 
 
+class TrainRefused(ValueError):
+    """The train flow cannot start with these inputs; the message is one sentence saying what to do."""
+
+
+def train_config(
+    recipe: str | None = None,
+    parent: str | None = None,
+    config: str | None = None,
+    overrides: list[str] | None = None,
+    judge_overrides: list[str] | None = None,
+) -> trn.TrainConfig:
+    """``FLYWHEEL_TRAIN_*`` defaults, with every argument that is given taking precedence."""
+    from training.config import METHODS
+
+    given = {
+        "recipe": recipe,
+        "parent": parent,
+        "config": config,
+        "overrides": overrides,
+        "judge_overrides": judge_overrides,
+    }
+    cfg = trn.TrainConfig(**{k: v for k, v in given.items() if v is not None})
+    if cfg.recipe not in METHODS:
+        raise TrainRefused(f"unknown recipe {cfg.recipe!r}: choose one of {', '.join(METHODS)}")
+    return cfg
+
+
+TRL_CONFIGS = {
+    "pretrain": "SFTConfig",
+    "sft": "SFTConfig",
+    "reward": "RewardConfig",
+    "rlhf": "RLOOConfig",
+    "dpo": "DPOConfig",
+    "kto": "KTOConfig",
+}  # the TRL config class each recipe builds (training/recipes)
+
+
+def check_trl_section(recipe: str, recipe_cfg: Any) -> None:
+    """The ``train`` section builds the recipe's TRL config (a typo is named with the closest real key), so a
+    typo stops here rather than after a judge model was trained. Raises ``training.config.ConfigError``."""
+    import tempfile
+    from pathlib import Path
+
+    import trl
+
+    from training.config import trl_args
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trl_args(getattr(trl, TRL_CONFIGS[recipe]), recipe_cfg, Path(tmp) / "never-written", "fp32")
+
+
+@task(retries=3, retry_delay_seconds=2, retry_condition_fn=_busy, **_OPTS)
+def check_training_inputs(settings: Settings, snapshot_id: str | None, cfg: trn.TrainConfig) -> str | None:
+    """Fail before any model is loaded: the config parses, the snapshot is usable (exists, not retired, no
+    contributor's deletion pending), the parent is a registered chat model. Returns the snapshot id."""
+    from training import registry
+    from training.runner import TrainingError, find_usable_snapshot, resolve_config
+
+    try:
+        _, recipe_cfg = resolve_config(cfg.recipe, cfg.config, list(cfg.overrides))
+        check_trl_section(cfg.recipe, recipe_cfg)
+        snap = find_usable_snapshot(settings, snapshot_id, required=cfg.recipe != "pretrain")
+    except (TrainingError, ValueError) as e:
+        raise TrainRefused(str(e)) from None
+    registry.ensure_base(settings)
+    try:
+        parent = registry.get_version(settings, cfg.parent)
+    except KeyError as e:
+        raise TrainRefused(str(e.args[0])) from None
+    if parent.kind == "reward" or parent.tainted:
+        why = "is a reward model" if parent.kind == "reward" else f"is tainted ({parent.tainted_reason})"
+        raise TrainRefused(f"parent {parent.name} {why}: start from another chat model (e.g. production)")
+    sid = snap["snapshot_id"] if snap else None
+    get_run_logger().info("training %s (%s) from %s on snapshot %s", cfg.recipe, cfg.config, parent.name, sid)
+    return sid
+
+
 @task(**_OPTS)
-def train(snapshot_id: str, snapshot_path: Path) -> None:
-    train_hook.train(snapshot_id, snapshot_path, get_run_logger())
+def train_and_gate(
+    settings: Settings, snapshot_id: str | None, cfg: trn.TrainConfig, gate: dict[str, Any] | None = None
+) -> dict:
+    """Judge(s), recipe, evaluation, gate (``pipelines.training.train_and_gate``), progress into the run's log."""
+    from training.evaluate import GateConfig
+
+    logger = get_run_logger()
+    return trn.train_and_gate(settings, snapshot_id, cfg, say=logger.info, gate_cfg=GateConfig(**(gate or {})))
+
+
+@task(retries=3, retry_delay_seconds=2, retry_condition_fn=_busy, **_OPTS)
+def taint_retired(settings: Settings) -> list[str]:
+    """Every registered version trained on (or descended from) a retired snapshot is marked tainted."""
+    names = trn.taint_retired(settings)
+    for name in names:
+        get_run_logger().warning(
+            "tainted model version %s: trained on a retired snapshot (it cannot be promoted)", name
+        )
+    return names
+
+
+@task(**_OPTS)
+def submit_train(snapshot_id: str, settings: Settings) -> str | None:
+    """Queue a run of the ``train`` deployment on its work pool (a worker picks it up); None when there is no
+    such deployment (no Prefect server with ``pipelines.serve``: test harness, ephemeral mode)."""
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    from pipelines.serve import TRAIN_DEPLOYMENT
+
+    try:
+        run = run_deployment(TRAIN_DEPLOYMENT, parameters={"snapshot_id": snapshot_id}, timeout=0)
+    except ObjectNotFound:
+        return None
+    get_run_logger().info("queued training run %s (%s) on snapshot %s", run.name, run.id, snapshot_id)
+    return str(run.id)
 
 
 @task(retries=2, retry_delay_seconds=5, **_OPTS)
