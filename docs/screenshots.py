@@ -58,6 +58,9 @@ def start_stack(home: Path, max_new_tokens: int):
     print(f"screenshots: starting Kafka on {settings.kafka_bootstrap} ...", flush=True)
     kafka_local.start(settings, quiet=True)
     ensure_topics(settings)
+    # "canary" is the same base model under a second release name: its card says so (a copy of base's meta.json).
+    (settings.models_dir / "canary").mkdir(parents=True)
+    shutil.copy(settings.base_model_path / "meta.json", settings.models_dir / "canary" / "meta.json")
     plan = ReleasePlan.weighted({"base": 0.5, "canary": 0.5}, stage="canary")
     publish_plan(settings, plan)
     backend = EmbeddedBackend(settings.base_model_path, max_concurrency=4, max_queue=4)

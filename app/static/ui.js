@@ -58,6 +58,16 @@
     });
   }, true);
 
+  // Editing a message starts from its bubble, which is the text HTML-escaped: show the person their own text.
+  const unescapeHtml = (s) => { const t = document.createElement('textarea'); t.innerHTML = s; return t.value; };
+  new MutationObserver(() => {
+    document.querySelectorAll('#chatbot textarea:not([data-fw-unescaped])').forEach((box) => {
+      box.dataset.fwUnescaped = '1';
+      const raw = unescapeHtml(box.value);
+      if (raw !== box.value) { box.value = raw; box.dispatchEvent(new Event('input', { bubbles: true })); }
+    });
+  }).observe(document.body, { childList: true, subtree: true });
+
   document.addEventListener('click', (ev) => {
     if (ev.target.closest && ev.target.closest('#theme-toggle')) toggleTheme();
   });

@@ -10,7 +10,6 @@ goes out with its ``feedback_value``, so a thumb can only show on the answer it 
 from __future__ import annotations
 
 import asyncio
-import html
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -87,6 +86,8 @@ class ChatHandlers:
         """Stream one answer to the last user message; on failure put ``snapshot`` back and say why."""
         if tab in self.ctx.stops:
             st["messages"] = snapshot
+            if origin == "regenerate":
+                st["previous"] = None
             yield ChatView(chatbot_update(st), st, status=status_md(STILL_ANSWERING)).out()
             return
         stop = self.ctx.stops[tab] = asyncio.Event()
@@ -103,6 +104,8 @@ class ChatHandlers:
                 )
             except Exception as e:  # noqa: BLE001 - input, busy, or a failing backend: a sentence, not a trace
                 st["messages"] = snapshot
+                if origin == "regenerate":
+                    st["previous"] = None  # the old answer is back in place: there is nothing to choose between
                 yield ChatView(chatbot_update(st), st, restore, status_md(error_sentence(e)), **idle_controls(st)).out()
                 return
             reply: Message = {
@@ -224,9 +227,9 @@ class ChatHandlers:
             yield ChatView(chatbot_update(st), st, status="").out()
             return
         try:
-            # The edit box starts from the rendered bubble, which is the text HTML-escaped.
-            raw = html.unescape(content_text(data.value))
-            text = clean_text(raw, limit=self.ctx.message_limit(uid))
+            # The edit box starts from the rendered bubble (the text HTML-escaped); ui.js unescapes it in the box,
+            # so what comes back is the person's own text.
+            text = clean_text(content_text(data.value), limit=self.ctx.message_limit(uid))
         except InputError as e:
             yield ChatView(chatbot_update(st), st, status=status_md(e.message)).out()
             return

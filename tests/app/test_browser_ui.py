@@ -332,6 +332,13 @@ def test_hostile_stored_answer_is_inert_and_shortcuts_themes_model_card_api_link
     assert "<script>alert(1)</script> hi" in page.inner_text("#chatbot [data-testid='user']")
     assert not [u for u in seen if "/leak" in u]
 
+    # Editing a message starts from the person's own text, not its escaped form.
+    page.locator("#chatbot button[aria-label='Edit']").first.click()
+    box = page.locator("#chatbot textarea").first
+    page.wait_for_function("document.querySelector('#chatbot textarea')?.dataset.fwUnescaped === '1'")
+    assert box.input_value() == "<script>alert(1)</script> hi"
+    page.locator("#chatbot button[aria-label='Cancel']").first.click()
+
     # Copy gives the text a person sees, not the HTML behind it.
     page.locator("#chatbot button[aria-label='Copy message']").last.click()
     page.wait_for_timeout(300)
