@@ -235,8 +235,8 @@ def follow_deployment_run(deployment: str, args: TrainArgs, as_json: bool, poll_
                 for log in logs:
                     out.print(f"{log.timestamp:%H:%M:%S} {_one_line(log.message)}", highlight=False, markup=False)
                 seen += len(logs)
-                if state is not None and state.is_final() and not logs:
-                    break
+                if state is not None and (state.is_final() or state.is_cancelling()) and not logs:
+                    break  # cancelling: the worker stops it; its final state may never be written if it died
                 if not logs:
                     time.sleep(poll_s)
         except KeyboardInterrupt:
