@@ -225,6 +225,16 @@ def _prefect_proc(s: Settings) -> psutil.Process | None:
         return None
 
 
+def _mlflow_proc(s: Settings) -> psutil.Process | None:
+    from infra import mlflow_server
+
+    marker = mlflow_server.read_marker(s)
+    try:
+        return psutil.Process(int(marker["pid"])) if marker else None
+    except (ValueError, psutil.Error):
+        return None
+
+
 # ---- flywheel down --------------------------------------------------------------------------------------
 def down(s: Settings) -> dict[str, str]:
     """Stop what a (possibly killed) ``flywheel up`` left: its supervisor, children, Prefect, the broker(s)."""
@@ -243,6 +253,8 @@ def down(s: Settings) -> dict[str, str]:
             procs[f.stem] = p
     if (p := _prefect_proc(s)) is not None:
         procs["prefect server"] = p
+    if (m := _mlflow_proc(s)) is not None:  # its own session: outlives a SIGKILLed infra.mlflow_server runner
+        procs["mlflow server"] = m
     out.update(stop_processes(procs, CHILD_GRACE_S))
     for f in run_dir(s).glob("*.pid"):
         if f.stem != "up":
@@ -250,6 +262,9 @@ def down(s: Settings) -> dict[str, str]:
     from infra import prefect_server
 
     prefect_server.stop(s, timeout_s=0.5)
+    from infra import mlflow_server
+
+    mlflow_server.stop(s, timeout_s=0.5)  # already stopped above; removes its server.json
     left = max(2.0, STOP_BUDGET_S - (time.monotonic() - t0))
     for name in kafka_local.stop_all(s, timeout_s=left):
         out[name] = "stopped"
