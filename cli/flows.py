@@ -169,22 +169,22 @@ def _train(settings: Any, args: TrainArgs, deployment: str, remote: bool, as_jso
     if problem := _train_precheck(args):
         _fail("train", problem, as_json)
     where = _online_deployment(settings, deployment) if remote else None
+    if where is None and deployment != "train":
+        _fail(
+            "train",
+            f'no worker is online for deployment train/{deployment}: start one (README "Training runs on work '
+            'pools") or drop --deployment to train here',
+            as_json,
+        )
     try:
         if where is not None:
             return follow_deployment_run(where, args, as_json)
-        if deployment != "train":
-            _fail(
-                "train",
-                f'no worker is online for deployment {deployment!r}: start one (README "GPU workers") '
-                "or drop --deployment to train here",
-                as_json,
-            )
         from pipelines import flows
 
         return flows.train(**args.parameters(), settings=settings)
-    except RemoteRunFailed as e:
-        _fail("train", str(e), as_json)
-    except Exception as e:  # noqa: BLE001 - a failed flow is a failed command, loudly
+    except typer.Exit:
+        raise
+    except Exception as e:  # noqa: BLE001 - a failed flow (or run) is a failed command, in its own sentence
         _fail("train", str(e), as_json)
     raise AssertionError("unreachable")
 
