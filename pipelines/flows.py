@@ -5,6 +5,7 @@
   on the ``train`` deployment's work pool when it exists, else run here).
 - ``train``: snapshot -> recipe -> evaluate -> gate -> register (``pipelines.training``); returns the version, the
   gate verdict with its reasons, the evaluation and seconds per stage.
+- ``release``: canary -> ramp -> full or rollback of a gate-passed candidate on live ratings (``pipelines.release``).
 - ``ingest_health``: fails loudly when the continuous ingest consumer lags or stops committing.
 
 Flows take no ``Settings`` parameter (deployments must serialise their parameters); they read the process's
@@ -19,7 +20,7 @@ from prefect import flow
 
 from feedback.settings import Settings, get_settings
 from pipelines import tasks
-from pipelines.config import CurateConfig
+from pipelines.config import CurateConfig, ReleaseConfig
 
 
 @flow(name="curate", log_prints=True)
@@ -127,4 +128,39 @@ def ingest_health(
     return tasks.check_ingest(settings, tasks.broker_lag(settings) if lag is None else lag, config)
 
 
-FLOWS = {"curate": curate, "volume-trigger": volume_trigger, "ingest-health": ingest_health, "train": train}
+@flow(name="release", log_prints=True)
+def release(
+    candidate: str | None = None,
+    max_minutes: float = 120.0,
+    settings: Settings | None = None,
+    config: ReleaseConfig | None = None,
+) -> dict[str, Any]:
+    """Canary -> ramp -> full, or rollback (``pipelines.release``). Starts a release of ``candidate`` unless one is
+    in progress, then looks every ``poll_s`` until it is decided or ``max_minutes`` pass; a run that died resumes
+    the recorded release when started again (without a candidate)."""
+    from pipelines.release import Controller
+
+    settings = settings or get_settings()
+    ctl = Controller(settings, config or ReleaseConfig())
+    st = ctl.log.current()
+    if candidate and (st is None or not st.active):
+        st = ctl.start(candidate, "controller:flow", "release flow")
+
+    def show(st, a) -> None:
+        if st is not None and a is not None:
+            print(f"{st.candidate} {st.status} {st.share:.0%}: {a.decision}: {'; '.join(a.reasons)}")
+
+    st = ctl.run(max_s=max_minutes * 60, on_look=show)
+    if st is None:
+        return {"release": None}
+    return {"release": st.release_id, "candidate": st.candidate, "production": st.production,
+            "status": st.status, "share": st.share, "reason": st.last.reason}
+
+
+FLOWS = {
+    "curate": curate,
+    "volume-trigger": volume_trigger,
+    "ingest-health": ingest_health,
+    "train": train,
+    "release": release,
+}
