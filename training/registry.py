@@ -322,6 +322,8 @@ def _from_mv(mv, aliases: Iterable[str] = ()) -> VersionInfo | None:
         tainted_reason=t.get(f"{T}tainted_reason") or None,
         aliases=sorted(aliases),
         base_model=t.get(f"{T}base_model") or None,
+        reward_version=t.get(f"{T}reward_version") or None,
+        precision=t.get(f"{T}precision") or None,
     )
 
 
