@@ -1,18 +1,18 @@
 """In-process generation on llama.cpp, continuously batched, with chunked prefill.
 
 Why llama.cpp: decoding a 135M-parameter model one token at a time is a matrix-vector product per weight
-matrix, bound by memory bandwidth. On this project's AMD EPYC machines PyTorch's fp32 path (MKL) reaches a
-fraction of the copy bandwidth there, and PyTorch has no fast CPU path for lower precisions on AVX2-only cores
-(bf16 emulated, int8 weight-only slower than fp32: measured, README "Serving speed"). ggml's hand-vectorised
-kernels run near the bandwidth at f32, and q8_0 reads a quarter of the bytes. llama-cpp-python's low-level
-bindings let this backend keep the app's own contract (``batching.py``) with llama.cpp doing the arithmetic.
+matrix, bound by memory bandwidth. On this project's AMD EPYC machines PyTorch's fp32 CPU path reaches a fraction
+of the copy bandwidth, and PyTorch has no fast CPU path for lower precisions on AVX2-only cores (measured: README
+"Serving speed"). ggml's vectorised kernels run close to the bandwidth, and q8_0 reads about a quarter of fp32's
+bytes. llama-cpp-python's low-level bindings let this backend keep the app's own contract (``batching.py``:
+bound, streaming, cancellation) while llama.cpp does the arithmetic.
 
 How a step is built: one ``llama_batch`` holds, for every decoding sequence, its last sampled token, plus at most
 ``prefill_chunk`` prompt tokens of sequences still being prefilled (oldest first). So a long prompt is fed a
-chunk per step, interleaved with everyone else's decoding, and never freezes the other streams; a short prompt
-is prefilled within the step it arrives in. Each sequence has its own KV-cache stream (``kv_unified=False``),
-so attention reads only its own history. The prompt is the model's chat template through the Hugging Face
-tokenizer (the same ids the transformers engine feeds), and text is decoded by the same tokenizer.
+chunk per step, interleaved with everyone else's decoding, and never freezes the other streams, while a short
+prompt is prefilled within the step it arrives in. Each sequence has its own KV-cache stream
+(``kv_unified=False``), so attention reads only its own history. Prompts are the model's chat template through
+the Hugging Face tokenizer (the same ids the transformers engine feeds), and text is decoded by the same tokenizer.
 """
 
 from __future__ import annotations
@@ -29,12 +29,81 @@ from app.backends.gguf import ensure_gguf
 
 log = logging.getLogger(__name__)
 
+Part = tuple[int, list[int], int, bool]  # (sequence id, tokens, position of the first, logits for the last?)
+
 
 def _llama():
     import llama_cpp
 
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # its log callback prints below this level
     return llama_cpp
+
+
+class Engine:
+    """One GGUF model and one context: fill a batch, decode it, read logits. Not thread-safe: one owner."""
+
+    def __init__(self, gguf_path: Path, n_ctx: int, n_seq: int, n_batch: int, num_threads: int | None = None):
+        self.L = L = _llama()
+        L.llama_backend_init()
+        self.model = L.llama_model_load_from_file(str(gguf_path).encode(), L.llama_model_default_params())
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {gguf_path}")
+        self.n_ctx_train = L.llama_model_n_ctx_train(self.model)
+        threads = num_threads or len(os.sched_getaffinity(0))
+        cparams = L.llama_context_default_params()
+        cparams.n_seq_max = n_seq
+        cparams.n_ctx = n_ctx  # each sequence gets n_ctx / n_seq of its own
+        cparams.kv_unified = False
+        cparams.n_batch = cparams.n_ubatch = n_batch
+        cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.no_perf = True
+        self.ctx = L.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            L.llama_model_free(self.model)
+            raise RuntimeError(f"llama.cpp could not create a context for {gguf_path}")
+        self.mem = L.llama_get_memory(self.ctx)
+        self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
+        self.n_batch = n_batch
+        self.batch = L.llama_batch_init(n_batch, 0, 1)
+
+    def decode(self, parts: list[Part]) -> list[int]:
+        """Run one batch; returns the batch index of each part's logits row (-1 where none was asked for)."""
+        b = self.batch
+        n = 0
+        rows = []
+        for seq, toks, pos, want in parts:
+            rows.append(n + len(toks) - 1 if want else -1)
+            for j, tok in enumerate(toks):
+                b.token[n] = tok
+                b.pos[n] = pos + j
+                b.n_seq_id[n] = 1
+                b.seq_id[n][0] = seq
+                b.logits[n] = want and j == len(toks) - 1
+                n += 1
+        b.n_tokens = n
+        rc = self.L.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+        return rows
+
+    def logits(self, i: int) -> np.ndarray:
+        """Logits of the last decode's batch token ``i`` (one asked for); valid until the next decode."""
+        ptr = ctypes.cast(self.L.llama_get_logits_ith(self.ctx, i), ctypes.POINTER(ctypes.c_float))
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def forget(self, seq: int = -1) -> None:
+        """Drop one sequence's cache (all sequences with -1)."""
+        if seq < 0:
+            self.L.llama_memory_clear(self.mem, True)
+        else:
+            self.L.llama_memory_seq_rm(self.mem, seq, -1, -1)
+
+    def close(self) -> None:
+        if self.ctx:
+            self.L.llama_batch_free(self.batch)
+            self.L.llama_free(self.ctx)
+            self.L.llama_model_free(self.model)
+            self.ctx = None
 
 
 class LlamaCppBackend(BatchingBackend):
@@ -60,30 +129,13 @@ class LlamaCppBackend(BatchingBackend):
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         try:
             eos = GenerationConfig.from_pretrained(model_path).eos_token_id
-        except OSError:  # no generation_config.json: the tokenizer's eos and the chat ends
+        except OSError:  # no generation_config.json: the tokenizer's eos and the usual chat ends
             eos = None
-        self._L = L = _llama()
-        L.llama_backend_init()
-        mparams = L.llama_model_default_params()
-        self._model = L.llama_model_load_from_file(str(self.gguf_path).encode(), mparams)
-        if not self._model:
-            raise RuntimeError(f"llama.cpp could not load {self.gguf_path}")
-        context = min(max_context_tokens, L.llama_model_n_ctx_train(self._model) or max_context_tokens)
-        threads = num_threads or len(os.sched_getaffinity(0))
-        cparams = L.llama_context_default_params()
-        cparams.n_seq_max = max_concurrency
-        cparams.n_ctx = context * max_concurrency  # each sequence gets n_ctx / n_seq_max of its own
-        cparams.kv_unified = False
-        cparams.n_batch = cparams.n_ubatch = self.prefill_chunk + max_concurrency
-        cparams.n_threads = cparams.n_threads_batch = threads
-        cparams.no_perf = True
-        self._ctx = L.llama_init_from_model(self._model, cparams)
-        if not self._ctx:
-            L.llama_model_free(self._model)
-            raise RuntimeError(f"llama.cpp could not create a context for {self.gguf_path}")
-        self._mem = L.llama_get_memory(self._ctx)
-        self._n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self._model))
-        self._batch = L.llama_batch_init(cparams.n_batch, 0, 1)
+        n_batch = self.prefill_chunk + max_concurrency  # one token per decoding row plus one prefill chunk
+        self._engine = Engine(
+            self.gguf_path, max_context_tokens * max_concurrency, max_concurrency, n_batch, num_threads
+        )
+        context = min(max_context_tokens, self._engine.n_ctx_train or max_context_tokens)
         self._free = list(range(max_concurrency))[::-1]
         self._setup(f"llama.cpp:{model_path}@{precision}", tokenizer, eos, max_concurrency, max_queue, context)
         self._warm_up()
@@ -92,12 +144,10 @@ class LlamaCppBackend(BatchingBackend):
     def _warm_up(self) -> None:
         """One small prefill and a decode step, so first-call setup stays out of the first user's TTFT."""
         ids = self.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
-        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        self._fill([(0, ids, 0, True)])
-        self._decode()
-        self._fill([(0, [int(self._logits(0).argmax())], len(ids), True)])
-        self._decode()
-        self._L.llama_memory_seq_rm(self._mem, 0, -1, -1)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)[: self.prefill_chunk]
+        (row,) = self._engine.decode([(0, ids, 0, True)])
+        self._engine.decode([(0, [int(self._engine.logits(row).argmax())], len(ids), True)])
+        self._engine.forget(0)
 
     # ---- engine hooks (decode thread) ----
 
@@ -114,18 +164,17 @@ class LlamaCppBackend(BatchingBackend):
         if not self._rows:
             return
         parts, outs = self._plan()
-        self._fill(parts)
-        self._decode()
-        for i, req in enumerate(outs):
-            tok = self._sample(self._logits(i), req)
+        rows = [i for i in self._engine.decode(parts) if i >= 0]
+        for i, req in zip(rows, outs, strict=True):
+            tok = self._sample(self._engine.logits(i), req)
             if self._emit(req, tok):
                 self._release(req)
             else:
                 req.last = tok
 
-    def _plan(self) -> tuple[list[tuple[int, list[int], int, bool]], list[Request]]:
+    def _plan(self) -> tuple[list[Part], list[Request]]:
         """This step's batch: each decoding row's last token, then prompt chunks within ``prefill_chunk``."""
-        parts: list[tuple[int, list[int], int, bool]] = []
+        parts: list[Part] = []
         outs: list[Request] = []
         for req in self._rows:
             if req.fed >= len(req.ids):
@@ -146,30 +195,6 @@ class LlamaCppBackend(BatchingBackend):
                 budget -= len(chunk)
         return parts, outs
 
-    def _fill(self, parts: list[tuple[int, list[int], int, bool]]) -> None:
-        """Write ``(sequence, tokens, first position, want logits of the last)`` parts into the batch."""
-        b = self._batch
-        n = 0
-        for seq, toks, pos, want in parts:
-            for j, tok in enumerate(toks):
-                b.token[n] = tok
-                b.pos[n] = pos + j
-                b.n_seq_id[n] = 1
-                b.seq_id[n][0] = seq
-                b.logits[n] = want and j == len(toks) - 1
-                n += 1
-        b.n_tokens = n
-
-    def _decode(self) -> None:
-        rc = self._L.llama_decode(self._ctx, self._batch)
-        if rc != 0:
-            raise RuntimeError(f"llama_decode returned {rc}")
-
-    def _logits(self, i: int) -> np.ndarray:
-        """The ``i``-th output row of the last decode (outputs follow the batch order)."""
-        ptr = self._L.llama_get_logits_ith(self._ctx, i)
-        return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(self._n_vocab,))
-
     def _sample(self, logits: np.ndarray, req: Request) -> int:
         s = req.sampling
         if s.temperature <= 0:
@@ -186,15 +211,67 @@ class LlamaCppBackend(BatchingBackend):
 
     def _release(self, req: Request) -> None:
         self._rows.remove(req)
-        self._L.llama_memory_seq_rm(self._mem, req.slot, -1, -1)
+        self._engine.forget(req.slot)
         self._free.append(req.slot)
 
     def _reset(self) -> None:
-        self._L.llama_memory_clear(self._mem, True)
+        self._engine.forget()
         self._free = list(range(self.max_concurrency))[::-1]
 
     def _shutdown(self) -> None:
-        L = self._L
-        L.llama_batch_free(self._batch)
-        L.llama_free(self._ctx)
-        L.llama_model_free(self._model)
+        self._engine.close()
+
+
+# ---- quality checks of a precision (the benchmark and the tests use these) ----
+
+
+def score(gguf_path: str | Path, sequences: list[tuple[list[int], int]], num_threads: int | None = None):
+    """Negative log-likelihood (nats, summed) of each sequence's tokens from index ``start`` on, and their count:
+    perplexity is ``exp(nll / count)``."""
+    longest = max(len(ids) for ids, _ in sequences)
+    engine = Engine(Path(gguf_path), max(256, longest), 1, longest, num_threads)
+    nll, count = 0.0, 0
+    try:
+        for ids, start in sequences:
+            engine.forget()
+            b = engine.batch
+            for j, tok in enumerate(ids):
+                b.token[j], b.pos[j], b.n_seq_id[j] = tok, j, 1
+                b.seq_id[j][0] = 0
+                b.logits[j] = start - 1 <= j < len(ids) - 1
+            b.n_tokens = len(ids)
+            if engine.L.llama_decode(engine.ctx, b) != 0:
+                raise RuntimeError("llama_decode failed while scoring")
+            for j in range(start - 1, len(ids) - 1):
+                z = engine.logits(j).astype(np.float64)
+                m = z.max()
+                nll += float(m + np.log(np.exp(z - m).sum()) - z[ids[j + 1]])
+                count += 1
+    finally:
+        engine.close()
+    return nll, count
+
+
+def greedy(
+    gguf_path: str | Path, prompts: list[list[int]], new_tokens: int, stop: set[int], num_threads: int | None = None
+) -> list[list[int]]:
+    """Greedy continuations (token ids, stop token excluded) of each prompt, one at a time: what a solo stream
+    of the backend produces."""
+    engine = Engine(Path(gguf_path), max(256, max(map(len, prompts)) + new_tokens), 1, 512, num_threads)
+    out = []
+    try:
+        for ids in prompts:
+            engine.forget()
+            for k in range(0, len(ids), 512):
+                (row,) = engine.decode([(0, ids[k : k + 512], k, k + 512 >= len(ids))])
+            toks: list[int] = []
+            while len(toks) < new_tokens:
+                tok = int(engine.logits(row).argmax())
+                if tok in stop:
+                    break
+                toks.append(tok)
+                (row,) = engine.decode([(0, [tok], len(ids) + len(toks) - 1, True)])
+            out.append(toks)
+    finally:
+        engine.close()
+    return out
