@@ -57,6 +57,7 @@ format:
 bench: setup  ## every benchmark, JSON into benchmarks/results/
 	mkdir -p benchmarks/results
 	$(PY) -m benchmarks.ingest --events 200000 --json | tee benchmarks/results/ingest.json
+	$(PY) -m benchmarks.train --json | tee benchmarks/results/train.json
 
 clean-state:  ## delete $(FLYWHEEL_HOME) (broker data, warehouse, models, snapshots)
 	rm -rf $(FLYWHEEL_HOME)
