@@ -96,7 +96,8 @@ def run_flow(
     if name not in FLOW_NAMES:
         console.print(f"[red]unknown flow {name!r}[/red]; choose from {', '.join(FLOW_NAMES)}")
         raise typer.Exit(2)
-    problem = _precheck(name, settings, snapshot)
+    args = TrainArgs(snapshot or None, recipe or None, parent or None, config or None, list(override or []) or None)
+    problem = (_train_precheck(args) if name == "train" else None) or _precheck(name, settings, snapshot)
     if problem:
         _fail(name, problem, as_json)
     server_up = prefect_server.healthy(settings, timeout_s=1.0)
@@ -111,7 +112,6 @@ def run_flow(
     for noisy in ("httpx", "httpcore", "kafka"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if name == "train":
-        args = TrainArgs(snapshot or None, recipe or None, parent or None, config or None, list(override or []) or None)
         result = _train(settings, args, deployment, server_up and not local, as_json)
         if as_json:
             print(json.dumps(result, default=str, indent=2))
@@ -151,14 +151,16 @@ class TrainArgs:
 
 
 def _train_precheck(args: TrainArgs) -> str | None:
-    """A recipe or config typo, found here in a second rather than on a worker after it queued."""
-    from pipelines.tasks import TrainRefused, train_config
+    """A recipe or config typo (TRL keys included), found here in seconds rather than on a worker after a judge
+    model was trained."""
+    from pipelines.tasks import TrainRefused, check_trl_section, train_config
     from training.config import ConfigError
     from training.runner import resolve_config
 
     try:
         cfg = train_config(args.recipe, args.parent, args.config, args.overrides)
-        resolve_config(cfg.recipe, cfg.config, list(cfg.overrides))
+        _, recipe_cfg = resolve_config(cfg.recipe, cfg.config, list(cfg.overrides))
+        check_trl_section(cfg.recipe, recipe_cfg)
     except (TrainRefused, ConfigError) as e:
         return str(e)
     return None
@@ -166,8 +168,6 @@ def _train_precheck(args: TrainArgs) -> str | None:
 
 def _train(settings: Any, args: TrainArgs, deployment: str, remote: bool, as_json: bool) -> dict[str, Any]:
     """On the deployment's worker when one is online, else in this process; a failure exits with its sentence."""
-    if problem := _train_precheck(args):
-        _fail("train", problem, as_json)
     where = _online_deployment(settings, deployment) if remote else None
     if where is None and deployment != "train":
         _fail(
