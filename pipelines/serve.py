@@ -100,6 +100,7 @@ def deploy_training(settings: Settings) -> dict[str, str]:
             build=False,
             push=False,
             print_next_steps=False,
+            ignore_warnings=True,  # "use .serve for local development": training is meant for workers
             tags=["flywheel", "train"],
             description=f"snapshot -> recipe -> evaluate -> gate -> register: {what}.",
         )
