@@ -152,11 +152,12 @@ def ingest() -> None:
 def up(
     app_server: bool = typer.Option(True, "--app/--no-app", help="Start the chat app and API."),
     prefect: bool = typer.Option(True, "--prefect/--no-prefect", help="Start the Prefect server and flows."),
+    vllm: bool = typer.Option(False, "--vllm", help="GPU: start vLLM's OpenAI server for the base version."),
 ) -> None:
     """Start the whole stack in the foreground: broker, ingest, app, Prefect. Ctrl-C stops everything."""
     from cli.stack import run_stack
 
-    raise typer.Exit(run_stack(get_settings(), app_server=app_server, prefect=prefect))
+    raise typer.Exit(run_stack(get_settings(), app_server=app_server, prefect=prefect, vllm=vllm))
 
 
 @app.command()

@@ -114,7 +114,7 @@ class Child:
         console.print(f"[green]up[/green] {self.name} (pid {self.proc.pid}, log {self.log_path})")
 
 
-def run_stack(s: Settings, app_server: bool = True, prefect: bool = True) -> int:
+def run_stack(s: Settings, app_server: bool = True, prefect: bool = True, vllm: bool = False) -> int:
     from infra import kafka_local
 
     s.home.mkdir(parents=True, exist_ok=True)
@@ -147,6 +147,10 @@ def run_stack(s: Settings, app_server: bool = True, prefect: bool = True) -> int
             console.print(f"[green]up[/green] prefect server http://{s.prefect_host}:{s.prefect_port}")
             children.append(Child("flows", [py, "-m", "pipelines.serve"], env))
             children.append(Child("worker", [py, "-m", "pipelines.serve", "worker"], env))  # `train` runs here
+        if vllm:  # the GPU path: vLLM serves the base version, the app reaches it through backends.yaml
+            from app.backends.vllm import stack_child_argv
+
+            children.append(Child("vllm", stack_child_argv(s), env))
         if app_server:
             children.append(Child("app", [py, "-m", "app.server"], env))
         for c in children:
