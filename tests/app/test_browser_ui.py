@@ -62,7 +62,7 @@ def ui(kafka_broker: Settings, tmp_path_factory, model_backend):
     )
     plan = ReleasePlan.weighted({"base": 0.5, "canary": 0.5}, stage="canary")
     publish_plan(s, plan)
-    app = start_app(s, {"base": model_backend, "canary": model_backend}, max_new_tokens=40)
+    app = start_app(s, {"base": model_backend, "canary": model_backend}, max_new_tokens=32)
     try:
         assert app.service.router.wait_for(plan.plan_id, timeout=15)
         yield s, app
@@ -199,49 +199,6 @@ def test_stop_continue_regenerate_keep_and_thumbs_after_new_chat_and_reload(ui, 
     status(page, "Conversation deleted")
     assert "A very long title" not in page.inner_text("#history")
     assert page.query_selector_all("#chatbot [data-testid='bot']") == []
-
-
-def test_phone_layout_privacy_and_delete_all(ui, browser):
-    _, app = ui
-    page = open_page(browser, app.url, PHONE)
-    page.wait_for_timeout(500)  # the sidebar script has run
-
-    # First load on a phone: the chat and its input box, not the sidebar.
-    def box_on_screen(sel: str) -> bool:
-        r = page.locator(sel).bounding_box()
-        return (
-            r is not None
-            and r["y"] >= 0
-            and r["y"] + r["height"] <= PHONE["height"]
-            and r["x"] >= 0
-            and r["x"] + r["width"] <= PHONE["width"]
-        )
-
-    assert box_on_screen("#msg textarea") and box_on_screen("#send")
-    assert page.locator("#new-chat").bounding_box()["x"] < 0  # the sidebar is closed
-    send(page, "Say hello in French.")
-    wait_answers(page, 1)
-    assert box_on_screen("#msg textarea")
-    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]  # nothing wider than the screen
-
-    # Honest storage text and a privacy panel that says what, why, and how to take it back.
-    open_sidebar(page)
-    storage = page.inner_text("#storage")
-    assert "stored on this Flywheel server" in storage and "kept in this browser" not in page.inner_text("body")
-    page.click("#privacy button, #privacy .label-wrap")
-    text = page.inner_text("#privacy-text")
-    for needle in ("What is collected", "Where it goes", "What for", "How to take it back", "Delete all my data"):
-        assert needle in text
-    page.click("#consent input[type=checkbox]")
-    status(page, "Thank you")
-
-    # Delete all my data: confirmed, then the history is empty and the person is told.
-    assert "Say hello in French" in page.inner_text("#history")
-    page.click("#delete-all")
-    page.click("#delete-all-yes")
-    status(page, "All your data here is deleted")
-    assert "Say hello in French" not in page.inner_text("#history")
-    assert not page.is_checked("#consent input[type=checkbox]")
 
 
 def test_arena_answers_the_current_chat_anonymous_until_the_vote(ui, browser):
@@ -382,3 +339,47 @@ def test_hostile_stored_answer_is_inert_and_shortcuts_themes_model_card_api_link
     docs.wait_for_selector(".opblock-summary-path", timeout=30_000)  # Swagger UI rendered, offline
     assert "/v1/chat/completions" in docs.locator(".opblock-summary-path").all_inner_texts()
     assert docs_seen and not [u for u in docs_seen if not u.startswith(app.url)]  # no CDN
+
+
+def test_phone_layout_privacy_and_delete_all(ui, browser):
+    """Last in the module: deleting a user shreds their events, which the other tests read back from Kafka."""
+    _, app = ui
+    page = open_page(browser, app.url, PHONE)
+    page.wait_for_timeout(500)  # the sidebar script has run
+
+    # First load on a phone: the chat and its input box, not the sidebar.
+    def box_on_screen(sel: str) -> bool:
+        r = page.locator(sel).bounding_box()
+        return (
+            r is not None
+            and r["y"] >= 0
+            and r["y"] + r["height"] <= PHONE["height"]
+            and r["x"] >= 0
+            and r["x"] + r["width"] <= PHONE["width"]
+        )
+
+    assert box_on_screen("#msg textarea") and box_on_screen("#send")
+    assert page.locator("#new-chat").bounding_box()["x"] < 0  # the sidebar is closed
+    send(page, "Say hello in French.")
+    wait_answers(page, 1)
+    assert box_on_screen("#msg textarea")
+    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]  # nothing wider than the screen
+
+    # Honest storage text and a privacy panel that says what, why, and how to take it back.
+    open_sidebar(page)
+    storage = page.inner_text("#storage")
+    assert "stored on this Flywheel server" in storage and "kept in this browser" not in page.inner_text("body")
+    page.click("#privacy button, #privacy .label-wrap")
+    text = page.inner_text("#privacy-text")
+    for needle in ("What is collected", "Where it goes", "What for", "How to take it back", "Delete all my data"):
+        assert needle in text
+    page.click("#consent input[type=checkbox]")
+    status(page, "Thank you")
+
+    # Delete all my data: confirmed, then the history is empty and the person is told.
+    assert "Say hello in French" in page.inner_text("#history")
+    page.click("#delete-all")
+    page.click("#delete-all-yes")
+    status(page, "All your data here is deleted")
+    assert "Say hello in French" not in page.inner_text("#history")
+    assert not page.is_checked("#consent input[type=checkbox]")
