@@ -175,7 +175,14 @@ def slots_held(server: LiveServer) -> int:
 # ---- the victim ----------------------------------------------------------------------------------------------
 
 
-def victim_ttft(server: LiveServer, n: int, stop: threading.Event | None = None) -> list[float]:
+def _has_text(line: str) -> bool:
+    if not line.startswith("data: {"):
+        return False
+    choices = json.loads(line[6:]).get("choices") or [{}]
+    return bool((choices[0].get("delta") or {}).get("content"))
+
+
+def victim_ttft(server: LiveServer, n: int) -> list[float]:
     """TTFT (ms) of ``n`` short streamed answers, one after another, as a well-behaved client of its own key."""
     out: list[float] = []
     headers = {"Authorization": f"Bearer {server.keys['victim']}"}
@@ -188,19 +195,13 @@ def victim_ttft(server: LiveServer, n: int, stop: threading.Event | None = None)
             ) as r:
                 if r.status_code != 200:
                     raise RuntimeError(f"the victim was refused: {r.status_code} {r.read()[:300]!r}")
-                for line in r.iter_lines():
-                    if (
-                        line.startswith("data: {")
-                        and '"content":"' in line.replace(" ", "")
-                        and '"content":""' not in line.replace(" ", "")
-                    ):
-                        out.append((time.perf_counter() - t0) * 1000)
-                        break
-                for _ in r.iter_lines():
-                    pass
+                first = None
+                for line in r.iter_lines():  # read to the end: the answer finishes before the next one starts
+                    if first is None and _has_text(line):
+                        first = (time.perf_counter() - t0) * 1000
+                if first is not None:
+                    out.append(first)
             time.sleep(0.2)
-    if stop is not None:
-        stop.set()
     return out
 
 
@@ -753,12 +754,24 @@ def run(
             )
             done = threading.Event()
             attacked: list[float] = []
-            victim = threading.Thread(target=lambda: attacked.extend(victim_ttft(server, victim_n, done)))
+            failures: list[BaseException] = []
+
+            def measure() -> None:
+                try:
+                    attacked.extend(victim_ttft(server, victim_n))
+                except BaseException as e:  # noqa: BLE001 - reported after the attack
+                    failures.append(e)
+                finally:
+                    done.set()
+
+            victim = threading.Thread(target=measure, name="victim")
             t_attack = time.perf_counter()
             victim.start()
             impersonation_round(server, tally)
             run_corpus(server, probes, tally, workers, done, rounds=1 if quick else 50)
             victim.join()
+            if failures:
+                raise RuntimeError(f"the victim failed under attack: {failures[0]}") from failures[0]
             attack_s = time.perf_counter() - t_attack
             progress("waiting for every slot to be given back ...")
             leaked = wait_slots_free(server, 30)
