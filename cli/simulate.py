@@ -14,8 +14,9 @@ target of ``flywheel demo``.
 Per question a user: asks (a new conversation); sometimes asks for a second answer and compares the two
 (side by side, pinned to the other live release when the plan has two, so side-by-side wins per version are
 measured); gives thumbs with a reason; after a thumbs-down sometimes regenerates and rates again. Some users
-withdraw consent part-way (``X-Flywheel-Consent: 0``). Prompts come from ``cli/data/prompts.jsonl``; every fifth
-prompt is held out (``--prompts heldout``) so evaluation users never ask what training users asked.
+withdraw consent part-way (``X-Flywheel-Consent: 0``) and some ask for deletion (``POST /v1/users/me/delete``).
+Prompts come from ``cli/data/prompts.jsonl``; every fifth prompt is held out (``--prompts heldout``) so
+evaluation users never ask what training users asked.
 """
 
 from __future__ import annotations
@@ -131,6 +132,7 @@ class SimStats:
     comparisons: int = 0
     regenerations: int = 0
     consent_withdrawn: int = 0
+    deletions: int = 0
     errors: int = 0
     busy_retries: int = 0
     seconds: float = 0.0
@@ -148,6 +150,7 @@ class SimStats:
             "comparisons",
             "regenerations",
             "consent_withdrawn",
+            "deletions",
             "errors",
             "busy_retries",
         ):
@@ -176,6 +179,7 @@ class SimConfig:
     compare_rate: float = 0.3
     regenerate_rate: float = 0.3
     withdraw_rate: float = 0.0
+    delete_rate: float = 0.0
     prompts: PromptSplit = "train"
     seed: int = 0
     api_key: str = ""
@@ -297,6 +301,14 @@ class SimUser:
                 self.stats.regenerations += 1
                 self.thumbs(again)
 
+    def delete_my_data(self) -> None:
+        """Ask for deletion of everything about this user (``POST /v1/users/me/delete``), then leave."""
+        r = self.client.post("/v1/users/me/delete", json={}, headers=self._headers())
+        if r.status_code >= 300:
+            self.stats.errors += 1
+        else:
+            self.stats.deletions += 1
+
     def withdraw_consent(self) -> None:
         """Say no from now on: the next request carries ``X-Flywheel-Consent: 0`` (the app emits the revocation)."""
         self.consent = False
@@ -310,12 +322,16 @@ def _run_user(base_url: str, cfg: SimConfig, idx: int, prompts: list[str], deadl
         withdraw_after = (
             u.rng.randint(1, max(1, cfg.turns or 3)) if u.consent and u.rng.random() < cfg.withdraw_rate else None
         )
+        delete_after = u.rng.randint(1, max(1, cfg.turns or 3)) if u.rng.random() < cfg.delete_rate else None
         asked = 0
         while (not cfg.turns or asked < cfg.turns) and (deadline is None or time.monotonic() < deadline):
             u.one_question()
             asked += 1
             if withdraw_after is not None and asked == withdraw_after:
                 u.withdraw_consent()
+                break
+            if delete_after is not None and asked == delete_after:
+                u.delete_my_data()
                 break
         return u.stats
 
@@ -344,6 +360,7 @@ def simulate(
     compare_rate: float = typer.Option(0.3, min=0.0, max=1.0, help="Share of questions answered twice and compared."),
     regenerate_rate: float = typer.Option(0.3, min=0.0, max=1.0, help="Share of disliked answers regenerated."),
     withdraw_rate: float = typer.Option(0.0, min=0.0, max=1.0, help="Share of consenting users who later say no."),
+    delete_rate: float = typer.Option(0.0, min=0.0, max=1.0, help="Share of users who ask for deletion, then leave."),
     prompts: str = typer.Option("train", help="Prompt split: train, heldout (every fifth prompt) or all."),
     url: str = typer.Option("", help="Base URL of the app; default from settings (127.0.0.1:7860)."),
     api_key: str = typer.Option("", envvar="FLYWHEEL_API_KEY", help="API key, when the app requires one."),
@@ -373,6 +390,7 @@ def simulate(
         compare_rate=compare_rate,
         regenerate_rate=regenerate_rate,
         withdraw_rate=withdraw_rate,
+        delete_rate=delete_rate,
         prompts=prompts,
         seed=seed,
         api_key=api_key,
@@ -390,8 +408,8 @@ def simulate(
         typer.echo(
             f"simulate: {stats.users} users {stats.tastes}, {stats.turns} answers, {stats.thumbs} thumbs, "
             f"{stats.comparisons} comparisons, {stats.regenerations} regenerations, "
-            f"{stats.consent_withdrawn} withdrew consent, {stats.errors} errors, {stats.busy_retries} busy "
-            f"retries in {stats.seconds}s"
+            f"{stats.consent_withdrawn} withdrew consent, {stats.deletions} asked for deletion, "
+            f"{stats.errors} errors, {stats.busy_retries} busy retries in {stats.seconds}s"
         )
         for name, v in sorted(stats.per_version.items()):
             rate = f"{v.up / v.thumbs:.0%}" if v.thumbs else "-"
