@@ -44,6 +44,14 @@ class Metrics:
     def watch_backend(self, model_version: str, load: Callable[[], float]) -> None:
         self._load_sources[model_version] = load
 
+    def unwatch_backend(self, model_version: str) -> None:
+        """Forget an unloaded version: its gauge goes, and so does the reference that kept its backend alive."""
+        self._load_sources = {v: f for v, f in self._load_sources.items() if v != model_version}  # copy: no torn reads
+        try:
+            self.backend_load.remove(model_version)
+        except KeyError:  # never scraped
+            pass
+
     def render(self) -> tuple[bytes, str]:
         for version, load in self._load_sources.items():
             try:

@@ -11,11 +11,18 @@ backend stream on any failure before it returns, ``TurnStream.aclose`` (or ``asy
 deltas were never read, and a turn nobody starts reading within ``app_turn_claim_s`` is closed by a timer, so
 even a caller that drops a turn on the floor cannot leak the slot. ``ChatService.rate`` is the one way in for a
 rating, and it checks that the turns were served to the rater itself.
+
+Model versions come and go without a restart: a version a release plan names is loaded in the background (its
+users are served by the default version until it is ready), and so is a vetted registered version that a request
+names (its lineage says it passed its gate and is not tainted). At most ``app_max_loaded_versions`` stay loaded:
+past the bound the least recently used one is unloaded and its backend closed, never the default version, one
+the plan names, or one with answers in flight (every turn pins its version until it completes).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -149,6 +156,14 @@ class TurnStream:
             self.service._complete(self)
 
 
+def _close_backend(version: str, backend: Backend) -> None:
+    """Close an unloaded backend on its own thread (a decode thread may take a moment to stop)."""
+    try:
+        asyncio.run(backend.aclose())
+    except Exception:  # noqa: BLE001 - the version is unloaded either way; its memory goes with the last reference
+        log.exception("closing the unloaded backend of %s failed", version)
+
+
 class ChatService:
     def __init__(
         self,
@@ -169,10 +184,14 @@ class ChatService:
         self.metrics = metrics
         self.fallbacks: set[str] = set()
         self.open_turns = 0  # started and not yet completed: every one holds a backend slot
-        self.loaded: dict[str, Backend] = {}  # loaded here for a new plan; closed by the app at shutdown
+        self.loaded: dict[str, Backend] = {}  # loaded here (plan or request); closed when unloaded or at shutdown
         self.load_errors: dict[str, str] = {}
+        self.unloaded: list[str] = []  # versions unloaded past app_max_loaded_versions, in order
         self._loading: set[str] = set()
-        self._load_mu = threading.Lock()
+        self._requested_load: str | None = None  # the one version being loaded because a request named it
+        self._load_mu = threading.RLock()
+        self._in_use: dict[str, int] = {}  # turns in flight per version (never unloaded while > 0)
+        self._last_used: dict[str, float] = {}
         for version, backend in backends.items():
             metrics.watch_backend(version, backend.load)
         router.listeners.append(self.prepare)
@@ -195,7 +214,7 @@ class ChatService:
 
     def prepare(self, plan: ReleasePlan) -> None:
         """Start loading a backend for every version the plan names that none serves yet (in the background:
-        until it is ready, its users are served by the fallback)."""
+        until it is ready, its users are served by the fallback); versions the plan dropped may now be unloaded."""
         for version in plan.versions():
             with self._load_mu:
                 if version in self.backends or version in self._loading:
@@ -204,7 +223,48 @@ class ChatService:
                 if spec is None:
                     continue
                 self._loading.add(version)
-            threading.Thread(target=self._load, args=(version, spec), name=f"load-{version}", daemon=True).start()
+            self._start_load(version, spec)
+        self._evict()
+
+    def _start_load(self, version: str, spec: dict) -> None:
+        threading.Thread(target=self._load, args=(version, spec), name=f"load-{version}", daemon=True).start()
+
+    def _load_on_request(self, version: str) -> None:
+        """A request named a version nobody serves: load it in the background if it may be served on request
+        (one such load at a time, so requests cannot make the app churn through models; none while the default
+        and the plan's versions fill ``app_max_loaded_versions``, as it would be unloaded as soon as it loaded)."""
+        keep = {*self.router.plan.versions(), self.default_version}
+        with self._load_mu:
+            if version in self.backends or version in self._loading or self._requested_load is not None:
+                return
+            if len(keep & set(self.backends)) >= self.settings.app_max_loaded_versions:
+                return
+            spec = self._requestable_spec(version)
+            if spec is None:
+                return
+            self._loading.add(version)
+            self._requested_load = version
+        log.info("loading model version %s because a request named it", version)
+        self._start_load(version, spec)
+
+    def _requestable_spec(self, version: str) -> dict | None:
+        """How to serve ``version`` on request: an operator's ``backends.yaml`` entry, or a registered chat model
+        whose ``lineage.json`` says it passed its gate and is not tainted (a plan may name any servable version;
+        a request may not bring an unvetted, tainted or reward model online)."""
+        spec = self._spec_for(version)
+        if spec is None or spec.get("kind") != "embedded" or version == self.settings.model_version:
+            return spec
+        path = servable_dir(self.settings, version)
+        if path is None:
+            return spec  # a backends.yaml entry of the operator's own
+        try:
+            lineage = json.loads((path / "lineage.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(lineage, dict):
+            return None
+        vetted = lineage.get("kind", "policy") == "policy" and lineage.get("gate") == "passed"
+        return spec if vetted and lineage.get("tainted") is False else None
 
     def _load(self, version: str, spec: dict) -> None:
         from app.backends.registry import build_backend
@@ -215,14 +275,70 @@ class ChatService:
             log.exception("could not load a backend for %s", version)
             self.load_errors[version] = f"{type(e).__name__}: {e}"
         else:
-            self.loaded[version] = backend
-            self.metrics.watch_backend(version, backend.load)
-            self.backends = {**self.backends, version: backend}  # copy-on-write: readers never see a half dict
-            self.load_errors.pop(version, None)
+            with self._load_mu:
+                self.loaded[version] = backend
+                self._last_used[version] = time.monotonic()
+                self.metrics.watch_backend(version, backend.load)
+                self.backends = {**self.backends, version: backend}  # copy-on-write: readers never see a half dict
+                self.load_errors.pop(version, None)
             log.info("model version %s is now served by %s", version, backend.name)
         finally:
             with self._load_mu:
                 self._loading.discard(version)
+                if self._requested_load == version:
+                    self._requested_load = None
+        self._evict()
+
+    # ---- unloading past the bound ----------------------------------------------------------------
+    def _evict(self) -> None:
+        """Past ``app_max_loaded_versions``, unload the least recently used versions this service loaded (never the
+        default or one the plan names) and close their backends. "Used" is loaded or given a turn; a victim with a
+        turn in flight stays until that turn completes (its completion calls this again), so a busy old version
+        never makes a freshly loaded one go instead."""
+        keep = {*self.router.plan.versions(), self.default_version}
+        with self._load_mu:
+            excess = len(self.backends) - self.settings.app_max_loaded_versions
+            if excess <= 0:
+                return
+            oldest = sorted((v for v in self.loaded if v not in keep), key=lambda v: self._last_used.get(v, 0.0))
+            victims = {v: self.loaded.pop(v) for v in oldest[:excess] if not self._in_use.get(v)}
+            if not victims:
+                return
+            self.backends = {v: b for v, b in self.backends.items() if v not in victims}  # copy-on-write
+            for version in victims:
+                self.metrics.unwatch_backend(version)
+                self._last_used.pop(version, None)
+                self.unloaded.append(version)
+        for version, backend in victims.items():
+            log.info(
+                "unloading model version %s (least recently used past %d loaded versions)",
+                version,
+                self.settings.app_max_loaded_versions,
+            )
+            threading.Thread(
+                target=_close_backend, args=(version, backend), name=f"unload-{version}", daemon=True
+            ).start()
+
+    def _pin(self, version: str) -> tuple[str, Backend]:
+        """Mark one more turn in flight on ``version`` (the default if it was unloaded a moment ago)."""
+        with self._load_mu:
+            backend = self.backends.get(version)
+            if backend is None:
+                version = self.default_version
+                backend = self.backends[version]
+            self._in_use[version] = self._in_use.get(version, 0) + 1
+            self._last_used[version] = time.monotonic()
+            return version, backend
+
+    def _unpin(self, version: str) -> None:
+        with self._load_mu:
+            left = self._in_use.get(version, 0) - 1
+            if left > 0:
+                self._in_use[version] = left
+            else:
+                self._in_use.pop(version, None)
+        if left <= 0:
+            self._evict()
 
     # ---- routing ---------------------------------------------------------------------------------
     @property
@@ -234,9 +350,12 @@ class ChatService:
         return [v for v in self.router.plan.versions() if v not in self.backends]
 
     def resolve(self, user_id: str, requested: str | None = None) -> str:
-        """The version that answers: an explicitly requested one that exists, else the user's release."""
+        """The version that answers: an explicitly requested one that is loaded, else the user's release (a
+        requested version that may be served on request starts loading for the requests after this one)."""
         if requested and requested in self.backends:
             return requested
+        if requested:
+            self._load_on_request(requested)
         version = self.router.assign(user_id)
         if version not in self.backends:
             if version not in self.fallbacks:
@@ -256,7 +375,7 @@ class ChatService:
     # ---- limits ----------------------------------------------------------------------------------
     def version_for(self, user_id: str, requested: str | None = None) -> str:
         """The version that would answer this user now (a served ``requested`` version pins it)."""
-        return requested if requested in self.backends else self.resolve(user_id)
+        return self.resolve(user_id, requested)
 
     def limits(self, version: str | None = None) -> Limits:
         """Input limits of ``version`` (default: the default version), derived from its context window."""
@@ -289,9 +408,13 @@ class ChatService:
             raise InputError(f"max_tokens must be between 1 and {limits.max_new_tokens}.", "max_tokens")
         if consent is None:
             consent = self.sessions.consent(user_id)
-        backend = self.backends[version]
+        version, backend = self._pin(version)  # released in _complete, or below on failure
         t0 = time.perf_counter()
-        agen = backend.stream(messages, sampling)
+        try:
+            agen = backend.stream(messages, sampling)
+        except BaseException:
+            self._unpin(version)
+            raise
         try:
             first = await self._first_chunk(agen, surface, version)
             turn = TurnStream(
@@ -312,7 +435,10 @@ class ChatService:
             )
             turn.claim_timer = asyncio.get_running_loop().call_later(self.settings.app_turn_claim_s, turn._expire)
         except BaseException:
-            await agen.aclose()  # type: ignore[attr-defined]  # whatever failed, the slot is free again
+            try:
+                await agen.aclose()  # type: ignore[attr-defined]  # whatever failed, the slot is free again
+            finally:
+                self._unpin(version)
             raise
         self.metrics.in_flight.labels(version).inc()
         self.open_turns += 1
@@ -340,6 +466,7 @@ class ChatService:
         t.done = True
         t._claim()
         self.open_turns -= 1
+        self._unpin(t.model_version)
         t.latency_ms = (time.perf_counter() - t.t0) * 1000
         try:
             self._observe(t)
