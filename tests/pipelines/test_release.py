@@ -17,7 +17,7 @@ from feedback.settings import Settings
 from feedback.topics import ensure_topics
 from pipelines.config import ReleaseConfig
 from pipelines.release import Controller, ReleaseError, ReleaseLog
-from tests.conftest import REPO, free_port, need_model, settings_env
+from tests.conftest import REPO, need_model, settings_env
 
 pytestmark = pytest.mark.integration
 
@@ -95,7 +95,8 @@ def world(registry_world) -> tuple[Settings, dict[str, str]]:
     s, names = registry_world
     s = s.model_copy(update={"topic_prefix": f"t{uuid.uuid4().hex[:10]}"})
     ensure_topics(s)
-    shutil.rmtree(s.home / "releases", ignore_errors=True)
+    for state in ("releases", "router"):  # release log, and the app router's cached plan
+        shutil.rmtree(s.home / state, ignore_errors=True)
     registry.set_alias(s, "production", "base")
     registry.delete_alias(s, "canary")
     return s, names
@@ -203,14 +204,12 @@ def test_kafka_down_keeps_the_old_plan_and_the_change_is_published_later(world, 
     good = names["good"]
     router = _router(settings)
     try:
-        down = settings.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{free_port()}"})
+        down = settings.model_copy(update={"kafka_bootstrap": "127.0.0.1:1"})  # nothing ever listens on port 1
         with pytest.raises(ReleaseError, match="NOT yet published"):
             Controller(down, cfg).start(good, "operator:test")
         st = ReleaseLog(settings).current()
         assert st.pending is not None and st.pending.action == "start"
-        assert router.plan.versions() == ["base"], (  # users keep the plan in force
-            router.plan.model_dump(), [r.model_dump(mode="json") for r in ReleaseLog(settings).records()],
-            settings.topic_releases)
+        assert router.plan.versions() == ["base"]  # users keep the plan in force
         # The controller's next look (Kafka back) publishes the recorded change.
         st, _ = Controller(settings, cfg).tick()
         assert st.pending is None and st.status == "canary"
