@@ -9,7 +9,6 @@ from what the person chose.
 from __future__ import annotations
 
 import asyncio
-import html
 import random
 from contextlib import aclosing
 from typing import Any
@@ -19,7 +18,7 @@ import gradio as gr
 from app.service import NotYours, TurnStream
 from app.ui.chat import chatbot_update
 from app.ui.context import UIContext, error_sentence
-from app.ui.render import markdown_html, status_md
+from app.ui.render import markdown_html, md_text, status_md
 from app.ui.state import Chat, Message, context
 from app.validation import InputError, clean_text
 
@@ -32,7 +31,7 @@ def pane(text: str) -> str:
 
 
 def label(side: str, version: str | None = None, picked: bool = False) -> str:
-    shown = f"Model {side.upper()}" + (f" · {html.escape(version, quote=False)}" if version else "")
+    shown = f"Model {side.upper()}" + (f" · {md_text(version)}" if version else "")
     return f"**{shown}**" + (" ✓ your pick" if picked else "")
 
 

@@ -25,6 +25,7 @@ from app.validation import InputError, clean_reason, clean_text, content_text
 
 CONTINUE_PROMPT = "Continue."
 STILL_ANSWERING = "An answer is still being written: wait for it or press Stop."
+RATE_WHEN_DONE = "Rate the answer once it is finished."
 
 
 def _skip() -> Any:
@@ -260,6 +261,8 @@ class ChatHandlers:
         msgs = st["messages"]
         m = msgs[i] if isinstance(i, int) and 0 <= i < len(msgs) and msgs[i]["role"] == "assistant" else None
         value = "up" if data.liked is True else "down" if data.liked is False else "cleared"
+        if m is not None and not m.get("done"):
+            return st, gr.skip(), gr.skip(), status_md(RATE_WHEN_DONE, "info"), chatbot_update(st)
         try:
             if m is None or not m.get("turn_id"):
                 raise NotYours(NotYours.message)

@@ -6,15 +6,13 @@ shown says so; the privacy panel (``PRIVACY``) says what is collected, what it i
 
 from __future__ import annotations
 
-import html
-
 import gradio as gr
 
 from app.deletion import delete_user
 from app.ui.chat import chatbot_update, idle_controls
 from app.ui.context import UIContext
 from app.ui.model_card import card_markdown, model_line, read_card
-from app.ui.render import status_md
+from app.ui.render import md_text, status_md
 from app.ui.state import Chat, chat_of, new_chat
 from app.validation import InputError, clean_text
 from feedback.spool import SpoolFull
@@ -55,7 +53,7 @@ class ConversationHandlers:
         """A fresh chat, this user's history and consent, the storage line and the model card."""
         uid = self.ctx.user_of(request)
         who = request.username if getattr(request, "username", None) else None
-        storage = (f"Signed in as {html.escape(who, quote=False)}. " if who else "") + STORAGE_TEXT
+        storage = (f"Signed in as {md_text(who)}. " if who else "") + STORAGE_TEXT
         card = read_card(self.ctx.service.settings, self.ctx.service.version_for(uid))
         st = new_chat()
         return (
@@ -119,7 +117,7 @@ class ConversationHandlers:
         title = self.ctx.sessions.conversation_title(uid, st["conversation_id"])
         if title is None:
             return gr.update(visible=False), gr.skip(), status_md("This chat is not saved yet: nothing to delete.")
-        return gr.update(visible=True), f"Delete “{html.escape(title, quote=False)}”?", ""
+        return gr.update(visible=True), f"Delete “{md_text(title)}”? This cannot be undone.", ""
 
     def delete(self, st: Chat, request: gr.Request) -> tuple:
         """Delete the open conversation from the history and start a new chat."""

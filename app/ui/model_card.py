@@ -7,12 +7,12 @@ imported base model (its source). Unknown fields are left out; a missing or unre
 
 from __future__ import annotations
 
-import html
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.ui.render import md_text
 from feedback.settings import Settings
 
 VERSION_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -86,8 +86,8 @@ def read_card(settings: Settings, version: str) -> Card:
 
 def card_markdown(card: Card) -> str:
     """The card as a few lines of Markdown (every value escaped)."""
-    e = lambda s: html.escape(s, quote=False)  # noqa: E731
-    lines = [f"**Model version:** `{e(card.version)}`"]
+    e = md_text
+    lines = [f"**Model version:** {e(card.version)}"]
     if not card.known:
         return "\n\n".join([*lines, "No model card was found beside this version's weights."])
     if card.base_model:
@@ -97,9 +97,9 @@ def card_markdown(card: Card) -> str:
     else:
         trained = f"**Trained with:** {e(card.recipe)}"
         if card.parent:
-            trained += f", starting from `{e(card.parent)}`"
+            trained += f", starting from {e(card.parent)}"
         if card.snapshot_id:
-            trained += f", on dataset snapshot `{e(card.snapshot_id[:16])}`"
+            trained += f", on dataset snapshot {e(card.snapshot_id[:16])}"
         lines.append(trained)
     if card.created_at:
         lines.append(f"**Created:** {e(card.created_at)}")
@@ -108,5 +108,4 @@ def card_markdown(card: Card) -> str:
 
 def model_line(card: Card) -> str:
     """One line for the header: 'SmolLM2-135M-Instruct · version canary'."""
-    name = html.escape(card.base_model or "Model", quote=False)
-    return f"{name} · version `{html.escape(card.version, quote=False)}`"
+    return f"{md_text(card.base_model or 'Model')} · version {md_text(card.version)}"

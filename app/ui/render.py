@@ -15,6 +15,7 @@ rendered, so an answer that ends inside an unclosed code block cannot swallow it
 from __future__ import annotations
 
 import html
+import re
 from typing import Any
 
 import nh3
@@ -147,10 +148,19 @@ def feedback_values(messages: list[Message]) -> list[str | None]:
     return [FEEDBACK_LABELS.get(m.get("rating") or "") for m in messages if m["role"] == "assistant"]
 
 
+_MD_PUNCT = re.compile(r"([!-/:-@\[-`{-~])")
+
+
+def md_text(text: str) -> str:
+    """Any text as literal Markdown: every ASCII punctuation mark backslash-escaped (CommonMark allows it for
+    all of them), so no value -- a title, a version name, a lineage field -- can become a link, image or tag."""
+    return _MD_PUNCT.sub(r"\\\1", " ".join(text.split()))
+
+
 def status_md(text: str, kind: str = "warn") -> str:
-    """One status line (a gr.Markdown): escaped, with an icon for the kind."""
+    """One status line (a gr.Markdown): literal text, with an icon for the kind."""
     icon = {"warn": "⚠️", "ok": "✓", "info": ""}[kind]
-    return f"{icon} {html.escape(text, quote=False)}".strip()
+    return f"{icon} {md_text(text)}".strip()
 
 
 def pygments_css() -> str:

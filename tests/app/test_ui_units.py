@@ -3,12 +3,16 @@ after each kind of ending, the model card from lineage files, and conversation r
 
 from __future__ import annotations
 
+import html
 import json
+import re
 from html.parser import HTMLParser
 
 import pytest
+from markdown_it import MarkdownIt
 
 from app.sessions import Sessions
+from app.ui.arena import label
 from app.ui.chat import idle_controls
 from app.ui.model_card import card_markdown, model_line, read_card
 from app.ui.render import (
@@ -19,6 +23,7 @@ from app.ui.render import (
     markdown_html,
     message_html,
     sanitize,
+    status_md,
 )
 from feedback.settings import Settings
 
@@ -176,19 +181,38 @@ def test_model_card_reads_lineage_beside_the_weights_down_to_the_base(tmp_path):
         "sft-0001",
         "2026-11-30T10:00:00Z",
     )
-    md = card_markdown(card)
-    assert "Trained with:** dpo, starting from `sft-0001`, on dataset snapshot `abababababababab`" in md
-    assert model_line(card) == "SmolLM2-135M-Instruct · version `dpo-0002`"
+    md = shown(card_markdown(card))
+    assert "Trained with: dpo, starting from sft-0001, on dataset snapshot abababababababab" in md
+    assert shown(model_line(card)) == "SmolLM2-135M-Instruct · version dpo-0002"
     base = read_card(s, "base")
-    assert base.base_model == "SmolLM2-135M-Instruct" and "none here" in card_markdown(base)
+    assert base.base_model == "SmolLM2-135M-Instruct" and "none here" in shown(card_markdown(base))
+
+
+def shown(md: str) -> str:
+    """What a gr.Markdown shows of ``md``: rendered, tags dropped, entities decoded; images and links fail it."""
+    out = MarkdownIt("commonmark").render(md)
+    assert "<img" not in out and "<a " not in out and "<b>" not in out, out
+    return html.unescape(re.sub(r"<[^>]+>", "", out)).strip()
+
+
+def test_lineage_fields_show_as_text_even_when_they_look_like_markup(tmp_path):
+    s = _settings(tmp_path)
+    (s.models_dir / "evil").mkdir(parents=True)
+    hostile = f"![x]({EVIL}) [y]({EVIL}) <b>z</b>"
+    (s.models_dir / "evil" / "lineage.json").write_text(
+        json.dumps({"recipe": hostile, "parent": hostile, "snapshot_id": hostile, "created_at": hostile})
+    )
+    text = shown(card_markdown(read_card(s, "evil")))
+    assert f"Trained with: ![x]({EVIL}) [y]({EVIL}) <b>z</b>, starting from" in text
+    assert shown(status_md(hostile)) == f"⚠️ {hostile}"
+    assert shown(label("a", hostile)) == f"Model A · {hostile}"
 
 
 def test_model_card_of_an_unknown_or_hostile_version_says_so(tmp_path):
     s = _settings(tmp_path)
     for name in ("nothing-here", "../../etc", "<b>x</b>"):
         card = read_card(s, name)
-        assert not card.known and "No model card" in card_markdown(card)
-        assert "<b>" not in card_markdown(card)
+        assert not card.known and "No model card" in shown(card_markdown(card))
 
 
 def test_rename_is_kept_across_saves_and_delete_is_scoped_to_the_owner(tmp_path):
