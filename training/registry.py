@@ -341,7 +341,11 @@ def list_versions(settings: Settings, include_base: bool = True) -> list[Version
     out = []
     for mv in c.search_model_versions(f"name='{settings.registered_model}'", max_results=10_000):
         info = _from_mv(mv, by_version.get(str(mv.version), []))
-        if info and (include_base or info.name != BASE):
+        if info is None:
+            continue
+        if not info.tainted and (mark := _disk_taint(info)):
+            info = _adopt_disk_taint(settings, info, mark)
+        if include_base or info.name != BASE:
             out.append(info)
     return sorted(out, key=lambda v: v.number)
 
@@ -354,6 +358,30 @@ def get_version(settings: Settings, name: str) -> VersionInfo:
             return v
     known = ", ".join(v.name for v in versions[-8:]) or "none yet"
     raise KeyError(f"no registered model version {name!r} (latest: {known}); see `flywheel models list`")
+
+
+def _disk_taint(info: VersionInfo) -> str | None:
+    """The deletion worker (``feedback/deletion.py``, which cannot import MLflow) taints a version by writing
+    ``"tainted": true`` into its ``lineage.json``; that mark is adopted into the registry the next time it is read."""
+    f = Path(info.path) / LINEAGE if info.path else None
+    if f is None or not f.exists():
+        return None
+    try:
+        data = json.loads(f.read_text())
+    except ValueError:
+        return None
+    return (data.get("tainted_reason") or "tainted by a deletion request") if data.get("tainted") else None
+
+
+def _adopt_disk_taint(settings: Settings, info: VersionInfo, reason: str) -> VersionInfo:
+    c = client(settings)
+    for k, v in (("tainted", "true"), ("tainted_reason", reason)):
+        c.set_model_version_tag(settings.registered_model, str(info.number), f"{T}{k}", v)
+    for alias in info.aliases:
+        delete_alias(settings, alias)
+    info.tainted, info.tainted_reason, info.aliases = True, reason, []
+    write_lineage(info)
+    return info
 
 
 def _set_tags(settings: Settings, info: VersionInfo, tags: dict[str, Any]) -> VersionInfo:

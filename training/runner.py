@@ -236,6 +236,14 @@ def find_usable_snapshot(settings: Settings, ref: str | None, required: bool = T
             f"snapshot {snap['snapshot_id']} is retired ({snap['retired'].get('reason')}): "
             "run `flywheel run curate` for a fresh one"
         )
+    from feedback.deletion import pending_deletions
+
+    waiting = pending_deletions(settings)
+    if waiting:
+        raise TrainingError(
+            f"{len(waiting)} deletion request(s) are still being carried out: training waits until "
+            "they are done (`flywheel status`), then curate again and train on the new snapshot"
+        )
     pending = deletion_pending(settings, snap)
     if pending:
         raise TrainingError(
