@@ -159,14 +159,10 @@ class Stack:
 def ingest_until(settings: Settings, turns: int, feedback: int, max_s: float = 300.0) -> dict[str, int]:
     from feedback.ingest import IngestConsumer
 
-    consumer = IngestConsumer(settings)
-    try:
-        st = consumer.run(
-            max_seconds=max_s,
-            stop_when=lambda s: s.inserted.get("turns", 0) >= turns and s.inserted.get("feedback", 0) >= feedback,
-        )
-    finally:
-        consumer.close()
+    st = IngestConsumer(settings).run(  # run() closes the consumer and the warehouse when it returns
+        max_seconds=max_s,
+        stop_when=lambda s: s.inserted.get("turns", 0) >= turns and s.inserted.get("feedback", 0) >= feedback,
+    )
     return dict(st.inserted)
 
 
@@ -184,9 +180,8 @@ class BackgroundIngest:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.consumer.stop()
+        self.consumer.stop()  # run() returns after a final commit and closes everything itself
         self.thread.join(60)
-        self.consumer.close()
 
 
 def canary(settings: Settings, url: str, version: str, cfg: DemoConfig, run: Run) -> dict[str, Any]:
