@@ -124,3 +124,12 @@ class ReleaseConfig(BaseSettings):
     publish_timeout_s: float = Field(
         15.0, gt=0.0, description="How long a plan change waits for Kafka before it stays pending (retried)."
     )
+
+    @model_validator(mode="after")
+    def _check_steps(self) -> ReleaseConfig:
+        steps = self.steps
+        if not steps or any(not 0.0 < x <= 1.0 for x in steps) or list(steps) != sorted(set(steps)):
+            raise ValueError(f"steps must rise strictly within (0, 1], e.g. (0.1, 0.5, 1.0); got {steps}")
+        if steps[-1] != 1.0:
+            raise ValueError(f"the last step must be 1.0 (everyone); got {steps}")
+        return self
