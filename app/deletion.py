@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
 from app.service import ChatService
+from app.validation import InputError
 from feedback.deletion import DELETION_DEADLINE_S, Ledger, deletion_status, pending_deletions, process_deletions
 from feedback.events import UserAction
 from feedback.spool import SpoolFull
@@ -115,7 +116,10 @@ def build_deletion_api(service: ChatService) -> APIRouter:
 
     @r.post("/v1/users/me/delete")
     async def delete_me(request: Request, body: DeleteRequest | None = None):
-        user_id = _user(request, body.user if body else None)
+        try:
+            user_id = _user(request, body.user if body else None)
+        except InputError as e:
+            return api_error(400, e.message, "invalid_request_error", e.param)
         if _caller(request).is_anonymous(user_id):
             return api_error(
                 400,

@@ -346,7 +346,7 @@ def inject(w: World, fault: str, args, rng: random.Random, log) -> dict:
                            cwd=REPO, capture_output=True, text=True, timeout=300)
         detail["trigger_exit"] = r.returncode
         detail["trigger_output"] = (r.stdout.strip().splitlines() or [r.stderr.strip()[-300:]])[-1][:300]
-        prefect_server.start(w.settings)
+        prefect_server.start(w.settings, timeout_s=300)
     elif fault == "disk_full":
         filler = w.spool_dir / "filler"
         free = shutil.disk_usage(w.spool_dir).free
@@ -385,7 +385,7 @@ def run(args) -> dict:
         if args.prefect:
             from infra import prefect_server
 
-            prefect_server.start(w.settings)
+            prefect_server.start(w.settings, timeout_s=300)
         w.start_ingest()
         w.start_app()
         log(f"app ready in {w.app_ready():.0f}s")

@@ -242,3 +242,13 @@ def test_a_consent_change_whose_event_cannot_be_recorded_is_refused_not_lost(set
         assert app.service.sessions.stored_consent("api:carol") is None, "local state must not run ahead"
     finally:
         app.stop()
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [({}, 400), ({"user": "two words"}, 400), ({"user": 5}, 400), ({"user": "x" * 500}, 400), ({"nope": 1}, 400)],
+)
+def test_a_deletion_request_with_no_or_a_bad_user_is_a_clear_400(live, body, status):
+    r = httpx.post(f"{live.api}/users/me/delete", json=body, timeout=30)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["message"]
