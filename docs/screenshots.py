@@ -1,6 +1,6 @@
 """Make the README's pictures from the running product, so they show what the code does today.
 
-    python -m docs.screenshots            # writes docs/img/chat-desktop.png, chat-phone.png, compare.png
+    python -m docs.screenshots            # writes docs/img/chat-desktop.png, chat-dark.png, chat-phone.png, compare.png
     python -m docs.screenshots --serve    # just run the product as the screenshots see it (Ctrl-C stops)
 
 It starts what the product needs, in a private FLYWHEEL_HOME under /tmp: a real Kafka broker, the real default
@@ -111,6 +111,11 @@ def shoot(url: str, out: Path) -> list[Path]:
             page.wait_for_timeout(500)
             made.append(out / "chat-desktop.png")
             page.screenshot(path=str(made[-1]))
+            page.keyboard.press("Control+Shift+L")  # the dark theme, same page
+            page.wait_for_timeout(300)
+            made.append(out / "chat-dark.png")
+            page.screenshot(path=str(made[-1]))
+            page.keyboard.press("Control+Shift+L")
 
             page.get_by_role("tab", name="Compare").click()
             page.fill("#cmp-prompt textarea", "Give me one tip for writing readable code.")

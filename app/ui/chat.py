@@ -129,8 +129,9 @@ class ChatHandlers:
                         yield ChatView(chatbot_update(st)).out()
             except Exception:  # noqa: BLE001 - logged by the service; the person gets a sentence
                 failed = True
-            reply.update(content=turn.text, done=True, finish="error" if failed else turn.finish_reason)
-            self.ctx.sessions.save_conversation(uid, st["conversation_id"], st["messages"])
+            finally:  # also when the tab went away mid-answer: what was written is kept, marked as stopped
+                reply.update(content=turn.text, done=True, finish="error" if failed else turn.finish_reason)
+                self.ctx.sessions.save_conversation(uid, st["conversation_id"], st["messages"])
             history = gr.update(choices=self.ctx.history(uid), value=st["conversation_id"])
             yield ChatView(
                 chatbot_update(st),
