@@ -397,7 +397,9 @@ def summarise(recipe: str, rec: dict[str, Any], base: dict[str, Any], warmup: in
     }
 
 
-def run_all(recipes: list[str], steps: int, warmup: int, timeout: float, keep: bool) -> dict[str, Any]:
+def run_all(
+    recipes: list[str], steps: int, warmup: int, timeout: float, keep: bool, out_file: Path | None = None
+) -> dict[str, Any]:
     import torch
     import transformers
     import trl
@@ -425,6 +427,8 @@ def run_all(recipes: list[str], steps: int, warmup: int, timeout: float, keep: b
         results: dict[str, Any] = {}
         for recipe in recipes:
             results[recipe] = one_recipe(recipe, root, home, snapshot, steps, warmup, timeout)
+            if out_file is not None:  # a long run leaves what it has measured so far
+                out_file.write_text(json.dumps({**out, "recipes": results, "complete": False}))
         for name in out.get("setup_only", []):
             results.pop(name, None)
         out["recipes"] = results
@@ -495,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=1800, help="seconds one phase of one recipe may take")
     p.add_argument("--keep", action="store_true", help="keep the temporary home (models, MLflow store, batches)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--out", type=Path, help="also write the JSON here, after every recipe (partial until the end)")
     # internal: one phase in a child process
     for flag in ("--phase", "--recipe", "--home", "--snapshot", "--batches", "--result"):
         p.add_argument(flag, help=argparse.SUPPRESS)
@@ -507,7 +512,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown recipe(s) {', '.join(unknown) or '(none given)'}: choose from {', '.join(RECIPES)}")
     if a.steps <= a.warmup or a.warmup < 0:
         p.error("--steps must be larger than --warmup (at least one timed step), and --warmup at least 0")
-    out = run_all(recipes, a.steps, a.warmup, a.timeout, a.keep)
+    out = run_all(recipes, a.steps, a.warmup, a.timeout, a.keep, a.out)
+    if a.out:
+        a.out.write_text(json.dumps({**out, "complete": True}))
     if a.json:
         print(json.dumps(out))
     else:
