@@ -312,7 +312,7 @@ def inject(w: World, fault: str, args, rng: random.Random, log) -> dict:
     if fault == "app_kill":
         w.kill("app")
         w.start_app()
-        w.app_ready()
+        detail["restart_s"] = round(w.app_ready(), 1)  # the model reload; recovery_s is counted after it
     elif fault == "ingest_kill":
         w.kill("ingest")
         w.start_ingest()
