@@ -106,10 +106,16 @@ def test_chat_rate_regenerate_compare_then_events_in_kafka_and_duckdb(settings, 
 
         # Regenerate.
         page.click("#chatbot button[aria-label='Retry']")
-        regen = read_events(settings, settings.topic_turns,
-                            lambda evs: any(e.origin == "regenerate" for e in evs), timeout=60)
-        wait_until(lambda: page.query_selector("#chatbot .fw-version")
-                   and len(page.query_selector_all("#chatbot [data-testid='bot']")) == 1, what="the new answer")
+        regen = read_events(
+            settings, settings.topic_turns, lambda evs: any(e.origin == "regenerate" for e in evs), timeout=60
+        )
+        wait_until(
+            lambda: (
+                page.query_selector("#chatbot .fw-version")
+                and len(page.query_selector_all("#chatbot [data-testid='bot']")) == 1
+            ),
+            what="the new answer",
+        )
 
         # Past conversations survive a reload (same signed cookie).
         page.reload()
@@ -136,8 +142,8 @@ def test_chat_rate_regenerate_compare_then_events_in_kafka_and_duckdb(settings, 
     for t in turns:
         assert isinstance(t, ChatTurn)
         by_origin.setdefault(t.origin, []).append(t)
-    first, = by_origin["new"]
-    regen_turn, = by_origin["regenerate"]
+    (first,) = by_origin["new"]
+    (regen_turn,) = by_origin["regenerate"]
     a, b = by_origin["compare"]
     assert regen_turn.turn_id == next(e.turn_id for e in regen if e.origin == "regenerate")
     assert regen_turn.parent_turn_id == first.turn_id and regen_turn.conversation_id == first.conversation_id
@@ -145,13 +151,14 @@ def test_chat_rate_regenerate_compare_then_events_in_kafka_and_duckdb(settings, 
     assert all(t.consent and t.user_id.startswith("u-") for t in turns)
     assert first.messages[-1].content == "Hello <b>there</b>! Name a color."
     assert len({t.user_id for t in turns}) == 1
-    fb = read_events(settings, settings.topic_feedback,
-                     lambda evs: sum(isinstance(e, Feedback) for e in evs) >= 3)
+    fb = read_events(settings, settings.topic_feedback, lambda evs: sum(isinstance(e, Feedback) for e in evs) >= 3)
     ratings = [e for e in fb if isinstance(e, Feedback)]
     downs = [e for e in ratings if e.kind == "thumbs"]
-    assert {(e.turn_id, e.value, e.reason) for e in downs} == {(first.turn_id, "down", None),
-                                                             (first.turn_id, "down", "Too vague")}
-    pair, = [e for e in ratings if e.kind == "pairwise"]
+    assert {(e.turn_id, e.value, e.reason) for e in downs} == {
+        (first.turn_id, "down", None),
+        (first.turn_id, "down", "Too vague"),
+    }
+    (pair,) = [e for e in ratings if e.kind == "pairwise"]
     assert pair.value == "b" and {pair.turn_id, pair.other_turn_id} == {a.turn_id, b.turn_id}
     assert pair.model_version == pair.other_model_version == "canary"
     assert any(isinstance(e, UserAction) and e.action == "consent_granted" for e in fb)
@@ -161,8 +168,10 @@ def test_chat_rate_regenerate_compare_then_events_in_kafka_and_duckdb(settings, 
     with connect(settings.warehouse_path, read_only=True) as con:
         rows = con.execute("SELECT turn_id, model_version, origin, parent_turn_id FROM turns").fetchall()
         assert {(r[0], r[1], r[2]) for r in rows} == {(t.turn_id, "canary", t.origin) for t in turns}
-        reasons = con.execute("SELECT reason FROM feedback WHERE kind = 'thumbs' AND turn_id = ? AND "
-                              "model_version = 'canary'", [first.turn_id]).fetchall()
+        reasons = con.execute(
+            "SELECT reason FROM feedback WHERE kind = 'thumbs' AND turn_id = ? AND model_version = 'canary'",
+            [first.turn_id],
+        ).fetchall()
         assert sorted(r[0] or "" for r in reasons) == ["", "Too vague"]
         assert con.execute("SELECT value FROM feedback WHERE kind = 'pairwise'").fetchall() == [("b",)]
     if os.environ.get("FLYWHEEL_SCREENSHOTS") is None:
@@ -176,7 +185,8 @@ def test_ui_says_busy_past_the_bound_and_recovers(settings, tiny_backend, browse
         page.goto(app.url + "/")
         page.wait_for_selector("#msg textarea", timeout=30_000)
         hog = OpenAI(base_url=app.api, api_key="x", max_retries=0).chat.completions.create(
-            model="flywheel", messages=[{"role": "user", "content": "Tell a long story."}], max_tokens=32, stream=True)
+            model="flywheel", messages=[{"role": "user", "content": "Tell a long story."}], max_tokens=32, stream=True
+        )
         it = iter(hog)
         next(it)  # holds the only slot
         page.fill("#msg textarea", "Hi there")

@@ -13,6 +13,7 @@ from app.sessions import COOKIE_NAME
 from app.ui.chat import STILL_ANSWERING, ChatHandlers
 from app.ui.context import UIContext
 from app.ui.conversations import ConversationHandlers
+from app.ui.render import status_md
 from app.ui.state import new_chat
 from feedback.events import Feedback
 from tests.app.conftest import read_events
@@ -43,7 +44,7 @@ def test_stop_ends_the_answer_as_cancelled_and_a_second_send_in_the_tab_is_refus
         return outs, refused
 
     outs, refused = asyncio.run(scenario())
-    assert STILL_ANSWERING in refused[0][3]
+    assert refused[0][3] == status_md(STILL_ANSWERING)
     answer = st["messages"][-1]
     assert answer["finish"] == "cancelled" and answer["done"] and len(st["messages"]) == 2
     final = outs[-1]
