@@ -182,6 +182,7 @@ def _mount_parts() -> None:
     """The commands of the product and the pipelines (imported here, so `flywheel kafka ...` stays light)."""
     from cli.app_cmd import app_cmd
     from cli.datasets import datasets_app
+    from cli.deletions import deletions_app
     from cli.demo import demo
     from cli.flows import run_flow
     from cli.keys import keys_app
@@ -190,6 +191,7 @@ def _mount_parts() -> None:
     from cli.simulate import simulate
 
     app.add_typer(datasets_app, name="datasets")
+    app.add_typer(deletions_app, name="deletions")
     app.add_typer(app_cmd, name="app")
     app.add_typer(keys_app, name="keys")
     app.add_typer(models_app, name="models")
