@@ -128,6 +128,11 @@ class Stack:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+        # A real Prefect server for the flows (the ephemeral one gives up after 20 s on a busy machine).
+        from infra import prefect_server
+
+        prefect_server.start(self.s, timeout_s=600)
+        self.run.say(f"prefect on {prefect_server.api_url(self.s)}")
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.app.poll() is not None:
@@ -142,8 +147,9 @@ class Stack:
         raise RuntimeError(f"the app server did not answer within 300 s; see {self.s.home / 'app.log'}")
 
     def __exit__(self, *exc) -> None:
-        from infra import kafka_local
+        from infra import kafka_local, prefect_server
 
+        prefect_server.stop(self.s)
         if self.app is not None and self.app.poll() is None:
             self.app.terminate()
             try:
@@ -261,7 +267,11 @@ def run_demo(cfg: DemoConfig, home: Path, quiet: bool = False) -> dict[str, Any]
         "recipe": cfg.recipe,
         "config": cfg.__dict__ | {"overrides": list(cfg.overrides)},
     }
-    with Stack(settings, run) as stack:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from infra.prefect_server import api_url
+
+    with Stack(settings, run) as stack, temporary_settings(updates={PREFECT_API_URL: api_url(settings)}):
         with run.stage("simulate"):
             sim = run_simulation(
                 stack.url,
