@@ -13,6 +13,7 @@ import pytest
 
 from app.router import ReleasePlan, publish_plan
 from app.sessions import COOKIE_NAME
+from app.ui.render import ALLOWED_TAGS
 from feedback.events import ChatTurn, Feedback
 from feedback.settings import Settings
 from feedback.topics import ensure_topics
@@ -119,6 +120,19 @@ def wait_streaming(page) -> None:
     )
 
 
+RAW_MARKUP_JS = """(allowed) => Array.from(document.querySelectorAll('#chatbot [data-testid=bot]')).flatMap(b => {
+  const bad = Array.from(b.querySelectorAll('.fw-md *')).map(e => e.tagName.toLowerCase())
+    .filter(t => !allowed.includes(t)).map(t => 'element <' + t + '>');
+  const text = b.innerText;
+  return bad.concat(['<sub', '<span', '<div', 'class=', 'fw-version'].filter(m => text.includes(m)));
+})"""
+
+
+def assert_no_raw_markup(page) -> None:
+    """Every answer on screen: only allowlisted elements, and none of our own markup showing as text."""
+    assert page.evaluate(RAW_MARKUP_JS, sorted(ALLOWED_TAGS)) == []
+
+
 def answers(page) -> list[str]:
     return [b.inner_text() for b in page.query_selector_all("#chatbot [data-testid='bot'] .fw-md")]
 
@@ -165,6 +179,7 @@ def test_stop_continue_regenerate_keep_and_thumbs_after_new_chat_and_reload(ui, 
     page.click("#keep-previous")
     status(page, "Kept the previous answer")
     assert answers(page)[-1] == disliked and thumbs(page)[-1] == "Disliked,Like"
+    assert_no_raw_markup(page)
     assert not page.is_visible("#keep-row")
 
     # New chat: nothing carried over, no thumb on the next answer.
@@ -182,6 +197,7 @@ def test_stop_continue_regenerate_keep_and_thumbs_after_new_chat_and_reload(ui, 
     wait_answers(page, 3)
     assert thumbs(page) == ["Dislike,Like", "Dislike,Like", "Disliked,Like"]
     assert "Stopped." in page.query_selector_all("#chatbot .fw-meta")[0].inner_text()
+    assert_no_raw_markup(page)
 
     # Rename (long titles are cut with an ellipsis, not overflowing), then delete.
     title = "A very long title for the dragon story " * 2
@@ -246,6 +262,7 @@ def test_arena_answers_the_current_chat_anonymous_until_the_vote(ui, browser):
     page.get_by_role("tab", name="Chat").click()
     wait_answers(page, 2)
     assert answers(page)[-1].strip() == b_text
+    assert_no_raw_markup(page)
 
 
 def test_hostile_stored_answer_is_inert_and_shortcuts_themes_model_card_api_link(ui, browser):
@@ -288,6 +305,7 @@ def test_hostile_stored_answer_is_inert_and_shortcuts_themes_model_card_api_link
     assert page.locator("#chatbot a[href^='javascript']").count() == 0
     assert "<script>alert(1)</script> hi" in page.inner_text("#chatbot [data-testid='user']")
     assert not [u for u in seen if "/leak" in u]
+    assert_no_raw_markup(page)
 
     # Editing a message starts from the person's own text, not its escaped form.
     page.locator("#chatbot button[aria-label='Edit']").first.click()
@@ -301,6 +319,16 @@ def test_hostile_stored_answer_is_inert_and_shortcuts_themes_model_card_api_link
     page.wait_for_timeout(300)
     copied = page.evaluate("navigator.clipboard.readText()")
     assert copied.startswith("Look: <img src=") and "fw-md" not in copied and "<p>" not in copied
+
+    # Ctrl+Shift+C copies the last answer the same way; Ctrl+Shift+S hides and shows the sidebar.
+    page.evaluate("navigator.clipboard.writeText('')")
+    page.click("#model-line")
+    page.keyboard.press("Control+Shift+C")
+    page.wait_for_function("navigator.clipboard.readText().then(t => t.startsWith('Look: <img src='))")
+    page.keyboard.press("Control+Shift+S")
+    page.wait_for_function("document.querySelector('#new-chat').getBoundingClientRect().right <= 0")
+    page.keyboard.press("Control+Shift+S")
+    page.wait_for_function("document.querySelector('#new-chat').getBoundingClientRect().left >= 0")
 
     # Themes: Ctrl+Shift+L switches, and the choice survives a reload.
     dark = page.evaluate("document.body.classList.contains('dark')")
