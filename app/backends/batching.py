@@ -145,22 +145,24 @@ class BatchingBackend:
             if self._inflight >= self.max_concurrency + self.max_queue:
                 raise Busy(f"{self._inflight} requests in flight (bound {self.max_concurrency}+{self.max_queue})")
             self._inflight += 1
-        rng = None
-        if sampling.temperature > 0:
-            rng = self._new_rng(sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(8)) >> 1)
-        req = Request(
-            ids=ids,
-            sampling=sampling,
-            max_new=max(1, min(sampling.max_new_tokens, self.max_context_tokens - len(ids))),
-            loop=asyncio.get_running_loop(),
-            queue=asyncio.Queue(),
-            decoder=DecodeStream(skip_special_tokens=True),
-            rng=rng,
-        )
-        with self._cv:
-            self._pending.append(req)
-            self._cv.notify()
-        try:
+        req = None
+        try:  # from here on every path, a seed the engine rejects included, gives the slot back in `finally`
+            rng = None
+            if sampling.temperature > 0:
+                seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(8)) >> 1
+                rng = self._new_rng(seed)
+            req = Request(
+                ids=ids,
+                sampling=sampling,
+                max_new=max(1, min(sampling.max_new_tokens, self.max_context_tokens - len(ids))),
+                loop=asyncio.get_running_loop(),
+                queue=asyncio.Queue(),
+                decoder=DecodeStream(skip_special_tokens=True),
+                rng=rng,
+            )
+            with self._cv:
+                self._pending.append(req)
+                self._cv.notify()
             while True:
                 chunk = await req.queue.get()
                 if chunk.finish_reason is not None:
@@ -169,13 +171,14 @@ class BatchingBackend:
                 if req.done:
                     return
         finally:
-            req.cancelled = True  # the decode thread drops the row before its next step
             with self._cv:
                 self._inflight -= 1
-                try:
-                    self._pending.remove(req)
-                except ValueError:
-                    pass
+                if req is not None:
+                    req.cancelled = True  # the decode thread drops the row before its next step
+                    try:
+                        self._pending.remove(req)
+                    except ValueError:
+                        pass
 
     async def aclose(self) -> None:
         with self._cv:
