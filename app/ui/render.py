@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import html
 import re
+from functools import lru_cache
 from typing import Any
 
 import nh3
@@ -128,10 +129,17 @@ def footer_html(message: Message) -> str:
     return f'<div class="fw-meta">{" · ".join(parts)}</div>'
 
 
+@lru_cache(maxsize=512)
+def _finished_html(text: str) -> str:
+    return markdown_html(text)
+
+
 def message_html(message: Message) -> str:
+    """One bubble. Finished answers are rendered once (every streamed token redraws the whole conversation)."""
     if message["role"] != "assistant":
         return plain_html(message["content"])
-    body = f'<div class="fw-md">{markdown_html(message["content"])}</div>'
+    render = _finished_html if message.get("done") else markdown_html
+    body = f'<div class="fw-md">{render(message["content"])}</div>'
     if message.get("done") and message.get("model_version"):
         body += footer_html(message)
     return body
