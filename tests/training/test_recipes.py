@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from tests.training.conftest import overrides
 from training import registry
 from training.runner import TrainingError, run_job
-from tests.training.conftest import overrides
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -25,8 +25,9 @@ METHODS = ["sft", "reward", "dpo", "kto", "rlhf", "pretrain"]
 
 
 def args(snapshot: str | None = "latest", parent: str = "base", config: str = "tiny", over=None):
-    return argparse.Namespace(snapshot=snapshot, parent=parent, config=config, json=True,
-                              overrides=overrides() if over is None else over)
+    return argparse.Namespace(
+        snapshot=snapshot, parent=parent, config=config, json=True, overrides=overrides() if over is None else over
+    )
 
 
 def body(method: str):
@@ -73,6 +74,18 @@ def test_recipe_trains_two_steps_and_registers_with_lineage(trained_home, method
     assert not list(settings.models_dir.glob(".tmp-*")), "a temporary weights directory was left behind"
 
 
+def test_the_judge_never_graded_its_own_pupil(trained_home):
+    """Evaluation never lets the reward model an rlhf run optimised against judge that run."""
+    from training.evaluate import EvalError, pick_judge
+
+    settings, _ = trained_home
+    rl = [v for v in registry.list_versions(settings) if v.recipe == "rlhf"]
+    assert rl, "the rlhf recipe test above registers the version this needs"
+    with pytest.raises(EvalError, match="reward hacking"):
+        pick_judge(settings, rl[-1], rl[-1].reward_version)
+    assert pick_judge(settings, rl[-1]).name != rl[-1].reward_version
+
+
 def test_the_app_serves_a_trained_version(trained_home):
     """A registered version is served by the app without a restart when a release plan names it."""
     import time
@@ -94,8 +107,16 @@ def test_the_app_serves_a_trained_version(trained_home):
         assert app.service.router.wait_for(plan.plan_id, timeout=20)
         deadline, model = time.monotonic() + 120, None
         while time.monotonic() < deadline:
-            r = httpx.post(f"{app.url}/v1/chat/completions", timeout=60, json={
-                "model": "flywheel", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "user": "u1"})
+            r = httpx.post(
+                f"{app.url}/v1/chat/completions",
+                timeout=60,
+                json={
+                    "model": "flywheel",
+                    "messages": [{"role": "user", "content": "Hi"}],
+                    "max_tokens": 3,
+                    "user": "u1",
+                },
+            )
             assert r.status_code == 200, r.text
             model = r.json()["model"]
             if model == version:
@@ -120,8 +141,10 @@ def count_versions(settings) -> int:
         (dict(parent="dpo-9999"), "flywheel models list"),
         (dict(over=["train.lerning_rate=1e-5"]), "did you mean 'learning_rate'"),
         (dict(over=["data.min_rows=100000"]), "collect more ratings"),
-        (dict(over=["train.max_steps=3", "train.learning_rate=1e12", "train.max_grad_norm=1e30"]),
-         "lower train.learning_rate"),
+        (
+            dict(over=["train.max_steps=3", "train.learning_rate=1e12", "train.max_grad_norm=1e30"]),
+            "lower train.learning_rate",
+        ),
     ],
     ids=["unknown-snapshot", "unknown-parent", "config-typo", "too-few-rows", "nan-loss"],
 )
