@@ -6,9 +6,10 @@ the Prefect server and the flow runner, the chat app. A child that dies is resta
 event is printed.
 
 Stopping within ``STOP_BUDGET_S`` (10 s): on Ctrl-C or SIGTERM every child and the Prefect server get SIGTERM
-at the same time (each runs in its own process group, so the whole tree is reached), whatever is still alive
-after ``CHILD_GRACE_S`` gets SIGKILL, then the broker gets the rest of the budget for a clean shutdown before
-SIGKILL (its log recovers on restart; producers keep unacknowledged events in their outbox, so nothing is lost).
+at the same time (the signal reaches each one's whole process tree), whatever is still alive after
+``CHILD_GRACE_S`` gets SIGKILL; the broker's clean shutdown starts 2 s in, alongside, with SIGKILL after
+``KAFKA_STOP_S`` (its log recovers on restart; producers keep unacknowledged events in their outbox, so nothing
+is lost). Ctrl-C while the stack is still starting stops what was started the same way.
 
 Every process is recorded in ``$FLYWHEEL_HOME/run/<name>.pid`` as ``<pid> <create_time>`` (so a recycled pid
 is never signalled), the supervisor itself as ``up.pid``. ``flywheel down`` asks a live supervisor to stop, then
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,8 @@ from feedback.settings import Settings
 console = Console()
 STOP_BUDGET_S = 10.0
 CHILD_GRACE_S = 5.0
+KAFKA_STOP_S = 5.5  # from 2 s in: a clean broker shutdown, else SIGKILL by 7.5 s (its log recovers on restart)
+PREFECT_START_S = 300.0  # its first start migrates a database: minutes on a busy 2-core machine
 
 
 # ---- pid files ------------------------------------------------------------------------------------------
@@ -78,17 +82,30 @@ def _signal_tree(proc: psutil.Process, sig: int) -> None:
             pass
 
 
-def stop_processes(procs: dict[str, psutil.Process], grace_s: float) -> dict[str, str]:
-    """SIGTERM all at once, SIGKILL what is left after ``grace_s``. Returns name -> 'stopped' | 'killed'."""
+def stop_processes(
+    procs: dict[str, psutil.Process],
+    grace_s: float,
+    then: Callable[[], object] | None = None,
+    then_after_s: float = 2.0,
+) -> dict[str, str]:
+    """SIGTERM all at once, SIGKILL what is left after ``grace_s``; ``then`` (e.g. stopping the broker) starts
+    after ``then_after_s`` (or as soon as all are gone) and runs alongside. Returns name -> 'stopped' | 'killed'."""
+    t0 = time.monotonic()
     for p in procs.values():
         _signal_tree(p, signal.SIGTERM)
-    _, alive = psutil.wait_procs(list(procs.values()), timeout=grace_s)
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=min(then_after_s, grace_s))
+    worker = threading.Thread(target=then, name="stop-then") if then is not None else None
+    if worker is not None:
+        worker.start()
+    _, alive = psutil.wait_procs(alive, timeout=max(0.0, grace_s - (time.monotonic() - t0)))
     out = {name: "stopped" for name in procs}
     for name, p in procs.items():
         if p in alive:
             _signal_tree(p, signal.SIGKILL)
             out[name] = "killed"
     psutil.wait_procs(alive, timeout=2)
+    if worker is not None:
+        worker.join()
     return out
 
 
@@ -126,24 +143,20 @@ def run_stack(s: Settings, app_server: bool = True, prefect: bool = True, vllm: 
         env.update({"FLYWHEEL_KAFKA_BOOTSTRAP": s.kafka_bootstrap, "FLYWHEEL_KAFKA_REPLICATION":
                     str(s.kafka_replication), "FLYWHEEL_KAFKA_MIN_INSYNC": str(s.kafka_min_insync)})
     started_broker = not kafka_local.answering(s)
-    try:
-        st = kafka_local.start(s) if n == 1 else kafka_local.start_cluster(s, n)
-    except kafka_local.KafkaError as e:
-        console.print(f"[red]kafka: {e}[/red]")
-        return 1
-    console.print(f"[green]up[/green] kafka {st.bootstrap} (pid {st.pid or 'external'})")
-
     py = sys.executable
     children = [Child("ingest", [py, "-m", "feedback.ingest"], env)]
     children.append(Child("mlflow", [py, "-m", "infra.mlflow_server"], env))  # registry UI; marker once it answers
     stopping = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stopping.set())
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    # While starting, Ctrl-C/SIGTERM interrupts whatever waits (a broker or Prefect coming up can take minutes).
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
+        st = kafka_local.start(s) if n == 1 else kafka_local.start_cluster(s, n)
+        console.print(f"[green]up[/green] kafka {st.bootstrap} (pid {st.pid or 'external'})")
         if prefect:
             from infra import prefect_server
 
-            prefect_server.start(s)
+            prefect_server.start(s, timeout_s=PREFECT_START_S)
             console.print(f"[green]up[/green] prefect server http://{s.prefect_host}:{s.prefect_port}")
             children.append(Child("flows", [py, "-m", "pipelines.serve"], env))
             children.append(Child("worker", [py, "-m", "pipelines.serve", "worker"], env))  # `train` runs here
@@ -155,10 +168,15 @@ def run_stack(s: Settings, app_server: bool = True, prefect: bool = True, vllm: 
             children.append(Child("app", [py, "-m", "app.server"], env))
         for c in children:
             c.start(s)
-    except Exception as e:  # noqa: BLE001 - a failed start must not leave half a stack running
-        console.print(f"[red]start-up failed: {e}[/red]; stopping what was started")
+    except (Exception, KeyboardInterrupt) as e:  # a failed or interrupted start leaves nothing running
+        why = "interrupted" if isinstance(e, KeyboardInterrupt) else f"failed: {e}"
+        console.print(f"[red]start-up {why}[/red]; stopping what was started")
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stop_stack(s, children, prefect=prefect, broker=started_broker)
-        return 1
+        return 130 if isinstance(e, KeyboardInterrupt) else 1
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     if app_server:
         console.print(f"[bold]chat:[/bold] http://{s.app_host}:{s.app_port}/   "
                       f"[bold]API:[/bold] http://{s.app_host}:{s.app_port}/v1   (Ctrl-C stops everything)")
@@ -169,6 +187,10 @@ def run_stack(s: Settings, app_server: bool = True, prefect: bool = True, vllm: 
             _supervise(s, c, stopping)
     stop_stack(s, children, prefect=prefect, broker=started_broker)
     return 0
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
 
 
 def _has_cluster(s: Settings) -> bool:
@@ -198,7 +220,11 @@ def stop_stack(s: Settings, children: list[Child], prefect: bool, broker: bool) 
     procs = {c.name: psutil.Process(c.proc.pid) for c in children if c.proc is not None and c.proc.poll() is None}
     if prefect and (p := _prefect_proc(s)) is not None:
         procs["prefect server"] = p
-    result = stop_processes(procs, CHILD_GRACE_S)
+    # The broker's clean shutdown starts 2 s in, alongside the last children: nothing depends on it by then
+    # (an outbox that could not flush keeps its events for the next start), and it gets SIGKILL by the budget.
+    stopped_kafka: list[str] = []
+    then = (lambda: stopped_kafka.extend(kafka_local.stop_all(s, timeout_s=KAFKA_STOP_S))) if broker else None
+    result = stop_processes(procs, CHILD_GRACE_S, then=then)
     for c in children:
         if c.proc is not None:
             c.proc.poll()  # reap
@@ -207,13 +233,10 @@ def stop_stack(s: Settings, children: list[Child], prefect: bool, broker: bool) 
         from infra import prefect_server
 
         prefect_server.stop(s, timeout_s=0.5)  # already stopped above; clears its pid files
+    for name in stopped_kafka:
+        result[name] = "stopped"
     for name, how in result.items():
         console.print(f"{how} {name}")
-    if broker:
-        left = max(2.0, STOP_BUDGET_S - (time.monotonic() - t0) - 0.5)
-        kafka_local.stop_all(s, timeout_s=left)
-        result["kafka"] = "stopped"
-        console.print("stopped kafka")
     (run_dir(s) / "up.pid").unlink(missing_ok=True)
     console.print(f"all stopped in {time.monotonic() - t0:.1f}s")
     return result

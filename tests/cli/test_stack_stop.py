@@ -77,7 +77,7 @@ def test_ctrl_c_stops_the_whole_stack_within_ten_seconds(tmp_path):
             except httpx.HTTPError:
                 return False
 
-        _wait_for(app_answers, 300, "the stack did not come up", home)
+        _wait_for(app_answers, 600, "the stack did not come up", home)
         procs = _recorded(home)
         assert len(procs) >= 6, "supervisor, ingest, flows, app, broker and Prefect are recorded"
         t0 = time.monotonic()
@@ -114,3 +114,24 @@ def test_down_stops_what_a_killed_stack_left_behind(tmp_path):
     finally:
         if up.poll() is None:
             up.kill()
+
+
+def test_ctrl_c_while_starting_stops_what_was_started(tmp_path):
+    home = tmp_path / "home"
+    env = _env(home)
+    up = _start(home, env)
+    try:
+        # Ctrl-C while `flywheel up` waits for Prefect to come up: the broker is already running.
+        _wait_for(lambda: (home / "prefect" / "server.pid").exists(), 300, "Prefect did not start", home)
+        procs = _recorded(home)
+        assert len(procs) >= 3  # supervisor, broker, Prefect server
+        t0 = time.monotonic()
+        up.send_signal(signal.SIGINT)
+        _wait_for(lambda: not _alive(procs), 30, "something still runs", home)
+        took = time.monotonic() - t0
+        assert up.wait(5) in (130, 0)  # 130: interrupted while starting (0 if Prefect was already up)
+        assert took <= STOP_BUDGET_S, f"stopping took {took:.1f}s"
+    finally:
+        if up.poll() is None:
+            up.kill()
+        subprocess.run([sys.executable, "-m", "cli.main", "down"], env=env, cwd=REPO, timeout=60)
