@@ -8,7 +8,7 @@ each export, so a rewritten checkpoint is converted again; a file lock lets conc
 benchmark) convert once; the export is written to a temporary name and renamed, so a crash never leaves a
 half-written file that looks finished.
 
-    python -m app.backends.gguf .flywheel/models/base --precision q8_0
+    python -m app.backends.gguf .flywheel/models/base [--precision q8_0]
 """
 
 from __future__ import annotations
@@ -103,9 +103,13 @@ def _convert(model_dir: Path, precision: str, out: Path, converter_dir: Path) ->
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_dir", type=Path, help="a model version directory (safetensors, config, tokenizer)")
-    p.add_argument("--precision", default="q8_0", choices=PRECISIONS)
+    p.add_argument("--precision", choices=PRECISIONS, help="default: the serving precision (settings)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
+    if args.precision is None:
+        from feedback.settings import get_settings
+
+        args.precision = get_settings().serve_precision
     t = time.perf_counter()
     try:
         path = ensure_gguf(args.model_dir, args.precision)

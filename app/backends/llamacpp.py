@@ -116,7 +116,7 @@ class LlamaCppBackend(BatchingBackend):
         max_queue: int = 16,
         max_context_tokens: int = 2048,
         *,
-        precision: str = "q8_0",
+        precision: str = "f16",
         num_threads: int | None = None,
         prefill_chunk: int = 128,
     ):

@@ -1,6 +1,7 @@
 """Generation backends against the real default model (no mocks): streaming, batching, bounds, cancellation.
 
-The embedded model is loaded once per module. The remote test starts the real ``transformers serve`` process.
+Every contract test runs on both in-process engines (transformers fp32 and llama.cpp at the default serving
+precision), each loaded once per module. The remote test starts the real ``transformers serve`` process.
 """
 
 from __future__ import annotations
@@ -19,14 +20,16 @@ from app.backends.base import Busy, Chunk
 from app.backends.registry import backend_config, build_backend
 from feedback.events import Sampling
 from feedback.settings import Settings, get_settings
-from tests.conftest import need_model
+from tests.conftest import free_port, need_model
 
 MODEL = get_settings().base_model_path
+ENGINES = ["transformers", "llama.cpp"]
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _model_present():
     need_model(MODEL)  # a missing model fails these tests; it never skips them
+
 
 GREEDY = Sampling(temperature=0.0, max_new_tokens=32)
 PROMPTS = [
@@ -49,11 +52,12 @@ async def collect(backend, messages, sampling=GREEDY) -> tuple[str, Chunk]:
     return "".join(parts), last
 
 
-@pytest.fixture(scope="module")
-def embedded():
-    from app.backends.embedded import EmbeddedBackend
-
-    backend = EmbeddedBackend(MODEL, max_concurrency=4, max_queue=1)
+@pytest.fixture(scope="module", params=ENGINES)
+def embedded(request):
+    """One in-process backend per engine; llama.cpp at the default serving precision (its GGUF export is made on
+    first load and cached beside the weights)."""
+    spec = {"kind": "embedded", "path": str(MODEL), "engine": request.param, "max_concurrency": 4, "max_queue": 1}
+    backend = build_backend(spec)
     yield backend
     asyncio.run(backend.aclose())
 
@@ -66,10 +70,21 @@ def test_streams_a_coherent_answer(embedded):
     assert embedded.load() == 0.0
 
 
-def test_greedy_matches_generate_and_multibyte_text_streams_whole(embedded):
-    """Same tokens as ``model.generate``; characters split over several tokens arrive whole (no U+FFFD)."""
-    import torch
+def _reference_greedy(backend, ids: list[int], n: int) -> list[int]:
+    """The engine's own one-sequence greedy loop: ``model.generate`` (transformers) or ``llamacpp.greedy``."""
+    if hasattr(backend, "model"):
+        import torch
 
+        with torch.inference_mode():
+            out = backend.model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+        return out[0, len(ids) :].tolist()
+    from app.backends.llamacpp import greedy
+
+    return greedy(backend.gguf_path, [ids], n, set(backend._stop_ids))[0]
+
+
+def test_greedy_matches_the_reference_loop_and_multibyte_text_streams_whole(embedded):
+    """Same tokens as the engine's plain greedy loop; characters split over several tokens arrive whole."""
     messages = ask("How do you say 'thank you' in Japanese? Answer with the Japanese word only.")
     sampling = Sampling(temperature=0.0, max_new_tokens=24)
     chunks: list[str] = []
@@ -79,10 +94,9 @@ def test_greedy_matches_generate_and_multibyte_text_streams_whole(embedded):
             chunks.append(c.text)
 
     asyncio.run(run())
-    ids = torch.tensor([embedded.encode(messages)])
-    with torch.inference_mode():
-        out = embedded.model.generate(ids, max_new_tokens=24, do_sample=False)
-    expected = embedded.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    expected = embedded.tokenizer.decode(
+        _reference_greedy(embedded, embedded.encode(messages), 24), skip_special_tokens=True
+    )
     assert "".join(chunks) == expected
     assert any(ord(ch) > 0x3000 for ch in expected), expected  # the case under test: multi-byte characters
     assert all("\ufffd" not in c for c in chunks)
@@ -188,20 +202,12 @@ def test_registry_defaults_to_the_embedded_base_model(tmp_path):
         build_backend({"kind": "remote", "url": "http://127.0.0.1:9", "modle": "typo"})
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.integration
 @pytest.mark.slow
 def test_remote_backend_streams_from_transformers_serve(tmp_path):
     from app.backends.remote import RemoteBackend
 
-    port = _free_port()
+    port = free_port()
     cli = Path(sys.executable).parent / "transformers"
     log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen(

@@ -1,0 +1,129 @@
+"""The llama.cpp engine's own promises, on the real default model: GGUF exports made once and kept fresh, chunked
+prefill that keeps other streams moving, and the quantized precision within its measured quality bound.
+
+The contract every engine shares (streaming, batching, bounds, cancellation) is tested in ``test_backends.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import shutil
+
+import pytest
+
+from app.backends.base import Chunk
+from app.backends.gguf import ConversionError, ensure_gguf, export_path, fingerprint
+from app.backends.registry import build_backend
+from feedback.events import Sampling
+from feedback.settings import get_settings
+from tests.conftest import need_model
+
+MODEL = get_settings().base_model_path
+
+# Measured in benchmarks/results/serve.json (quality): q8_0 against f32 on the held-out set. The bounds leave a
+# margin over what was measured, so a real regression (a wrong conversion, a broken kernel) fails, noise does not.
+Q8_PERPLEXITY_RATIO_MAX = 1.02
+Q8_GREEDY_PREFIX_AGREEMENT_MIN = 0.75
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _model_present():
+    need_model(MODEL)  # a missing model fails these tests; it never skips them
+
+
+def test_export_is_made_once_and_reused_until_the_checkpoint_changes(tmp_path):
+    path = ensure_gguf(MODEL, "q8_0")
+    assert path == export_path(MODEL.resolve(), "q8_0") and path.stat().st_size > 50_000_000
+    stamp = json.loads(path.with_suffix(".json").read_text())
+    assert stamp["fingerprint"] == fingerprint(MODEL.resolve())
+    mtime = path.stat().st_mtime_ns
+    assert ensure_gguf(MODEL, "q8_0") == path and path.stat().st_mtime_ns == mtime  # cached, not converted again
+
+    # A rewritten checkpoint changes the fingerprint, so its stale export would be converted again.
+    copy = tmp_path / "v"
+    copy.mkdir()
+    for f in MODEL.iterdir():
+        if f.is_file():
+            os.symlink(f, copy / f.name)
+    before = fingerprint(copy)
+    (copy / "config.json").unlink()
+    shutil.copy(MODEL / "config.json", copy / "config.json")
+    os.utime(copy / "config.json", ns=(1, 1))
+    assert fingerprint(copy) != before
+
+    # Without llama.cpp's converter the error says how to get it; nothing half-written is left behind.
+    with pytest.raises(ConversionError, match="make setup"):
+        ensure_gguf(copy, "q8_0", converter_dir=tmp_path / "missing")
+    assert not export_path(copy, "q8_0").exists()
+    with pytest.raises(ConversionError, match="not a model directory"):
+        ensure_gguf(tmp_path, "q8_0")
+    with pytest.raises(ValueError, match="unknown precision"):
+        ensure_gguf(MODEL, "q3")
+
+
+def test_registry_rejects_unknown_engines_and_keys():
+    with pytest.raises(ValueError, match="unknown engine"):
+        build_backend({"kind": "embedded", "path": str(MODEL), "engine": "vllm"})
+    with pytest.raises(ValueError, match="unknown keys"):
+        build_backend({"kind": "embedded", "path": str(MODEL), "engine": "transformers", "precision": "q8_0"})
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_other_streams_keep_decoding():
+    """With 16-token prefill chunks, a ~1,000-token prompt takes dozens of steps to prefill; a stream already
+    running receives tokens during those steps instead of waiting for the whole prefill."""
+    backend = build_backend(
+        {"kind": "embedded", "path": str(MODEL), "engine": "llama.cpp", "max_concurrency": 2, "prefill_chunk": 16}
+    )
+    long_prompt = "Here is one more paragraph of background to read carefully. " * 80
+
+    async def run():
+        running = backend.stream(
+            [{"role": "user", "content": "Tell me a long story."}], Sampling(temperature=0.0, max_new_tokens=400)
+        )
+        assert (await running.__anext__()).text is not None  # it is decoding
+        joined = backend.stream([{"role": "user", "content": long_prompt}], Sampling(temperature=0.0, max_new_tokens=4))
+        first = asyncio.ensure_future(joined.__anext__())
+        during: list[Chunk] = []
+        while not first.done():
+            during.append(await running.__anext__())
+            await asyncio.sleep(0)
+        assert (await first) is not None
+        await running.aclose()
+        async for _ in joined:
+            pass
+        return during, len(backend.encode([{"role": "user", "content": long_prompt}]))
+
+    try:
+        during, prompt_tokens = asyncio.run(run())
+    finally:
+        asyncio.run(backend.aclose())
+    assert prompt_tokens > 600
+    assert len(during) >= 10, f"the running stream got {len(during)} chunks while {prompt_tokens} tokens prefilled"
+
+
+def test_quantized_precision_stays_within_its_measured_quality_bound():
+    """q8_0 against f32 (both llama.cpp, same held-out set as the benchmark): perplexity of the held-out answers
+    and greedy agreement on the held-out prompts."""
+    from transformers import AutoTokenizer
+
+    from app.backends.batching import stop_ids
+    from app.backends.llamacpp import greedy, score
+    from benchmarks.serve import agreement, chat_ids, heldout, heldout_sequences
+
+    tok = AutoTokenizer.from_pretrained(MODEL)
+    seqs = heldout_sequences(tok)
+    prompts = [chat_ids(tok, row["prompt"]) for row in heldout()]
+    stop = set(stop_ids(tok, json.loads((MODEL / "generation_config.json").read_text()).get("eos_token_id")))
+    ppl, runs = {}, {}
+    for precision in ("f32", "q8_0"):
+        gguf = ensure_gguf(MODEL, precision)
+        nll, count = score(gguf, seqs)
+        ppl[precision] = math.exp(nll / count)
+        runs[precision] = greedy(gguf, prompts, 32, stop)
+    assert 1.0 < ppl["f32"] < 100, ppl  # a sane model on plain English
+    assert ppl["q8_0"] / ppl["f32"] <= Q8_PERPLEXITY_RATIO_MAX, ppl
+    agree = agreement(runs["q8_0"], runs["f32"])
+    assert agree["greedy_prefix_agreement"] >= Q8_GREEDY_PREFIX_AGREEMENT_MIN, agree
