@@ -263,6 +263,7 @@ def build_api(service: ChatService, limits: CallerLimits) -> APIRouter:
                 surface="api",
                 model_version=version,
                 consent=consent,
+                bucket=caller.bucket,  # fair turns per key (keyless: per end user)
             )
         except BaseException as e:
             if caller.bucket is not None:

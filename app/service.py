@@ -22,14 +22,17 @@ the plan names, or one with answers in flight (every turn pins its version until
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from app.admission import FairGate
 from app.backends.base import Backend, Busy, Chunk
 from app.metrics import Metrics
 from app.router import ReleasePlan, ReleaseRouter, servable_dir
@@ -183,6 +186,7 @@ class ChatService:
         self.producer = producer
         self.metrics = metrics
         self.fallbacks: set[str] = set()
+        self._gates: weakref.WeakKeyDictionary[Backend, FairGate] = weakref.WeakKeyDictionary()
         self.open_turns = 0  # started and not yet completed: every one holds a backend slot
         self.loaded: dict[str, Backend] = {}  # loaded here (plan or request); closed when unloaded or at shutdown
         self.load_errors: dict[str, str] = {}
@@ -270,7 +274,7 @@ class ChatService:
         from app.backends.registry import build_backend
 
         try:
-            backend = build_backend(spec, base_dir=self.settings.home)
+            backend = build_backend(spec, base_dir=self.settings.home, settings=self.settings)
         except Exception as e:  # noqa: BLE001 - reported in /healthz; the fallback keeps serving
             log.exception("could not load a backend for %s", version)
             self.load_errors[version] = f"{type(e).__name__}: {e}"
@@ -396,8 +400,12 @@ class ChatService:
         parent_turn_id: str | None = None,
         model_version: str | None = None,
         consent: bool | None = None,
+        bucket: str | None = None,
     ) -> TurnStream:
         """Raises ``InputError`` for bad input and ``Busy`` past the backend's bound, before any output.
+
+        ``bucket`` names the party the answer counts against for fair admission (an API key; default: the user),
+        see ``app.admission.FairGate``.
 
         On any failure the backend stream is closed before this returns; on success the caller owns the turn
         and must read or close it (``async with turn`` or ``aclosing(turn.deltas())``)."""
@@ -409,10 +417,18 @@ class ChatService:
         if consent is None:
             consent = self.sessions.consent(user_id)
         version, backend = self._pin(version)  # released in _complete, or below on failure
-        t0 = time.perf_counter()
+        bucket = bucket or user_id
+        gate = self._gate(backend)
+        t0 = time.perf_counter()  # time to first token includes the wait for a fair turn
+        try:
+            await self._admit(gate, bucket, surface, version)
+        except BaseException:
+            self._unpin(version)
+            raise
         try:
             agen = backend.stream(messages, sampling)
         except BaseException:
+            gate.release(bucket)
             self._unpin(version)
             raise
         try:
@@ -438,11 +454,29 @@ class ChatService:
             try:
                 await agen.aclose()  # type: ignore[attr-defined]  # whatever failed, the slot is free again
             finally:
+                gate.release(bucket)
                 self._unpin(version)
             raise
+        turn.on_complete.append(functools.partial(gate.release, bucket))
         self.metrics.in_flight.labels(version).inc()
         self.open_turns += 1
         return turn
+
+    def _gate(self, backend: Backend) -> FairGate:
+        """The fair admission gate in front of ``backend`` (one per backend object, sized by its bounds)."""
+        with self._load_mu:
+            gate = self._gates.get(backend)
+            if gate is None:
+                gate = FairGate(getattr(backend, "max_concurrency", 8), getattr(backend, "max_queue", 16))
+                self._gates[backend] = gate
+            return gate
+
+    async def _admit(self, gate: FairGate, bucket: str, surface: str, version: str) -> None:
+        try:
+            await gate.acquire(bucket)
+        except Busy:
+            self.metrics.requests.labels(surface, version, "busy").inc()
+            raise
 
     async def _first_chunk(self, agen: AsyncIterator[Chunk], surface: str, version: str) -> Chunk | None:
         try:

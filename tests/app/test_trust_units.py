@@ -123,3 +123,38 @@ def test_ui_login_setting_parses():
 
     assert parse_auth(SecretStr("alice:pw, bob:x:y,bad")) == [("alice", "pw"), ("bob", "x:y")]
     assert parse_auth(None) is None and parse_auth(SecretStr("")) is None
+
+
+def test_fair_gate_serves_the_quiet_party_first_and_never_loses_a_slot():
+    import asyncio
+
+    from app.admission import FairGate
+    from app.backends.base import Busy
+
+    async def scenario() -> list[str]:
+        gate = FairGate(capacity=2, max_waiting=3)
+        await gate.acquire("flood")
+        await gate.acquire("flood")
+        order: list[str] = []
+
+        async def wait(bucket: str) -> None:
+            await gate.acquire(bucket)
+            order.append(bucket)
+
+        tasks = [asyncio.create_task(wait(b)) for b in ("flood", "flood", "quiet")]
+        await asyncio.sleep(0.01)
+        with pytest.raises(Busy):
+            await gate.acquire("late")  # three already wait
+        gate.release("flood")
+        await asyncio.sleep(0.01)
+        assert order == ["quiet"]  # arrived last, went first: it had nothing running
+        tasks[1].cancel()  # a waiter that leaves gives up its place, not a slot
+        await asyncio.sleep(0.01)
+        gate.release("flood")
+        await asyncio.sleep(0.01)
+        for bucket in order:
+            gate.release(bucket)
+        assert (gate.in_use(), gate.waiting()) == (0, 0)
+        return order
+
+    assert asyncio.run(scenario()) == ["quiet", "flood"]
