@@ -68,6 +68,14 @@
     });
   }).observe(document.body, { childList: true, subtree: true });
 
+  // On a narrow screen the sidebar covers the chat: picking a chat (or a new one) closes it.
+  document.addEventListener('click', (ev) => {
+    if (window.innerWidth >= 900 || !ev.target.closest || !sidebarOpen()) return;
+    if (ev.target.closest('#new-chat') || ev.target.closest('#history label')) {
+      setTimeout(() => { const b = sidebarToggle(); if (b && sidebarOpen()) b.click(); }, 150);
+    }
+  });
+
   document.addEventListener('click', (ev) => {
     if (ev.target.closest && ev.target.closest('#theme-toggle')) toggleTheme();
   });

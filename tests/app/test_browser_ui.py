@@ -411,3 +411,8 @@ def test_phone_layout_privacy_and_delete_all(ui, browser):
     status(page, "All your data here is deleted")
     assert "Say hello in French" not in page.inner_text("#history")
     assert not page.is_checked("#consent input[type=checkbox]")
+
+    # On a phone, starting a new chat closes the sidebar that covered it.
+    page.click("#new-chat")
+    page.wait_for_function("document.querySelector('#new-chat').getBoundingClientRect().right <= 0")
+    assert box_on_screen("#msg textarea")
