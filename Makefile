@@ -10,6 +10,7 @@ export FLYWHEEL_HOME
 STAMP := $(VENV)/.installed
 MODEL := $(FLYWHEEL_HOME)/models/base/model.safetensors
 JARS := infra/kafka/lib/.complete
+LLAMA_CPP := $(shell sed -n 's/^llama_cpp_python==//p' constraints.txt)
 
 .PHONY: setup run up test test-fast lint format bench clean-state chromium
 
@@ -20,6 +21,12 @@ $(STAMP): pyproject.toml constraints.txt
 	@echo "setup: creating $(VENV) and installing pinned dependencies (torch is a few GB on first install) ..."
 	@test -x $(PY) || $(PY_SYS) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip==26.3"
+	@echo "setup: llama-cpp-python (the CPU serving engine) builds from its sdist: ~6 min on 2 idle cores ..."
+	$(PY) -m pip download -q --no-deps --no-binary :all: -c constraints.txt llama-cpp-python -d $(VENV)/src
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PY) -m pip install -c constraints.txt $(VENV)/src/llama_cpp_python-$(LLAMA_CPP).tar.gz
+	rm -rf $(VENV)/share/llama.cpp && mkdir -p $(VENV)/share/llama.cpp  # its GGUF converter, for app/backends/gguf.py
+	tar -xzf $(VENV)/src/llama_cpp_python-$(LLAMA_CPP).tar.gz -C $(VENV)/share/llama.cpp --strip-components=3 \
+	  $(addprefix llama_cpp_python-$(LLAMA_CPP)/vendor/llama.cpp/,convert_hf_to_gguf.py conversion gguf-py)
 	$(PY) -m pip install --progress-bar on -c constraints.txt -e ".[dev]"
 	@touch $@
 
@@ -32,6 +39,7 @@ $(JARS): infra/kafka/pom.xml | $(STAMP)
 
 $(MODEL): | $(STAMP)
 	$(PY) -m infra.prepare_model
+	$(PY) -m app.backends.gguf $(FLYWHEEL_HOME)/models/base  # llama.cpp's export at the serving precision
 
 chromium:  ## Debian's Chromium for the browser tests (Playwright drives /usr/bin/chromium)
 	@test -x /usr/bin/chromium || { echo "setup: installing Debian chromium ..."; \

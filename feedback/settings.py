@@ -70,12 +70,12 @@ class Settings(BaseSettings):
     model_version: str = Field("base", description="Release name of the base model.")
     backend: Literal["embedded", "remote"] = "embedded"
     serve_engine: Literal["llama.cpp", "transformers"] = Field(
-        "transformers",
+        "llama.cpp",
         description="Engine of in-process (embedded) backends: llama.cpp (GGUF export made on first load, fast on "
         "CPU) or transformers (the fp32 reference; CUDA). A backends.yaml entry's `engine` key wins.",
     )
     serve_precision: Literal["f32", "f16", "bf16", "q8_0"] = Field(
-        "q8_0",
+        "f16",
         description="Weight precision llama.cpp serves (quality vs fp32 measured in benchmarks/results/serve.json). "
         "A backends.yaml entry's `precision` key wins.",
     )

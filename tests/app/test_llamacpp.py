@@ -47,7 +47,7 @@ def test_export_is_made_once_and_reused_until_the_checkpoint_changes(tmp_path):
     copy.mkdir()
     for f in MODEL.iterdir():
         if f.is_file():
-            os.symlink(f, copy / f.name)
+            os.symlink(f.resolve(), copy / f.name)
     before = fingerprint(copy)
     (copy / "config.json").unlink()
     shutil.copy(MODEL / "config.json", copy / "config.json")
