@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PY_SYS) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip==26.3"
 	@echo "setup: llama-cpp-python (the CPU serving engine) builds from its sdist: ~6 min on 2 idle cores ..."
-	$(PY) -m pip download -q --no-deps --no-binary :all: -c constraints.txt llama-cpp-python -d $(VENV)/src
+	$(PY) -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$(LLAMA_CPP)" -d $(VENV)/src
 	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PY) -m pip install -c constraints.txt $(VENV)/src/llama_cpp_python-$(LLAMA_CPP).tar.gz
 	rm -rf $(VENV)/share/llama.cpp && mkdir -p $(VENV)/share/llama.cpp  # its GGUF converter, for app/backends/gguf.py
 	tar -xzf $(VENV)/src/llama_cpp_python-$(LLAMA_CPP).tar.gz -C $(VENV)/share/llama.cpp --strip-components=3 \
