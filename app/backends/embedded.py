@@ -1,4 +1,5 @@
-"""In-process generation with continuous (iteration-level) batching.
+"""In-process generation on transformers with continuous (iteration-level) batching: the fp32 reference engine
+(``FLYWHEEL_SERVE_ENGINE=transformers``) and the one for CUDA; on CPU llama.cpp serves by default (``llamacpp.py``).
 
 One background thread owns the model and runs a loop: admit waiting requests (prefill each alone, sample its
 first token), then advance every active sequence by one token in a single batched forward pass. Sequences join
