@@ -312,7 +312,10 @@ def run_job(
     status = "FAILED"
     try:
         _log_inputs(job)
-        info = body(job)
+        try:
+            info = body(job)
+        except ConfigError as e:  # a train-section key only the TRL config can check
+            raise TrainingError(str(e)) from None
         status = "FINISHED"
     finally:
         mlflow.end_run(status)
