@@ -155,9 +155,9 @@ def up(
     vllm: bool = typer.Option(False, "--vllm", help="GPU: start vLLM's OpenAI server for the base version."),
 ) -> None:
     """Start the whole stack in the foreground: broker, ingest, app, Prefect. Ctrl-C stops everything."""
-    from cli.stack import run_stack
+    from cli.stack import exit_now, run_stack
 
-    raise typer.Exit(run_stack(get_settings(), app_server=app_server, prefect=prefect, vllm=vllm))
+    exit_now(run_stack(get_settings(), app_server=app_server, prefect=prefect, vllm=vllm))
 
 
 @app.command()
