@@ -43,8 +43,8 @@ SET_OPTION = typer.Option(None, "--set", help="Recipe config override key=value 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    train_users: int = 8
-    train_minutes: float = 4.0
+    train_users: int = 12
+    train_minutes: float = 8.0
     eval_users: int = 8
     eval_minutes: float = 5.0
     max_tokens: int = 40
@@ -338,8 +338,8 @@ def run_demo(cfg: DemoConfig, home: Path, quiet: bool = False) -> dict[str, Any]
 
 def demo(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (progress still goes to stderr)."),
-    train_users: int = typer.Option(8, min=1, max=64, help="Simulated users whose ratings train the model."),
-    train_minutes: float = typer.Option(4.0, min=0.1, help="How long they chat."),
+    train_users: int = typer.Option(12, min=1, max=64, help="Simulated users whose ratings train the model."),
+    train_minutes: float = typer.Option(8.0, min=0.1, help="How long they chat."),
     eval_users: int = typer.Option(8, min=1, max=64, help="Held-out simulated users during the canary."),
     eval_minutes: float = typer.Option(5.0, min=0.1, help="How long the canary traffic runs (at most)."),
     max_tokens: int = typer.Option(40, min=8, max=512, help="Answer length cap."),
