@@ -249,8 +249,14 @@ def create_app(
 
     # The /v1 docs page with Swagger UI served from here (fastapi-offline), not from a CDN: it works offline and
     # tells no third party who reads it. Its assets live outside /v1, so they need no API key.
-    app = FastAPIOffline(title="Flywheel", lifespan=lifespan, docs_url="/v1/docs", redoc_url=None,
-                         openapi_url="/v1/openapi.json", static_url="/api-docs-static")
+    app = FastAPIOffline(
+        title="Flywheel",
+        lifespan=lifespan,
+        docs_url="/v1/docs",
+        redoc_url=None,
+        openapi_url="/v1/openapi.json",
+        static_url="/api-docs-static",
+    )
     app.state.service = service
     app.state.keys = keys
     install_error_handlers(app)
