@@ -14,7 +14,7 @@ from cli.demo import BackgroundIngest
 from cli.simulate import SimConfig, run_simulation
 from feedback.topics import ensure_topics
 from pipelines.config import ReleaseConfig
-from pipelines.release import Controller, ReleaseLog
+from pipelines.release import Controller, ReleaseLog, latest_analysis
 from tests.app.conftest import model_backend, start_app  # noqa: F401 - the real model, shared fixture
 from tests.pipelines.test_release import CONCISE, VERBOSE, make_version
 
@@ -47,7 +47,8 @@ def test_good_candidate_reaches_full_bad_one_is_rolled_back(settings, model_back
     ensure_topics(settings)
     good = make_version(settings, "concise", CONCISE)
     bad = make_version(settings, "verbose", VERBOSE)
-    cfg = ReleaseConfig(steps=(0.5, 1.0), min_thumbs=8, min_step_s=0, margin=0.2, poll_s=2)
+    # Few ratings, large effects: a wide mixing prior (mixture_sd) narrows the always-valid interval for them.
+    cfg = ReleaseConfig(steps=(0.5, 1.0), min_thumbs=8, min_step_s=0, margin=0.2, mixture_sd=0.3, poll_s=2)
     live = start_app(settings, {settings.model_version: model_backend})
     ctl = Controller(settings, cfg)
     try:
@@ -59,7 +60,7 @@ def test_good_candidate_reaches_full_bad_one_is_rolled_back(settings, model_back
             stats = run_simulation(live.url, _sim(live, seed=11))
             assert stats.errors == 0 and set(stats.per_version) == {"base", good}
             st = _tick_until_decided(ctl)
-            assert st.status == "full" and st.last.actor == "controller", st.last.reason
+            assert st.status == "full" and st.last.actor == "controller", latest_analysis(settings)
             assert "not worse" in st.last.reason
 
             # 2. The bad candidate against the new production, while users keep chatting: rolled back at once.
@@ -74,7 +75,7 @@ def test_good_candidate_reaches_full_bad_one_is_rolled_back(settings, model_back
             users.start()
             st = _tick_until_decided(ctl, while_alive=users)
             users.join(600)
-            assert st.status == "rolled_back" and st.last.actor == "controller", st.last.reason
+            assert st.status == "rolled_back" and st.last.actor == "controller", latest_analysis(settings)
             assert "significantly worse" in st.last.reason
             assert box["s"].errors == 0  # every request answered while the plan changed under it
             assert live.service.router.plan.versions() == [good]
@@ -87,9 +88,7 @@ def test_good_candidate_reaches_full_bad_one_is_rolled_back(settings, model_back
         live.stop()
 
 
-def _tick_until_decided(
-    ctl: Controller, expect_thumbs: int = 0, while_alive: threading.Thread | None = None, timeout: float = 600.0
-):
+def _tick_until_decided(ctl: Controller, while_alive: threading.Thread | None = None, timeout: float = 300.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         st, a = ctl.tick()
