@@ -23,10 +23,12 @@ from tests.conftest import need_model
 
 MODEL = get_settings().base_model_path
 
-# Measured in benchmarks/results/serve.json (quality): q8_0 against f32 on the held-out set. The bounds leave a
-# margin over what was measured, so a real regression (a wrong conversion, a broken kernel) fails, noise does not.
-Q8_PERPLEXITY_RATIO_MAX = 1.02
-Q8_GREEDY_PREFIX_AGREEMENT_MIN = 0.75
+# Measured here (README "Measured"): q8_0 against f32 on the held-out set, perplexity x1.0015 (10.555 vs 10.540),
+# greedy identical on 25% of prompts, shared prefix 52% on average (a 135M model has many near-ties, which is why
+# f16 is the default). The bounds leave a margin over that, so a real regression (a wrong conversion, a broken
+# kernel) fails while kernel-order noise does not.
+Q8_PERPLEXITY_RATIO_MAX = 1.01
+Q8_GREEDY_PREFIX_AGREEMENT_MIN = 0.40
 
 
 @pytest.fixture(autouse=True, scope="module")
