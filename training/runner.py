@@ -216,6 +216,13 @@ def prepare(method: str, args: argparse.Namespace, settings: Settings | None = N
     except ConfigError as e:
         raise TrainingError(str(e)) from None
     work = settings.home / "training" / f"{method}-{uuid.uuid4().hex[:8]}"
+    from training.config import trl_args
+    from training.recipes import TRL_CONFIGS
+
+    try:  # every train-section key is checked against the method's TRL config before anything runs
+        trl_args(TRL_CONFIGS[method](), cfg, work, precision)
+    except ConfigError as e:
+        raise TrainingError(str(e)) from None
     work.mkdir(parents=True, exist_ok=True)
     return Job(method, settings, cfg, config_path, snapshot, parent, precision, work)
 
