@@ -138,6 +138,11 @@ class SimStats:
     seconds: float = 0.0
     tastes: dict[str, int] = field(default_factory=dict)
     per_version: dict[str, VersionStats] = field(default_factory=dict)
+    error_samples: list[str] = field(default_factory=list)  # what the first few failures said
+
+    def note_error(self, what: str) -> None:
+        if len(self.error_samples) < 5:
+            self.error_samples.append(what)
 
     def version(self, name: str) -> VersionStats:
         return self.per_version.setdefault(name, VersionStats())
@@ -155,6 +160,7 @@ class SimStats:
             "busy_retries",
         ):
             setattr(self, k, getattr(self, k) + getattr(other, k))
+        self.error_samples = (self.error_samples + other.error_samples)[:5]
         for k, v in other.tastes.items():
             self.tastes[k] = self.tastes.get(k, 0) + v
         for name, vs in other.per_version.items():
@@ -225,14 +231,17 @@ class SimUser:
         for _ in range(120):
             try:
                 r = self.client.post("/v1/chat/completions", json=body, headers=self._headers(conv))
-            except httpx.HTTPError:
+            except httpx.HTTPError as e:
                 r = None
+                self.stats.note_error(f"chat: {type(e).__name__}")
             if r is not None and r.status_code == 429:
                 self.stats.busy_retries += 1
                 time.sleep(0.25 + self.rng.random() * 0.5)
                 continue
             if r is None or r.status_code != 200:
                 self.stats.errors += 1
+                if r is not None:
+                    self.stats.note_error(f"chat: HTTP {r.status_code} {r.text[:160]}")
                 self.stats.version(r.headers.get("x-flywheel-model-version", "?") if r is not None else "?").errors += 1
                 return None
             d = r.json()
@@ -247,6 +256,7 @@ class SimUser:
         r = self.client.post("/v1/feedback", json=payload, headers=self._headers())
         if r.status_code >= 300:
             self.stats.errors += 1
+            self.stats.note_error(f"feedback: HTTP {r.status_code} {r.text[:160]}")
             return False
         return True
 

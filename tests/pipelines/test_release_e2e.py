@@ -58,7 +58,7 @@ def test_good_candidate_reaches_full_bad_one_is_rolled_back(settings, model_back
             assert live.service.router.wait_for(st.last.plan["plan_id"], 30)
             _wait_served(live, good)
             stats = run_simulation(live.url, _sim(live, seed=11))
-            assert stats.errors == 0 and set(stats.per_version) == {"base", good}
+            assert stats.errors == 0 and set(stats.per_version) == {"base", good}, stats.error_samples
             st = _tick_until_decided(ctl)
             assert st.status == "full" and st.last.actor == "controller", latest_analysis(settings)
             assert "not worse" in st.last.reason
