@@ -23,15 +23,19 @@ is pending (a snapshot could still hold that text).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import sqlite3
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+
+import duckdb
 
 from feedback.settings import Settings
 from feedback.shred import KeyStore, user_hash
@@ -173,16 +177,32 @@ def deletion_status(settings: Settings, request_id: str) -> dict | None:
         ledger.close()
 
 
+_PROCESS_MU = threading.Lock()
+
+
 def process_deletions(settings: Settings, timeout_s: float = 30.0) -> list[PendingDeletion]:
     """Run every open request's remaining steps; returns what is still pending (e.g. the warehouse was busy).
-    Safe to call from several processes: every step is idempotent."""
+    One run at a time per machine (a thread lock and an exclusive ``flock``), every step idempotent."""
+    lock_path = ledger_path(settings).with_name("process.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with _PROCESS_MU:
+        fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            return _process(settings, timeout_s)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
+def _process(settings: Settings, timeout_s: float) -> list[PendingDeletion]:
     ledger = Ledger(settings)
     try:
         todo = ledger.open_requests()
         for rid, user_id, requested_at, done in todo:
             try:
                 _run_steps(settings, ledger, rid, user_id, requested_at, done, timeout_s)
-            except (WarehouseBusy, OSError) as e:
+            except (WarehouseBusy, OSError, duckdb.Error) as e:
                 ledger.fail(rid, f"{type(e).__name__}: {e}")
                 log.warning("deletion %s waits: %s", rid, e)
         if any("compacted" not in done for *_, done in todo):
@@ -192,7 +212,7 @@ def process_deletions(settings: Settings, timeout_s: float = 30.0) -> list[Pendi
                     st = ledger.status(rid)
                     if st and all(s in st["steps_done"] for s in ("keys", "warehouse", "snapshots")):
                         ledger.mark(rid, "compacted")
-            except (WarehouseBusy, OSError) as e:
+            except (WarehouseBusy, OSError, duckdb.Error) as e:
                 log.warning("warehouse compaction waits: %s", e)
         return ledger.pending()
     finally:

@@ -292,7 +292,6 @@ def compact(path: Path | str, timeout_s: float = 60.0) -> bool:
             init_schema(con)
             if not con.execute("SELECT count(*) FROM deleted_users WHERE compacted_at IS NULL").fetchone()[0]:
                 return False
-            con.execute("UPDATE deleted_users SET compacted_at = now() WHERE compacted_at IS NULL")
             con.execute("CHECKPOINT")
             for f in (fresh, Path(f"{fresh}.wal")):
                 f.unlink(missing_ok=True)
@@ -300,6 +299,8 @@ def compact(path: Path | str, timeout_s: float = 60.0) -> bool:
             con.execute(f"ATTACH '{fresh}' AS flywheel_fresh")
             try:
                 con.execute(f'COPY FROM DATABASE "{db}" TO flywheel_fresh')
+                # Marked in the copy only: if anything fails before the swap, the old file still says "to do".
+                con.execute("UPDATE flywheel_fresh.deleted_users SET compacted_at = now() WHERE compacted_at IS NULL")
                 con.execute("CHECKPOINT flywheel_fresh")
             finally:
                 con.execute("DETACH flywheel_fresh")
