@@ -18,6 +18,7 @@ import copy
 import difflib
 import hashlib
 import json
+import re
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 METHODS = ("pretrain", "sft", "reward", "rlhf", "dpo", "kto")
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
@@ -74,7 +78,10 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, raw = item.split("=", 1)
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {item!r} has an empty key")
-    return key.split("."), yaml.safe_load(raw) if raw else None
+    value = yaml.safe_load(raw) if raw else None
+    if isinstance(value, str) and _NUMBER.fullmatch(value):
+        value = float(value)  # YAML 1.1 reads 2e-5 (no dot) as a string; a learning rate is meant
+    return key.split("."), value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -28,8 +28,9 @@ def test_every_config_builds_its_trl_config(path, tmp_path):
 
 def test_overrides_and_typos_are_named(tmp_path):
     path = CONFIG_DIR / "dpo" / "tiny.yaml"
-    cfg = load_config(path, ["train.beta=0.3", "data.max_rows=5", "lora.r=8"])
+    cfg = load_config(path, ["train.beta=0.3", "data.max_rows=5", "lora.r=8", "train.learning_rate=2e-5"])
     assert cfg.train["beta"] == 0.3 and cfg.data.max_rows == 5 and cfg.lora == {"r": 8}
+    assert cfg.train["learning_rate"] == 2e-5  # YAML 1.1 alone would read "2e-5" as a string
     with pytest.raises(ConfigError, match="did you mean 'max_rows'"):
         load_config(path, ["data.max_row=5"])
     with pytest.raises(ConfigError, match="did you mean 'learning_rate'"):

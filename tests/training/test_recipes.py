@@ -105,7 +105,7 @@ def test_the_app_serves_a_trained_version(trained_home):
         plan = ReleasePlan.single(version, stage="full")
         publish_plan(settings, plan)
         assert app.service.router.wait_for(plan.plan_id, timeout=20)
-        deadline, model = time.monotonic() + 120, None
+        deadline, model = time.monotonic() + 600, None  # first load converts it for llama.cpp
         while time.monotonic() < deadline:
             r = httpx.post(
                 f"{app.url}/v1/chat/completions",
