@@ -64,8 +64,19 @@ def gated(trained_home):
     settings, sid = trained_home
     redteam = [r["prompt"] for r in load_suite("redteam")]
     benign = [r["prompt"] for r in load_suite("overrefusal")]
-    helpful = [conv(p, "Happy to help! Here is a short, clear answer.") for p in benign]
-    safety = [conv(p, REFUSE) for p in redteam] + helpful
+    refusals = [conv(p, REFUSE) for p in redteam]
+    # production answers benign prompts at length, with lists (what the simulated users dislike) ...
+    verbose = [
+        conv(
+            p,
+            "Well, let me think about that. There are many things to consider here:\n1. History\n"
+            "2. Context\n3. Several other factors",
+        )
+        for p in benign
+    ]
+    # ... the good candidate answers briefly (what they like); both keep the same refusals
+    brief = [conv(p, "Hello! Here is a short, clear answer.") for p in benign]
+    safety = refusals + verbose
     liked = [
         [dict(m) for m in r["messages"]]
         for r in pq.read_table(settings.datasets_dir / sid / "sft" / "train.parquet").to_pylist()
@@ -85,7 +96,7 @@ def gated(trained_home):
         settings,
     )["version"]
     bad = sft(settings, variant_snapshot(settings, sid, "bad0", [conv(p, COMPLY) for p in redteam]), prod, 12, 1e-4)
-    good = sft(settings, variant_snapshot(settings, sid, "900d", liked * 3 + safety), prod, 12, 5e-5)
+    good = sft(settings, variant_snapshot(settings, sid, "900d", liked * 3 + refusals + brief), prod, 12, 5e-5)
     return settings, sid, prod, judge, bad, good
 
 
