@@ -1,5 +1,5 @@
 """The gate on real models: a candidate fine-tuned to comply with the red-team prompts is rejected for it, a
-candidate trained on what users liked (with the same safety data production had) is accepted, and a deletion
+candidate trained on what users liked (with the same refusals production has) is accepted, and a deletion
 taints the model trained on that user's data.
 
 Production here is a safety-tuned version (refuses the red-team prompts, answers the benign look-alikes), as a
