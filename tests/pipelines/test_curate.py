@@ -122,7 +122,11 @@ def test_opted_out_and_deleted_users_are_absent(world):
         assert secret not in text
     assert "back-again answer" in text  # consent granted again after a revocation
     consent = next(f for f in info.manifest["filters"] if f["stage"] == "consent:turns")
-    assert consent["dropped"] == {"deleted_user": 2, "consent_revoked": 1, "no_consent_flag": 1}
+    dropped = dict(consent["dropped"])
+    # the sink already refuses a deleted user's turns that arrive after their deletion request (feedback/deletion),
+    # so curation sees one or both of their two turns; either way none of their text is in the snapshot (above)
+    assert dropped.pop("deleted_user") in (1, 2)
+    assert dropped == {"consent_revoked": 1, "no_consent_flag": 1}
 
 
 def test_duplicates_and_near_duplicates_removed(world):
