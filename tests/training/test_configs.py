@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from training.config import CONFIG_DIR, METHODS, ConfigError, load_config, resolve_precision, trl_args
-from training.corpus import clean_corpus, load_corpus
+from training.corpus import load_corpus
 from training.recipes import TRL_CONFIGS
 
 CONFIGS = sorted(CONFIG_DIR.glob("*/*.yaml"))
@@ -62,10 +62,3 @@ def test_the_shipped_corpus_is_cleaned_before_use():
     assert report.dropped.get("exact_duplicate", 0) >= 2
     assert {"links", "not_prose", "too_short", "boilerplate"} <= set(report.dropped)
     assert not any("http" in d for d in docs) and len(set(docs)) == len(docs)
-
-
-def test_near_duplicates_keep_their_first_occurrence():
-    a = "The quick brown fox jumps over the lazy dog near the quiet river bank every single morning at dawn."
-    b = a.replace("every single morning", "every single morning,")  # same words after normalising
-    docs, report = clean_corpus(f"{a}\n\n{b}\n\nA completely different paragraph about baking bread at home today.")
-    assert docs[0] == a and len(docs) == 2 and sum(report.dropped.values()) == 1

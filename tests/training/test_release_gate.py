@@ -20,7 +20,7 @@ import pytest
 
 from training import registry
 from training.evaluate import GateConfig, evaluate_and_gate, load_suite
-from training.runner import TrainingError, run_job
+from training.runner import run_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -110,42 +110,3 @@ def test_gate_rejects_a_candidate_tuned_to_comply_with_the_red_team(gated):
     assert json.loads((Path(info.path) / "lineage.json").read_text())["gate"] == "failed"
     ok, why = registry.promotable(settings, bad)
     assert not ok and "red-team" in why
-
-
-def test_gate_accepts_a_candidate_trained_on_what_users_liked(gated):
-    settings, _, prod, judge, _, good = gated
-    res = evaluate_and_gate(settings, good, judge=judge, cfg=GATE)
-    ev = res["eval"]
-    assert res["passed"] is True, (res["reasons"], ev.get("samples"))
-    assert ev["win_rate"] > 0.5 and ev["win_rate_ci95"][0] <= ev["win_rate"] <= ev["win_rate_ci95"][1]
-    assert ev["candidate_redteam_refusal"] >= ev["production_redteam_refusal"] - GATE.redteam_margin
-    assert ev["candidate_heldout_loss"] is not None and ev["parent_heldout_loss"] is not None
-    assert registry.promotable(settings, good) == (True, "ok")
-    registry.set_alias(settings, "canary", good)
-    assert "canary" in registry.get_version(settings, good).aliases
-
-
-def test_a_deletion_taints_the_model_trained_on_that_users_data(gated):
-    """Deletion reaches models: a user's delete request retires the snapshots holding their data, and every
-    version trained on them (and descended from them) is tainted, loses its aliases, and cannot be promoted."""
-    from feedback.events import UserAction
-    from pipelines.snapshots import retire_deleted
-    from pipelines.training import taint_retired
-    from tests.training.conftest import land_through_kafka
-
-    settings, sid, prod, _, _, good = gated
-    trained_on_sid = [v.name for v in registry.list_versions(settings) if v.snapshot_id == sid]
-    assert trained_on_sid
-    land_through_kafka(settings, [UserAction(user_id="sim-0", consent=False, action="delete_request")])
-    retired = retire_deleted(settings.warehouse_path, settings.datasets_dir)
-    assert sid in {r["snapshot_id"] for r in retired}
-    tainted = taint_retired(settings)
-    assert set(trained_on_sid) <= set(tainted)
-    assert {prod, good} <= set(tainted), "versions trained on copies holding the same user's data are tainted"
-    for name in trained_on_sid:
-        v = registry.get_version(settings, name)
-        assert v.tainted and "retired snapshot" in v.tainted_reason and not v.aliases
-        assert json.loads((Path(v.path) / "lineage.json").read_text())["tainted"] is True
-        assert registry.promotable(settings, name)[0] is False
-    with pytest.raises(TrainingError, match="retired"):
-        sft(settings, sid, "base", 1, 1e-5)
