@@ -264,12 +264,14 @@ def test_readers_and_the_writer_take_turns(settings):
             except Exception as e:  # noqa: BLE001
                 errors.append(e)
 
-    t = threading.Thread(target=reader)
+    t = threading.Thread(target=reader, daemon=True)
     t.start()
     s_small = Settings(**{**settings.model_dump(), "ingest_batch_max": 200})
-    ingest_until_idle(s_small, rows=3000)
-    stop.set()
-    t.join()
+    try:
+        ingest_until_idle(s_small, rows=3000)
+    finally:  # a failed ingest must not leave the reader spawning processes after pytest's summary
+        stop.set()
+        t.join(timeout=90)
     assert not errors, errors
     assert reads >= 1
     assert row_counts(settings.warehouse_path)["turns"] == 3000

@@ -130,6 +130,14 @@ class Job:
             out = trainer.train()
         except FloatingPointError as e:
             raise TrainingError(str(e)) from None
+        import torch
+
+        bad = next((n for n, p in trainer.model.named_parameters() if not torch.isfinite(p).all()), None)
+        if bad is not None:  # diverged between two logged losses: never save or register such weights
+            raise TrainingError(
+                f"{self.method}: weight {bad} became non-finite: lower train.learning_rate or check the snapshot "
+                "(nothing was registered)"
+            )
         self.metrics.update({k: float(v) for k, v in out.metrics.items() if isinstance(v, int | float)})
 
     def finish(

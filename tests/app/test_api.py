@@ -184,7 +184,7 @@ def test_new_plan_moves_a_user_while_requests_are_in_flight(settings, model_back
             except Exception as e:  # noqa: BLE001 - collected and asserted below
                 errors.append(e)
 
-        threads = [threading.Thread(target=ask) for _ in range(3)]
+        threads = [threading.Thread(target=ask, daemon=True) for _ in range(3)]
         for t in threads:
             t.start()
         time.sleep(0.5)  # requests are streaming now

@@ -51,7 +51,7 @@ def test_concurrent_deletion_runs_leave_no_text_in_the_file(tmp_path):
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=run) for _ in range(3)]
+    threads = [threading.Thread(target=run, daemon=True) for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:

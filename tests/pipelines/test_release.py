@@ -188,7 +188,7 @@ def test_two_operators_at_once_are_serialised(world, cfg):
         except ReleaseError as e:
             results[name] = str(e)
 
-    threads = [threading.Thread(target=go, args=(n,)) for n in (a, b)]
+    threads = [threading.Thread(target=go, args=(n,), daemon=True) for n in (a, b)]
     for t in threads:
         t.start()
     for t in threads:

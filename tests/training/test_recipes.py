@@ -136,7 +136,7 @@ def test_the_app_serves_a_trained_version(trained_home):
 
 
 def count_versions(settings) -> int:
-    return len(registry.list_versions(settings))
+    return len(registry.list_versions(settings, include_base=False))
 
 
 @pytest.mark.parametrize(
