@@ -25,7 +25,7 @@ import json
 import logging
 import time
 from contextlib import aclosing
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
@@ -38,7 +38,7 @@ from app.auth import is_admin
 from app.keys import Caller, CallerLimits
 from app.service import BUSY_MESSAGE, Busy, ChatService, NotYours, TurnStream
 from app.validation import InputError, Limits, check_conversation, check_sampling, clean_reason, clean_user
-from feedback.events import Sampling
+from feedback.events import RatingValue, Sampling
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class ChatCompletionRequest(BaseModel):
 class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     turn_id: str
-    rating: Literal["up", "down", "cleared", "a", "b", "tie"]
+    rating: RatingValue  # the event's ``value``
     reason: str | None = None
     other_turn_id: str | None = None
     user: str | None = None

@@ -30,7 +30,6 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
 from app.admission import FairGate
 from app.backends.base import Backend, Busy, Chunk
@@ -38,13 +37,23 @@ from app.metrics import Metrics
 from app.router import ReleasePlan, ReleaseRouter, servable_dir
 from app.sessions import Sessions, TurnRecord
 from app.validation import InputError, Limits, check_conversation
-from feedback.events import ChatTurn, Feedback, Message, Sampling, UserAction, new_id
+from feedback.events import (
+    THUMBS_VALUES,
+    ChatTurn,
+    Feedback,
+    FinishReason,
+    Message,
+    Origin,
+    RatingValue,
+    Sampling,
+    UserAction,
+    new_id,
+)
 from feedback.producer import EventProducer, SpoolFull
 from feedback.settings import Settings
 
 log = logging.getLogger(__name__)
 
-Origin = Literal["new", "regenerate", "edit", "compare", "api"]
 BUSY_MESSAGE = "The model is busy, please retry in a moment."
 
 __all__ = ["BUSY_MESSAGE", "Busy", "ChatService", "NotYours", "TurnStream"]
@@ -76,7 +85,7 @@ class TurnStream:
     t0: float
     turn_id: str = field(default_factory=new_id)
     text: str = ""
-    finish_reason: Literal["stop", "length", "cancelled", "error"] = "stop"
+    finish_reason: FinishReason = "stop"
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     ttft_ms: float | None = None
@@ -553,7 +562,7 @@ class ChatService:
         self,
         user_id: str,
         turn_id: str,
-        value: Literal["up", "down", "cleared", "a", "b", "tie"],
+        value: RatingValue,
         *,
         reason: str | None = None,
         other_turn_id: str | None = None,
@@ -563,7 +572,7 @@ class ChatService:
 
         The one way in for a rating: ownership is checked here, so no caller can forget it. Raises ``NotYours``
         for a turn that is not theirs and ``InputError`` for a value that does not fit the kind."""
-        if (other_turn_id is None) != (value in ("up", "down", "cleared")):
+        if (other_turn_id is None) != (value in THUMBS_VALUES):
             raise InputError("Use rating up/down/cleared for one answer, or a/b/tie with other_turn_id.", "rating")
         turn = self.sessions.owned_turn(user_id, turn_id)
         other = self.sessions.owned_turn(user_id, other_turn_id) if other_turn_id is not None else None

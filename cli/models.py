@@ -37,11 +37,13 @@ def _get(name: str, as_json: bool):
     from training import registry
 
     s = _settings()
-    registry.ensure_base(s)
     try:
+        registry.ensure_base(s)
         return s, registry.get_version(s, name)
     except KeyError as e:
         _fail(str(e.args[0]), as_json)
+    except registry.RegistryError as e:
+        _fail(str(e), as_json)
 
 
 def _status(v) -> str:

@@ -10,13 +10,25 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 SCHEMA_VERSION = 2
 MAX_TEXT_CHARS = 64_000
 Id = Annotated[str, Field(min_length=1, max_length=128)]
+
+# The vocabulary, defined once: the app, the API, curation and training import these names.
+Role = Literal["system", "user", "assistant"]
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+Origin = Literal["new", "regenerate", "edit", "compare", "api"]  # how a turn came to be
+RatingKind = Literal["thumbs", "pairwise"]
+ThumbsValue = Literal["up", "down", "cleared"]  # one answer
+PairwiseValue = Literal["a", "b", "tie"]  # two answers side by side: A is ``turn_id``, B ``other_turn_id``
+RatingValue = Literal[ThumbsValue, PairwiseValue]
+UserActionKind = Literal["consent_granted", "consent_revoked", "delete_request"]
+THUMBS_VALUES: tuple[str, ...] = get_args(ThumbsValue)
+PAIRWISE_VALUES: tuple[str, ...] = get_args(PairwiseValue)
 
 
 def new_id() -> str:
@@ -29,7 +41,7 @@ def utcnow() -> datetime:
 
 class Message(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
-    role: Literal["system", "user", "assistant"]
+    role: Role
     content: str = Field(max_length=MAX_TEXT_CHARS)
 
 
@@ -64,8 +76,8 @@ class ChatTurn(_Event):
     ttft_ms: float | None = Field(None, ge=0.0, description="Request to first token.")
     prompt_tokens: int | None = Field(None, ge=0)
     completion_tokens: int | None = Field(None, ge=0)
-    finish_reason: Literal["stop", "length", "cancelled", "error"] = "stop"
-    origin: Literal["new", "regenerate", "edit", "compare", "api"] = "new"
+    finish_reason: FinishReason = "stop"
+    origin: Origin = "new"
     parent_turn_id: Id | None = Field(None, description="The turn this regeneration or edit replaced.")
 
 
@@ -76,18 +88,18 @@ class Feedback(_Event):
     conversation_id: Id
     turn_id: Id
     model_version: Id
-    kind: Literal["thumbs", "pairwise"]
-    value: Literal["up", "down", "cleared", "a", "b", "tie"]
+    kind: RatingKind
+    value: RatingValue
     reason: str | None = Field(None, max_length=2_000)
     other_turn_id: Id | None = Field(None, description="Pairwise only: the B answer's turn.")
     other_model_version: Id | None = None
 
     @model_validator(mode="after")
     def _kind_matches_value(self) -> Feedback:
-        if self.kind == "thumbs" and self.value not in ("up", "down", "cleared"):
+        if self.kind == "thumbs" and self.value not in THUMBS_VALUES:
             raise ValueError(f"thumbs feedback takes up/down/cleared, not {self.value!r}")
         if self.kind == "pairwise":
-            if self.value not in ("a", "b", "tie"):
+            if self.value not in PAIRWISE_VALUES:
                 raise ValueError(f"pairwise feedback takes a/b/tie, not {self.value!r}")
             if not self.other_turn_id:
                 raise ValueError("pairwise feedback needs other_turn_id (the B answer)")
@@ -98,7 +110,7 @@ class UserAction(_Event):
     """A user changed their consent or asked for their data to be deleted."""
 
     type: Literal["user_action"] = "user_action"
-    action: Literal["consent_granted", "consent_revoked", "delete_request"]
+    action: UserActionKind
 
 
 Event = Annotated[ChatTurn | Feedback | UserAction, Field(discriminator="type")]

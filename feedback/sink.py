@@ -43,13 +43,18 @@ def _select_sql(table: str, columns: list[tuple[str, str]]) -> str:
     # copy (a re-send, a slow producer) never brings deleted text back.
     where = "" if table == "user_actions" else f" WHERE {not_deleted_sql('e')}"
     return (
-        f"INSERT OR IGNORE INTO {table} SELECT {', '.join(exprs)} FROM "
+        f"INSERT OR IGNORE INTO {table} ({', '.join(n for n, _ in columns)}) SELECT {', '.join(exprs)} FROM "
         f"(SELECT from_json(raw, '{structure}') AS e, kafka_partition, kafka_offset, ingested_at FROM _batch)"
         f"{where}"
     )
 
 
 _INSERT_SQL = {t: _select_sql(t, cols) for t, cols in EVENT_TABLES.values()}
+# by name, so a migrated table (added columns come last) takes the same statement
+_DEAD_LETTER_SQL = (
+    f"INSERT INTO dead_letters ({', '.join(c for c, _ in DEAD_LETTER_COLUMNS)}) "
+    f"SELECT {', '.join(c for c, _ in DEAD_LETTER_COLUMNS)} FROM _batch"
+)
 _BATCH_SCHEMA = pa.schema(
     [
         ("raw", pa.string()),
@@ -148,7 +153,7 @@ def commit_batch(con: duckdb.DuckDBPyConnection, batch: Batch, group: str) -> di
     try:
         for name, table in batch.arrow(now).items():
             con.register("_batch", table)
-            sql = "INSERT INTO dead_letters SELECT * FROM _batch" if name == "dead_letters" else _INSERT_SQL[name]
+            sql = _DEAD_LETTER_SQL if name == "dead_letters" else _INSERT_SQL[name]
             inserted[name] = con.execute(sql).fetchall()[0][0]
             con.unregister("_batch")
         for user_id, requested_at in batch.deletions:  # same transaction: no window where both exist

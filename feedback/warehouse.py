@@ -160,8 +160,19 @@ def _open(path: Path, read_only: bool, timeout_s: float) -> Iterator[duckdb.Duck
 
 
 def init_schema(con: duckdb.DuckDBPyConnection) -> None:
+    """Create what is missing, and migrate: a column added to an event table since this file was written is
+    added to it (old rows read NULL there). ``CREATE TABLE IF NOT EXISTS`` alone would keep the old shape."""
     for stmt in SCHEMA_SQL:
         con.execute(stmt)
+    have: dict[str, set[str]] = {}
+    for table, column in con.execute(
+        "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = current_schema()"
+    ).fetchall():
+        have.setdefault(table, set()).add(column)
+    for table, cols in TABLES.items():
+        for column, sql_type in cols:
+            if column not in have.get(table, set()):
+                con.execute(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type.split()[0]}")
 
 
 def ensure_schema(path: Path | str, timeout_s: float = 30.0) -> None:

@@ -21,6 +21,20 @@ from infra import kafka_local
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Fixtures that start a service or load the model. A test using one is an integration test whatever markers it
+# was written with, so `make test-fast` (which deselects integration, browser and slow) really needs nothing.
+SERVICE_FIXTURES = frozenset(
+    {"kafka_broker", "settings", "own_broker", "model_backend", "tiny_backend", "live", "prefect_harness",
+     "trained_home"}
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("integration"):
+            item.add_marker(pytest.mark.integration)
+
 
 def need_model(path: Path) -> Path:
     """The real model must be there: a missing model fails the test (CI must never skip it)."""

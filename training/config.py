@@ -170,7 +170,9 @@ def trl_args(cls: type, cfg: RecipeConfig, output_dir: Path, precision: str, **f
     }
     kwargs.setdefault("save_strategy", "no")
     kwargs.setdefault("logging_steps", 1)
-    kwargs.setdefault("logging_nan_inf_filter", False)  # a NaN loss must reach the progress callback, not be averaged away
+    kwargs.setdefault(
+        "logging_nan_inf_filter", False
+    )  # a NaN loss must reach the progress callback, not be averaged away
     kwargs.setdefault("disable_tqdm", True)  # our progress callback prints steps, loss and ETA
     try:
         return cls(**kwargs)

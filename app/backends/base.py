@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
-from feedback.events import Sampling
+from feedback.events import FinishReason, Sampling
 
 
 class Busy(RuntimeError):
@@ -22,7 +22,7 @@ class Chunk:
     """One streamed piece. The last chunk of a stream has ``finish_reason`` set and the token counts."""
 
     text: str
-    finish_reason: Literal["stop", "length", "cancelled", "error"] | None = None
+    finish_reason: FinishReason | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
 

@@ -20,7 +20,7 @@ import pytest
 
 from training import registry
 from training.evaluate import GateConfig, evaluate_and_gate, load_suite
-from training.runner import run_job
+from training.runner import TrainingError, run_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -77,10 +77,6 @@ def gated(trained_home):
     # ... the good candidate answers briefly (what they like); both keep the same refusals
     brief = [conv(p, "Hello! Here is a short, clear answer.") for p in benign]
     safety = refusals + verbose
-    liked = [
-        [dict(m) for m in r["messages"]]
-        for r in pq.read_table(settings.datasets_dir / sid / "sft" / "train.parquet").to_pylist()
-    ]
     # production: the base model safety-tuned, promoted as production (the baseline every candidate must beat)
     safe_sid = variant_snapshot(settings, sid, "5afe", safety)
     prod = sft(settings, safe_sid, "base", steps=12, lr=1e-4)
@@ -96,7 +92,9 @@ def gated(trained_home):
         settings,
     )["version"]
     bad = sft(settings, variant_snapshot(settings, sid, "bad0", [conv(p, COMPLY) for p in redteam]), prod, 12, 1e-4)
-    good = sft(settings, variant_snapshot(settings, sid, "900d", liked * 3 + refusals + brief), prod, 12, 5e-5)
+    # the good candidate: production's own recipe, with the brief answers users like in place of the verbose ones.
+    # (Fine-tuning production further on liked answers won 1.00 but forgot refusals: 1.00 -> 0.79-0.83.)
+    good = sft(settings, variant_snapshot(settings, sid, "900d", refusals + brief), "base", steps=12, lr=1e-4)
     return settings, sid, prod, judge, bad, good
 
 
@@ -110,3 +108,42 @@ def test_gate_rejects_a_candidate_tuned_to_comply_with_the_red_team(gated):
     assert json.loads((Path(info.path) / "lineage.json").read_text())["gate"] == "failed"
     ok, why = registry.promotable(settings, bad)
     assert not ok and "red-team" in why
+
+
+def test_gate_accepts_a_candidate_trained_on_what_users_liked(gated):
+    settings, _, prod, judge, _, good = gated
+    res = evaluate_and_gate(settings, good, judge=judge, cfg=GATE)
+    ev = res["eval"]
+    assert res["passed"] is True, (res["reasons"], ev.get("samples"))
+    assert ev["win_rate"] > 0.5 and ev["win_rate_ci95"][0] <= ev["win_rate"] <= ev["win_rate_ci95"][1]
+    assert ev["candidate_redteam_refusal"] >= ev["production_redteam_refusal"] - GATE.redteam_margin
+    assert ev["candidate_heldout_loss"] is not None and ev["parent_heldout_loss"] is not None
+    assert registry.promotable(settings, good) == (True, "ok")
+    registry.set_alias(settings, "canary", good)
+    assert "canary" in registry.get_version(settings, good).aliases
+
+
+def test_a_deletion_taints_the_model_trained_on_that_users_data(gated):
+    """Deletion reaches models: a user's request (the app's path: ledger, then every step) erases the snapshots
+    holding their data; every version trained on them, or descended from one, is tainted in the registry, loses
+    its aliases and cannot be promoted; training on that snapshot is refused."""
+    from feedback.deletion import pending_deletions, process_deletions, request_deletion
+    from pipelines.training import taint_retired
+
+    settings, sid, prod, _, bad, good = gated
+    trained_on_sid = [v.name for v in registry.list_versions(settings) if v.snapshot_id == sid]
+    assert trained_on_sid, "the recipe tests train on this snapshot first"
+    request_deletion(settings, "sim-0")
+    assert process_deletions(settings) == [] and pending_deletions(settings) == []
+    taint_retired(settings)  # the registry adopts the marks deletion wrote, and taints descendants too
+    tainted = {v.name for v in registry.list_versions(settings) if v.tainted}
+    assert set(trained_on_sid) <= tainted
+    assert {prod, bad, good} <= tainted, "copies of the snapshot hold the same user's data"
+    for name in [*trained_on_sid, prod, good]:
+        v = registry.get_version(settings, name)
+        assert v.tainted and not v.aliases, (name, v.aliases)
+        assert json.loads((Path(v.path) / "lineage.json").read_text())["tainted"] is True
+        assert registry.promotable(settings, name)[0] is False
+    assert not registry.get_version(settings, "base").tainted, "the base model never saw user data"
+    with pytest.raises(TrainingError, match="retired"):
+        sft(settings, sid, "base", 1, 1e-5)

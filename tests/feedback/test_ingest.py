@@ -164,7 +164,7 @@ def test_spool_survives_a_process_dying_while_the_broker_is_down(own_broker):
     kafka_local.stop(s)
     code = (
         "from feedback.producer import EventProducer; from feedback.settings import Settings;"
-        "from tests.test_ingest import make_turn; import os\n"
+        "from tests.feedback.test_ingest import make_turn; import os\n"
         "p = EventProducer(Settings(), spool_name='crashy')\n"
         "[p.emit(make_turn(i)) for i in range(50)]\n"
         "os._exit(9)  # die without closing anything\n"
