@@ -229,32 +229,35 @@ async def _stream_events(turn: TurnStream, cid: str, created: int, include_usage
     yield "data: [DONE]\n\n"
 
 
-def build_api(service: ChatService, limits: CallerLimits) -> APIRouter:
-    r = APIRouter()
-    settings = service.settings
+class OpenAIApi:
+    """The OpenAI-compatible routes, one method each, over one ``ChatService`` and the per-key limits."""
 
-    async def start(body: ChatCompletionRequest, request: Request) -> TurnStream | JSONResponse:
+    def __init__(self, service: ChatService, limits: CallerLimits):
+        self.service = service
+        self.limits = limits
+
+    async def start(self, body: ChatCompletionRequest, request: Request) -> TurnStream | JSONResponse:
         """Validate everything, take one of the caller's answer places, start the turn; or an error response."""
         caller = _caller(request)
         try:
             user_id = _user(request, body.user)
-            version = service.version_for(user_id, body.model)
-            lim = service.limits(version)
+            version = self.service.version_for(user_id, body.model)
+            lim = self.service.limits(version)
             sampling = _sampling(body, lim)
             messages = check_conversation(body.messages, lim)
             conversation_id = _conversation_id(request, user_id, messages)
-            consent = _consent(service, request, user_id)
+            consent = _consent(self.service, request, user_id)
         except InputError as e:
             return invalid(e)
-        if caller.bucket is not None and not limits.open_stream(caller.bucket):
+        if caller.bucket is not None and not self.limits.open_stream(caller.bucket):
             return api_error(
                 429,
-                f"This key already has {limits.streams} answers in progress; wait for one to end.",
+                f"This key already has {self.limits.streams} answers in progress; wait for one to end.",
                 "rate_limit_error",
                 code="too_many_streams",
             )
         try:
-            turn = await service.start_turn(
+            turn = await self.service.start_turn(
                 user_id=user_id,
                 conversation_id=conversation_id,
                 messages=messages,
@@ -267,7 +270,7 @@ def build_api(service: ChatService, limits: CallerLimits) -> APIRouter:
             )
         except BaseException as e:
             if caller.bucket is not None:
-                limits.close_stream(caller.bucket)
+                self.limits.close_stream(caller.bucket)
             if isinstance(e, InputError):
                 return invalid(e)
             if isinstance(e, Busy):
@@ -277,12 +280,11 @@ def build_api(service: ChatService, limits: CallerLimits) -> APIRouter:
                 return api_error(503, UNAVAILABLE, "server_error", code="model_unavailable")
             raise
         if caller.bucket is not None:
-            turn.on_complete.append(lambda: limits.close_stream(caller.bucket))
+            turn.on_complete.append(lambda: self.limits.close_stream(caller.bucket))
         return turn
 
-    @r.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
-        turn = await start(body, request)
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+        turn = await self.start(body, request)
         if isinstance(turn, JSONResponse):
             return turn
         cid = COMPLETION_PREFIX + turn.turn_id
@@ -310,9 +312,8 @@ def build_api(service: ChatService, limits: CallerLimits) -> APIRouter:
             return api_error(status, message, "server_error", code=code, headers=headers)
         return JSONResponse(_completion_body(turn, cid, created), headers=headers)
 
-    @r.get("/v1/models")
-    async def models():
-        plan = service.router.plan
+    async def models(self):
+        plan = self.service.router.plan
         return {
             "object": "list",
             "data": [
@@ -323,23 +324,22 @@ def build_api(service: ChatService, limits: CallerLimits) -> APIRouter:
                     "owned_by": "flywheel",
                     "in_release_plan": v in plan.versions(),
                 }
-                for v in service.backends
+                for v in self.service.backends
             ],
         }
 
-    @r.post("/v1/feedback")
-    async def feedback(body: FeedbackRequest, request: Request):
+    async def feedback(self, body: FeedbackRequest, request: Request):
         try:
             user_id = _user(request, body.user)
             reason = clean_reason(body.reason)
             other = _turn_id(body.other_turn_id) if body.other_turn_id else None
-            fb = service.rate(
+            fb = self.service.rate(
                 user_id,
                 _turn_id(body.turn_id),
                 body.rating,
                 reason=reason,
                 other_turn_id=other,
-                consent=_consent(service, request, user_id),
+                consent=_consent(self.service, request, user_id),
             )
         except InputError as e:
             return invalid(e)
@@ -347,21 +347,29 @@ def build_api(service: ChatService, limits: CallerLimits) -> APIRouter:
             return api_error(403, NotYours.message, "permission_error", "turn_id", "not_your_turn")
         return {"ok": True, "event_id": fb.event_id, "turn_id": fb.turn_id, "model_version": fb.model_version}
 
-    @r.get("/healthz")
-    async def healthz(request: Request):
-        missing = service.missing_backends()
+    async def healthz(self, request: Request):
+        missing = self.service.missing_backends()
         status = "degraded" if missing else "ok"
-        if not is_admin(settings, request.headers.get("authorization")):
+        if not is_admin(self.service.settings, request.headers.get("authorization")):
             return {"status": status}  # anonymous callers learn nothing about paths, backends or plans
-        return {"status": status, **health_detail(service, limits)}
+        return {"status": status, **health_detail(self.service, self.limits)}
 
-    @r.get("/metrics")
-    async def metrics(request: Request):
-        if not is_admin(settings, request.headers.get("authorization")):
+    async def metrics(self, request: Request):
+        if not is_admin(self.service.settings, request.headers.get("authorization")):
             return api_error(401, ADMIN_ONLY, "invalid_request_error", code="admin_token_required")
-        data, ctype = service.metrics.render()
+        data, ctype = self.service.metrics.render()
         return Response(data, media_type=ctype)
 
+
+def build_api(service: ChatService, limits: CallerLimits) -> APIRouter:
+    """The API's routes; each handler is a method of ``OpenAIApi`` (a reader finds and tests them one by one)."""
+    api = OpenAIApi(service, limits)
+    r = APIRouter()
+    r.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"])
+    r.add_api_route("/v1/models", api.models, methods=["GET"])
+    r.add_api_route("/v1/feedback", api.feedback, methods=["POST"])
+    r.add_api_route("/healthz", api.healthz, methods=["GET"])
+    r.add_api_route("/metrics", api.metrics, methods=["GET"])
     return r
 
 

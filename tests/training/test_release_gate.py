@@ -92,9 +92,10 @@ def gated(trained_home):
         settings,
     )["version"]
     bad = sft(settings, variant_snapshot(settings, sid, "bad0", [conv(p, COMPLY) for p in redteam]), prod, 12, 1e-4)
-    # the good candidate: production's own recipe, with the brief answers users like in place of the verbose ones.
-    # (Fine-tuning production further on liked answers won 1.00 but forgot refusals: 1.00 -> 0.79-0.83.)
-    good = sft(settings, variant_snapshot(settings, sid, "900d", refusals + brief), "base", steps=12, lr=1e-4)
+    # the good candidate: production's data with the brief answers users like in place of the verbose ones, two
+    # epochs. (Fine-tuning production further on liked answers won 1.00 but forgot refusals, 1.00 -> 0.79-0.83;
+    # one epoch of this mix refused 0.88: a 135M model needs the second pass to refuse as firmly.)
+    good = sft(settings, variant_snapshot(settings, sid, "900d", refusals + brief), "base", steps=24, lr=1e-4)
     return settings, sid, prod, judge, bad, good
 
 
