@@ -53,6 +53,7 @@ class DemoConfig:
     canary_share: float = 0.5
     min_thumbs: int = 30
     seed: int = 1
+    eval_fraction: float = 0.25  # of conversations held out: the gate needs >= 4 held-out prompts from one demo
 
 
 @dataclass
@@ -291,7 +292,9 @@ def run_demo(cfg: DemoConfig, home: Path, quiet: bool = False) -> dict[str, Any]
         with run.stage("ingest"):
             out["ingested"] = ingest_until(settings, sim.turns, sim.thumbs + sim.comparisons)
         with run.stage("curate"):
-            snap = flows.curate(settings=settings)
+            from pipelines.config import CurateConfig
+
+            snap = flows.curate(settings=settings, config=CurateConfig(eval_fraction=cfg.eval_fraction))
             from pipelines.snapshots import find_snapshot, load_manifest
 
             out["snapshot"] = {
