@@ -1,0 +1,98 @@
+"""The closed loop, driven by simulated users through the public API of a live app on the real model: a good
+candidate (told to answer in one short sentence, which the concise majority likes) reaches full traffic, then a
+deliberately bad one (told to answer with long numbered lists) is rolled back automatically while users keep
+chatting, and no request fails while the app switches plans."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from cli.demo import BackgroundIngest
+from cli.simulate import SimConfig, run_simulation
+from feedback.topics import ensure_topics
+from pipelines.config import ReleaseConfig
+from pipelines.release import Controller, ReleaseLog, latest_analysis
+from tests.app.conftest import model_backend, start_app  # noqa: F401 - the real model, shared fixture
+from tests.pipelines.test_release import CONCISE, VERBOSE, make_version
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _wait_served(live, version: str, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while version not in live.service.backends:
+        assert version not in live.service.load_errors, live.service.load_errors
+        assert time.monotonic() < deadline, f"{version} was never loaded"
+        time.sleep(0.5)
+
+
+def _sim(live, seed: int, users: int = 16, turns: int = 2) -> SimConfig:
+    return SimConfig(
+        users=users,
+        turns=turns,
+        max_tokens=24,
+        temperature=0.7,
+        consent_rate=1.0,
+        compare_rate=0.0,
+        regenerate_rate=0.0,
+        prompts="train",
+        seed=seed,
+    )
+
+
+def test_good_candidate_reaches_full_bad_one_is_rolled_back(settings, model_backend):  # noqa: F811
+    ensure_topics(settings)
+    good = make_version(settings, "concise", CONCISE)
+    bad = make_version(settings, "verbose", VERBOSE)
+    # Few ratings, large effects: a wide mixing prior (mixture_sd) narrows the always-valid interval for them.
+    cfg = ReleaseConfig(steps=(0.5, 1.0), min_thumbs=8, min_step_s=0, margin=0.2, mixture_sd=0.3, poll_s=2)
+    live = start_app(settings, {settings.model_version: model_backend})
+    ctl = Controller(settings, cfg)
+    try:
+        with BackgroundIngest(settings):
+            # 1. The good candidate: canary at 50%; users chat in rounds until the controller promotes it to all.
+            st = ctl.start(good, "operator:test")
+            assert live.service.router.wait_for(st.last.plan["plan_id"], 30)
+            _wait_served(live, good)
+            st, stats = _traffic_until_decided(ctl, live, seed=11)
+            assert stats.errors == 0 and {"base", good} <= set(stats.per_version), stats.error_samples
+            assert st.status == "full" and st.last.actor == "controller", latest_analysis(settings)
+            assert "not worse" in st.last.reason
+
+            # 2. The bad candidate against the new production, while users keep chatting: rolled back.
+            st = ctl.start(bad, "operator:test")
+            assert st.production == good
+            assert live.service.router.wait_for(st.last.plan["plan_id"], 30)
+            _wait_served(live, bad)
+            st, stats = _traffic_until_decided(ctl, live, seed=21)
+            assert st.status == "rolled_back" and st.last.actor == "controller", latest_analysis(settings)
+            assert "significantly worse" in st.last.reason
+            assert stats.errors == 0, stats.error_samples  # every request answered while the plan changed under it
+            assert live.service.router.plan.versions() == [good]
+            after = run_simulation(live.url, _sim(live, seed=13, users=4, turns=1))
+            assert after.errors == 0 and set(after.per_version) == {good}
+        decided = [r for r in ReleaseLog(settings).records() if r.action == "rollback"][-1]
+        assert decided.stats["candidate"]["thumbs"]["n"] >= cfg.min_thumbs and decided.stats["diff_hi"] < 0
+    finally:
+        live.stop()
+
+
+def _traffic_until_decided(ctl: Controller, live, seed: int, max_rounds: int = 8):
+    """Rounds of simulated users through the API, the controller looking after each (once ingest caught up),
+    until it decides: it only ever sees what real traffic produced. Returns its state and the merged stats."""
+    total = None
+    for r in range(max_rounds):
+        stats = run_simulation(live.url, _sim(live, seed=seed + r))
+        if total is None:
+            total = stats
+        else:
+            total.merge(stats)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # the round's ratings reach the warehouse within a few seconds
+            st, _ = ctl.tick()
+            if not st.active:
+                return st, total
+            time.sleep(ctl.cfg.poll_s)
+    return ctl.log.current(), total
