@@ -18,7 +18,7 @@ SCHEMA_VERSION = 2
 MAX_TEXT_CHARS = 64_000
 Id = Annotated[str, Field(min_length=1, max_length=128)]
 
-# The vocabulary, defined once: the app, the API, curation and training import these names.
+# The vocabulary, defined once: the event models below, the app's service, its API and its backends use these.
 Role = Literal["system", "user", "assistant"]
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 Origin = Literal["new", "regenerate", "edit", "compare", "api"]  # how a turn came to be

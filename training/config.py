@@ -170,9 +170,8 @@ def trl_args(cls: type, cfg: RecipeConfig, output_dir: Path, precision: str, **f
     }
     kwargs.setdefault("save_strategy", "no")
     kwargs.setdefault("logging_steps", 1)
-    kwargs.setdefault(
-        "logging_nan_inf_filter", False
-    )  # a NaN loss must reach the progress callback, not be averaged away
+    # a NaN loss must reach the progress callback, not be averaged away (HF filters it by default)
+    kwargs.setdefault("logging_nan_inf_filter", False)
     kwargs.setdefault("disable_tqdm", True)  # our progress callback prints steps, loss and ETA
     try:
         return cls(**kwargs)
