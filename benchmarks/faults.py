@@ -32,6 +32,7 @@ request is answered and its turn is in the warehouse. Targets: lost 0, duplicate
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import random
@@ -351,11 +352,12 @@ def inject(w: World, fault: str, args, rng: random.Random, log) -> dict:
         filler = w.spool_dir / "filler"
         free = shutil.disk_usage(w.spool_dir).free
         if w.spool_kind.startswith("tmpfs"):
-            with open(filler, "wb") as f:
-                try:
+            try:
+                with open(filler, "wb") as f:
                     f.write(b"\0" * free)
-                except OSError:
-                    pass
+            except OSError as e:  # ENOSPC at open or write: the outboxes already filled it, the fault holds
+                if e.errno != errno.ENOSPC:
+                    raise
         detail["filled_bytes"] = free
         time.sleep(args.outage_s)
         filler.unlink(missing_ok=True)

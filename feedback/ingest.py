@@ -115,8 +115,6 @@ class IngestConsumer:
         )
         config.update(consumer_overrides)
         self.consumer = KafkaConsumer(**config)
-        for topic in self.topics:  # metadata first: a leader that assigns without it hands out no partitions
-            self.consumer.partitions_for_topic(topic)
         self.consumer.subscribe(self.topics, listener=_SeekToWarehouse(self))
         self._dlq: KafkaProducer | None = None
 

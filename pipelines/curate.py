@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import duckdb
 import pyarrow as pa
@@ -201,6 +201,39 @@ class Curated:
 
 
 FINISHED = "stop"
+
+Chat = list[dict[str, str]]  # [{"role": ..., "content": ...}], roles as in feedback.events.Role
+
+
+# The rows each training table holds (TRL's dataset formats, plus where each row came from). ``_convs`` are the
+# conversations behind a row: the split stage keeps a row only if they all fall on one side, then drops the field.
+class SftRow(TypedDict):
+    messages: Chat
+    model_version: str
+    _convs: tuple[str, ...]
+
+
+class KtoRow(TypedDict):
+    prompt: Chat
+    completion: Chat
+    label: bool
+    model_version: str
+    _convs: tuple[str, ...]
+
+
+class PairRow(TypedDict):
+    prompt: Chat
+    chosen: Chat
+    rejected: Chat
+    model_version: str
+    rejected_model_version: str
+    _convs: tuple[str, ...]
+
+
+class PromptRow(TypedDict):
+    prompt: Chat
+    model_version: str
+    _convs: tuple[str, ...]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -392,9 +425,10 @@ def _flag_harmful(u: Usable) -> tuple[set[str], int]:
     return harmful, classified
 
 
-def _sft_kto_rows(u: Usable, harmful: set[str], build: Counter) -> tuple[list[dict], list[dict]]:
+def _sft_kto_rows(u: Usable, harmful: set[str], build: Counter) -> tuple[list[SftRow], list[KtoRow]]:
     """SFT imitates liked, finished answers; KTO learns from every unambiguous thumbs, partial answers too."""
-    sft, kto = [], []
+    sft: list[SftRow] = []
+    kto: list[KtoRow] = []
     for r in u.rated:
         t = r.turn
         if r.liked and t.turn_id in harmful:
@@ -422,9 +456,9 @@ def _sft_kto_rows(u: Usable, harmful: set[str], build: Counter) -> tuple[list[di
     return sft, kto
 
 
-def _pair_rows(u: Usable, harmful: set[str], cfg: CurateConfig, build: Counter) -> list[dict]:
+def _pair_rows(u: Usable, harmful: set[str], cfg: CurateConfig, build: Counter) -> list[PairRow]:
     """Explicit A/B choices, regeneration vs the answer it replaced, liked vs disliked for the same prompt."""
-    rows: list[dict] = []
+    rows: list[PairRow] = []
     seen: set[tuple[str, str]] = set()
 
     def add(chosen: Turn, rejected: Turn, source: str) -> bool:
@@ -467,7 +501,7 @@ def _pair_rows(u: Usable, harmful: set[str], cfg: CurateConfig, build: Counter) 
     return rows
 
 
-def _prompt_rows(u: Usable) -> list[dict]:
+def _prompt_rows(u: Usable) -> list[PromptRow]:
     """Every usable turn's context, for online RL (train) and held-out evaluation (eval)."""
     return [
         {"prompt": t.messages, "model_version": t.model_version, "_convs": (t.conversation_id,)}

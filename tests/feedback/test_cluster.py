@@ -3,6 +3,7 @@ min.insync.replicas=2, so losing one broker loses no acknowledged event and refu
 
 from __future__ import annotations
 
+import random
 import socket
 
 import pytest
@@ -15,14 +16,16 @@ from feedback.producer import EventProducer
 from feedback.settings import Settings
 from feedback.warehouse import connect
 from infra import kafka_local
-from tests.conftest import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _free_block(n: int) -> int:
+    """``n`` consecutive free ports below Linux's ephemeral range (32768+), where client sockets the suite opens
+    meanwhile cannot take one between this check and the brokers' bind (that made a broker fail to start)."""
+    rng = random.Random()
     while True:
-        base = free_port()
+        base = rng.randrange(20_000, 32_000 - n)
         socks = []
         try:
             for p in range(base, base + n):
