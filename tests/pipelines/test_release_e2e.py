@@ -28,7 +28,7 @@ def _wait_served(live, version: str, timeout: float = 300.0) -> None:
         time.sleep(0.5)
 
 
-def _sim(live, seed: int, users: int = 16, turns: int = 2) -> SimConfig:
+def _sim(seed: int, users: int = 16, turns: int = 2) -> SimConfig:
     return SimConfig(
         users=users,
         turns=turns,
@@ -71,7 +71,7 @@ def test_good_candidate_reaches_full_bad_one_is_rolled_back(settings, model_back
             assert "significantly worse" in st.last.reason
             assert stats.errors == 0, stats.error_samples  # every request answered while the plan changed under it
             assert live.service.router.plan.versions() == [good]
-            after = run_simulation(live.url, _sim(live, seed=13, users=4, turns=1))
+            after = run_simulation(live.url, _sim(seed=13, users=4, turns=1))
             assert after.errors == 0 and set(after.per_version) == {good}
         decided = [r for r in ReleaseLog(settings).records() if r.action == "rollback"][-1]
         assert decided.stats["candidate"]["thumbs"]["n"] >= cfg.min_thumbs and decided.stats["diff_hi"] < 0
@@ -84,7 +84,7 @@ def _traffic_until_decided(ctl: Controller, live, seed: int, max_rounds: int = 8
     until it decides: it only ever sees what real traffic produced. Returns its state and the merged stats."""
     total = None
     for r in range(max_rounds):
-        stats = run_simulation(live.url, _sim(live, seed=seed + r))
+        stats = run_simulation(live.url, _sim(seed=seed + r))
         if total is None:
             total = stats
         else:
