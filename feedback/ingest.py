@@ -70,6 +70,26 @@ class IngestStats:
         }
 
 
+def _rejoin_if_stranded(consumer: KafkaConsumer) -> bool:
+    """Ask the group again when kafka-python 3.0.12 has dropped a finished join.
+
+    A rebalance that the metadata started (the first join of a fresh group lands before the topics' metadata, so
+    a second one follows) runs as a task across polls. When the poll that started it times out, the next poll
+    sees the metadata and the assignment agree, so it never collects the task's result: the member keeps no
+    partitions, its heartbeat stays off, and the broker drops it; ingest would sit idle forever. The pinned
+    version is the one this reads (``_coordinator``, ``_join_task``): a new version must pass
+    ``tests/feedback/test_ingest.py::test_a_join_that_outlives_a_short_poll_still_gets_its_partitions``.
+    """
+    coordinator = consumer._coordinator
+    task = getattr(coordinator, "_join_task", None)
+    if task is None or not task.is_done or coordinator.need_rejoin():
+        return False
+    log.warning("the group join finished unseen (kafka-python 3.0 join task); rejoining")
+    coordinator._join_task = None
+    coordinator.request_rejoin()
+    return True
+
+
 class _SeekToWarehouse(ConsumerRebalanceListener):
     def __init__(self, ingest: IngestConsumer):
         self.ingest = ingest
@@ -150,6 +170,7 @@ class IngestConsumer:
                 if self._batch_started is not None:
                     wait_ms = max(0, int(self.s.ingest_batch_ms - (time.monotonic() - self._batch_started) * 1000))
                 records = self.consumer.poll(timeout_ms=wait_ms, max_records=self.s.ingest_batch_max)
+                _rejoin_if_stranded(self.consumer)
                 if records:
                     last_data = time.monotonic()
                     if self.stats.first_data_at is None:

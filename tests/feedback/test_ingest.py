@@ -84,6 +84,21 @@ def test_round_trip_every_event_type(settings):
     assert a == [("user3", "consent_revoked")]
 
 
+def test_a_join_that_outlives_a_short_poll_still_gets_its_partitions(settings):
+    """kafka-python 3.0.12 drops a finished JoinGroup/SyncGroup when the poll that started it timed out and the
+    metadata caught up meanwhile: the member kept no partitions and never asked again (the CI flake where ingest
+    saw 0 messages). A 1 ms batch window makes every poll short, so nearly every fresh group hit it."""
+    p = EventProducer(settings, spool_name="join")
+    p.emit(make_turn(1))
+    assert p.flush(60)
+    p.close()
+    fast = settings.model_copy(update={"ingest_batch_ms": 1})
+    for i in range(5):  # each a fresh group, each joining from scratch
+        ic = IngestConsumer(fast, group=f"{settings.ingest_group}-{i}")
+        stats = ic.run(max_seconds=30, stop_when=lambda st: st.messages >= 1)
+        assert stats.messages == 1, f"group {i} joined with no partitions for 30 s: {stats.as_dict()}"
+
+
 def test_sigkill_ingest_mid_batch_then_restart_gives_exactly_once(settings):
     n = 12_000
     p = EventProducer(settings, spool_name="kill")
