@@ -46,14 +46,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# The same OpenMP policy the embedded backend sets (see app/backends/embedded.py), so the generate baseline and
-# the served numbers run under the same conditions; the API subprocess inherits it.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import torch  # noqa: E402
-
-from feedback.events import Sampling  # noqa: E402
-from feedback.settings import get_settings  # noqa: E402
+# OpenMP's wait policy is read once per process, by whichever OpenMP runtime loads first (torch's libgomp and
+# llama.cpp's share one soname, so they share one runtime). This process runs what it measures (the in-process
+# target) under the policy that engine is served with: llama.cpp under the caller's settings (the default spins
+# briefly at barriers; PASSIVE cost 3x, 18 instead of 56 tokens/s), transformers under the PASSIVE its backend
+# sets (app/backends/embedded.py). So torch is imported only inside the functions below, after `main` decided.
+from feedback.events import Sampling
+from feedback.settings import get_settings
 
 REPO = Path(__file__).resolve().parents[1]
 HELDOUT = REPO / "benchmarks" / "data" / "heldout.jsonl"
@@ -66,6 +65,21 @@ PROMPTS = [  # long answers, so greedy runs reach the token budget instead of st
     "Write a detailed guide to planting a vegetable garden.",
 ]
 LONG_PROMPT_UNIT = "Here is one more paragraph of background that the assistant should read carefully. "
+
+
+def as_messages(prompt: str | list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+
+
+def long_conversation(prompt_tokens: int, units_per_message: int = 40) -> list[dict[str, str]]:
+    """About ``prompt_tokens`` of context as a conversation, each message within the API's per-message limit
+    (one message may hold half the window), ending with the user's turn."""
+    n = max(1, prompt_tokens // 16)
+    sizes = [min(units_per_message, n - i) for i in range(0, n, units_per_message)]
+    if len(sizes) % 2 == 0:
+        sizes.insert(0, 1)
+    roles = ["user" if (len(sizes) - 1 - i) % 2 == 0 else "assistant" for i in range(len(sizes))]
+    return [{"role": r, "content": LONG_PROMPT_UNIT * k} for r, k in zip(roles, sizes, strict=True)]
 
 
 def progress(msg: str) -> None:
@@ -81,6 +95,8 @@ class Result:
 
 
 def memory_bandwidth_gb_s(mib: int = 256, repeats: int = 5) -> float:
+    import torch
+
     a = torch.randn(mib * 1024 * 1024 // 4)
     b = torch.empty_like(a)
     b.copy_(a)
@@ -105,6 +121,7 @@ def weight_bytes(model_path: Path, engine: str, precision: str) -> int:
         from app.backends.gguf import ensure_gguf
 
         return int(sum(t.n_bytes for t in GGUFReader(ensure_gguf(model_path, precision)).tensors))
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -123,6 +140,7 @@ def kv_bytes_per_token(model_path: Path, engine: str) -> int:
 
 def generate_baseline(model_path: Path, tokens: int, repeats: int = 2) -> float:
     """Tokens/s of a bare fp32 ``model.generate``, one stream: the transformers reference, same prompt."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
@@ -164,6 +182,7 @@ def heldout_sequences(tokenizer) -> list[tuple[list[int], int]]:
 
 def transformers_reference(model_path: Path, new_tokens: int) -> tuple[float, list[list[int]]]:
     """fp32 perplexity on the held-out answers and greedy continuations of the held-out prompts."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path)
@@ -281,7 +300,11 @@ def run_peer(model_path: Path, precision: str, tokens: int, requests: int) -> di
         "prompts": [chat_ids(tok, PROMPTS[i % len(PROMPTS)]) for i in range(requests)],
     }
     done = subprocess.run(
-        [peer_python(), "-c", PEER_SCRIPT], input=json.dumps(job), capture_output=True, text=True, timeout=900
+        [peer_python(), "-c", PEER_SCRIPT],
+        input=json.dumps(job),
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     if done.returncode != 0:
         raise RuntimeError(f"the peer failed: {done.stderr[-2000:]}")
@@ -313,14 +336,12 @@ class BackendTarget:
 
         self.backend = build_backend(spec)
 
-    async def request(self, prompt: str, tokens: int) -> Result:
+    async def request(self, prompt: str | list[dict[str, str]], tokens: int) -> Result:
         t0 = time.perf_counter()
         ttft = None
         n = 0
         stamps = []
-        async for chunk in self.backend.stream(
-            [{"role": "user", "content": prompt}], Sampling(temperature=0.0, max_new_tokens=tokens)
-        ):
+        async for chunk in self.backend.stream(as_messages(prompt), Sampling(temperature=0.0, max_new_tokens=tokens)):
             stamps.append(time.perf_counter())
             if ttft is None:
                 ttft = stamps[-1] - t0
@@ -379,7 +400,7 @@ class ApiTarget:
             base_url=self.url, timeout=300, limits=httpx.Limits(max_connections=256, max_keepalive_connections=256)
         )
 
-    async def request(self, prompt: str, tokens: int, user: str = "bench") -> Result:
+    async def request(self, prompt: str | list[dict[str, str]], tokens: int, user: str = "bench") -> Result:
         body = {
             "model": "base",
             "stream": True,
@@ -387,7 +408,7 @@ class ApiTarget:
             "max_tokens": tokens,
             "temperature": 0.0,
             "user": user,
-            "messages": [{"role": "user", "content": prompt}],
+            "messages": as_messages(prompt),
         }
         t0 = time.perf_counter()
         ttft = None
@@ -464,7 +485,7 @@ async def run_users(target, users: int, requests_per_user: int, tokens: int) -> 
 async def run_stall(target, users: int, prompt_tokens: int, tokens: int) -> dict[str, float]:
     """``users`` streams decode; one long prompt joins after they started. The running streams' longest gap
     between two tokens, against their median gap, says whether the long prefill froze them."""
-    long_prompt = LONG_PROMPT_UNIT * max(1, prompt_tokens // 16)
+    long_prompt = long_conversation(prompt_tokens)
 
     async def joiner() -> Result:
         await asyncio.sleep(0.5)
@@ -474,7 +495,8 @@ async def run_stall(target, users: int, prompt_tokens: int, tokens: int) -> dict
     gaps = [g * 1000 for r in results[:-1] for g in r.gaps_s]
     return {
         "users": users,
-        "long_prompt_chars": len(long_prompt),
+        "long_prompt_chars": sum(len(m["content"]) for m in long_prompt),
+        "long_prompt_messages": len(long_prompt),
         "long_prompt_ttft_ms": round(results[-1].ttft_s * 1000, 1),
         "gap_median_ms": round(statistics.median(gaps), 1) if gaps else None,
         "gap_max_ms": round(max(gaps), 1) if gaps else None,
@@ -493,23 +515,10 @@ async def bench(args: argparse.Namespace) -> dict:
         "requests_per_user": args.requests_per_user,
         "cpu_threads": len(os.sched_getaffinity(0)),
         "device": "cpu",
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+        "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", "default"),
         "load_avg_1m_at_start": round(os.getloadavg()[0], 2),
     }
-    progress("memory bandwidth and roofline ...")
-    bw = memory_bandwidth_gb_s()
-    step_bytes = weight_bytes(model_path, engine, precision) + kv_bytes_per_token(model_path, engine) * 100
-    report["memory_bandwidth_gb_s"] = round(bw, 2)
-    report["bytes_per_token"] = step_bytes
-    report["roofline_tokens_per_s"] = round(bw * 1e9 / step_bytes, 1)
-    progress("bare transformers generate baseline (fp32) ...")
-    report["baseline_tokens_per_s"] = generate_baseline(model_path, args.tokens)
-    if args.peer and engine == "llama.cpp":
-        progress("peer: llama.cpp generate, one stream ...")
-        try:
-            report.update(run_peer(model_path, precision, args.tokens, max(3, args.requests_per_user)))
-        except Exception as e:  # noqa: BLE001 - say why in the report, keep our numbers
-            report["peer_error"] = f"{type(e).__name__}: {e}"
     target_name = args.target
     if target_name == "auto":
         target_name = "api" if (REPO / "app" / "server.py").exists() else "backend"
@@ -528,6 +537,22 @@ async def bench(args: argparse.Namespace) -> dict:
             report["stall"] = await run_stall(target, args.stall_users, args.stall_prompt_tokens, args.tokens)
     finally:
         await target.close()
+    # After the served numbers: torch computing on this thread first would give libgomp a second team of workers
+    # and slow an in-process llama.cpp target (see app/backends/llamacpp.py, _LLAMA_THREAD).
+    progress("memory bandwidth and roofline ...")
+    bw = memory_bandwidth_gb_s()
+    step_bytes = weight_bytes(model_path, engine, precision) + kv_bytes_per_token(model_path, engine) * 100
+    report["memory_bandwidth_gb_s"] = round(bw, 2)
+    report["bytes_per_token"] = step_bytes
+    report["roofline_tokens_per_s"] = round(bw * 1e9 / step_bytes, 1)
+    progress("bare transformers generate baseline (fp32) ...")
+    report["baseline_tokens_per_s"] = generate_baseline(model_path, args.tokens)
+    if args.peer and engine == "llama.cpp":
+        progress("peer: llama.cpp generate, one stream ...")
+        try:
+            report.update(run_peer(model_path, precision, args.tokens, max(3, args.requests_per_user)))
+        except Exception as e:  # noqa: BLE001 - say why in the report, keep our numbers
+            report["peer_error"] = f"{type(e).__name__}: {e}"
     if args.quality and engine == "llama.cpp":
         report["quality"] = quality(model_path, sorted({"f32", precision}, key=["f32", "f16", "bf16", "q8_0"].index))
     report["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
@@ -584,6 +609,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default=str(settings.base_model_path), help="model directory")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
+    if args.engine == "transformers":
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see the top of this file
     report = asyncio.run(bench(args))
     if args.json:
         print(json.dumps(report))

@@ -120,11 +120,13 @@ class EmbeddedBackend(BatchingBackend):
         self._next: torch.Tensor | None = None  # (B, 1) token each row feeds at the next step
         self._width = 0  # cache length in columns, padding included
 
-        with torch.inference_mode():  # first-call kernel setup out of the first user's TTFT
-            self.model(input_ids=torch.tensor([[self._stop_ids[0]] * 4], device=self.device), logits_to_keep=1)
         self._start()
 
     # ---- engine hooks (decode thread) ----
+
+    def _warm_up(self) -> None:
+        with torch.inference_mode():  # first-call kernel setup out of the first user's TTFT
+            self.model(input_ids=torch.tensor([[self._stop_ids[0]] * 4], device=self.device), logits_to_keep=1)
 
     def _new_rng(self, seed: int) -> torch.Generator:
         gen = torch.Generator(device=self.device)

@@ -20,6 +20,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,28 @@ from app.backends.gguf import ensure_gguf
 log = logging.getLogger(__name__)
 
 Part = tuple[int, list[int], int, bool]  # (sequence id, tokens, position of the first, logits for the last?)
+
+
+# Every llama.cpp call that computes runs on this one thread, whichever version (context) it is for. llama.cpp's
+# OpenMP runtime keeps a team of worker threads for each thread that ever computed; with a team per loaded version
+# libgomp counts more threads than cores, stops spinning at its barriers, and each token pays ~100 sleeps and
+# wakes: one stream's token took 16 ms with one version loaded, 30 ms with two and 70 ms with three. The cores
+# cannot decode two versions at once anyway, so their steps take turns here.
+_LLAMA_THREAD = ThreadPoolExecutor(1, thread_name_prefix="llama.cpp")
+_llama_thread_id: int | None = None
+
+
+def _on_llama_thread(fn, *args):
+    """``fn(*args)`` on the llama.cpp thread (directly when already there); returns or raises what it does."""
+    if threading.get_ident() == _llama_thread_id:
+        return fn(*args)
+    return _LLAMA_THREAD.submit(_mark_and_call, fn, *args).result()
+
+
+def _mark_and_call(fn, *args):
+    global _llama_thread_id
+    _llama_thread_id = threading.get_ident()
+    return fn(*args)
 
 
 def _llama():
@@ -43,6 +67,9 @@ class Engine:
     """One GGUF model and one context: fill a batch, decode it, read logits. Not thread-safe: one owner."""
 
     def __init__(self, gguf_path: Path, n_ctx: int, n_seq: int, n_batch: int, num_threads: int | None = None):
+        _on_llama_thread(self._load, gguf_path, n_ctx, n_seq, n_batch, num_threads)
+
+    def _load(self, gguf_path: Path, n_ctx: int, n_seq: int, n_batch: int, num_threads: int | None) -> None:
         self.L = L = _llama()
         L.llama_backend_init()
         self.model = L.llama_model_load_from_file(str(gguf_path).encode(), L.llama_model_default_params())
@@ -81,7 +108,7 @@ class Engine:
                 b.logits[n] = want and j == len(toks) - 1
                 n += 1
         b.n_tokens = n
-        rc = self.L.llama_decode(self.ctx, b)
+        rc = _on_llama_thread(self.L.llama_decode, self.ctx, b)
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
         return rows
@@ -93,12 +120,18 @@ class Engine:
 
     def forget(self, seq: int = -1) -> None:
         """Drop one sequence's cache (all sequences with -1)."""
+        _on_llama_thread(self._forget, seq)
+
+    def _forget(self, seq: int) -> None:
         if seq < 0:
             self.L.llama_memory_clear(self.mem, True)
         else:
             self.L.llama_memory_seq_rm(self.mem, seq, -1, -1)
 
     def close(self) -> None:
+        _on_llama_thread(self._close)
+
+    def _close(self) -> None:
         if self.ctx:
             self.L.llama_batch_free(self.batch)
             self.L.llama_free(self.ctx)
@@ -138,7 +171,6 @@ class LlamaCppBackend(BatchingBackend):
         context = min(max_context_tokens, self._engine.n_ctx_train or max_context_tokens)
         self._free = list(range(max_concurrency))[::-1]
         self._setup(f"llama.cpp:{model_path}@{precision}", tokenizer, eos, max_concurrency, max_queue, context)
-        self._warm_up()
         self._start()
 
     def _warm_up(self) -> None:
@@ -240,7 +272,7 @@ def score(gguf_path: str | Path, sequences: list[tuple[list[int], int]], num_thr
                 b.seq_id[j][0] = 0
                 b.logits[j] = start - 1 <= j < len(ids) - 1
             b.n_tokens = len(ids)
-            if engine.L.llama_decode(engine.ctx, b) != 0:
+            if _on_llama_thread(engine.L.llama_decode, engine.ctx, b) != 0:
                 raise RuntimeError("llama_decode failed while scoring")
             for j in range(start - 1, len(ids) - 1):
                 z = engine.logits(j).astype(np.float64)

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import threading
 
 import pytest
 
@@ -107,6 +108,46 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_other_streams_keep_decoding(
         asyncio.run(backend.aclose())
     assert prompt_tokens > 600
     assert len(during) >= 10, f"the running stream got {len(during)} chunks while {prompt_tokens} tokens prefilled"
+
+
+def test_every_loaded_version_computes_on_one_thread(monkeypatch):
+    """Two versions loaded (a canary), each decoding, and a helper called from the test's own thread: llama.cpp
+    computes on one thread only. A thread of its own per version gave libgomp a team of workers per version, more
+    threads than cores, and its barriers stopped spinning: one stream's token took 30 ms with two versions loaded
+    and 70 ms with three, against 16 ms with one (benchmarks/serve.py measures the served speed)."""
+    import llama_cpp
+
+    from app.backends.llamacpp import greedy
+
+    seen: set[int] = set()
+    decode = llama_cpp.llama_decode
+
+    def recording(ctx, batch):
+        seen.add(threading.get_ident())
+        return decode(ctx, batch)
+
+    monkeypatch.setattr(llama_cpp, "llama_decode", recording)
+    spec = {"kind": "embedded", "path": str(MODEL), "engine": "llama.cpp", "max_concurrency": 2}
+    backends = [build_backend(spec), build_backend(spec)]
+
+    async def ask(backend) -> str:
+        out = []
+        async for c in backend.stream([{"role": "user", "content": "Hi"}], Sampling(temperature=0.0, max_new_tokens=4)):
+            out.append(c.text)
+        return "".join(out)
+
+    async def run():
+        try:
+            return await asyncio.gather(*(ask(b) for b in backends))
+        finally:
+            for b in backends:
+                await b.aclose()
+
+    answers = asyncio.run(run())
+    assert answers[0] == answers[1] and answers[0]
+    greedy(ensure_gguf(MODEL, "f16"), [[1, 2, 3]], 2, set())
+    assert len(seen) == 1, f"llama.cpp computed on {len(seen)} threads"
+    assert threading.get_ident() not in seen
 
 
 def test_quantized_precision_stays_within_its_measured_quality_bound():
