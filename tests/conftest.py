@@ -24,8 +24,16 @@ REPO = Path(__file__).resolve().parents[1]
 # Fixtures that start a service or load the model. A test using one is an integration test whatever markers it
 # was written with, so `make test-fast` (which deselects integration, browser and slow) really needs nothing.
 SERVICE_FIXTURES = frozenset(
-    {"kafka_broker", "settings", "own_broker", "model_backend", "tiny_backend", "live", "prefect_harness",
-     "trained_home"}
+    {
+        "kafka_broker",
+        "settings",
+        "own_broker",
+        "model_backend",
+        "tiny_backend",
+        "live",
+        "prefect_harness",
+        "trained_home",
+    }
 )
 
 
@@ -52,24 +60,27 @@ def free_port() -> int:
 def settings_env(s: Settings) -> dict[str, str]:
     """Environment for a subprocess that must see the same world as ``s``."""
     env = dict(os.environ)
-    env.update({
-        "FLYWHEEL_HOME": str(s.home),
-        "FLYWHEEL_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
-        "FLYWHEEL_KAFKA_CONTROLLER_PORT": str(s.kafka_controller_port),
-        "FLYWHEEL_TOPIC_PREFIX": s.topic_prefix,
-        "FLYWHEEL_INGEST_GROUP": s.ingest_group,
-        "FLYWHEEL_INGEST_BATCH_MS": str(s.ingest_batch_ms),
-        "FLYWHEEL_INGEST_BATCH_MAX": str(s.ingest_batch_max),
-        "FLYWHEEL_INGEST_SESSION_TIMEOUT_MS": str(s.ingest_session_timeout_ms),
-        "FLYWHEEL_BASE_MODEL": str(s.base_model_path),
-        "PYTHONPATH": str(REPO),
-    })
+    env.update(
+        {
+            "FLYWHEEL_HOME": str(s.home),
+            "FLYWHEEL_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
+            "FLYWHEEL_KAFKA_CONTROLLER_PORT": str(s.kafka_controller_port),
+            "FLYWHEEL_TOPIC_PREFIX": s.topic_prefix,
+            "FLYWHEEL_INGEST_GROUP": s.ingest_group,
+            "FLYWHEEL_INGEST_BATCH_MS": str(s.ingest_batch_ms),
+            "FLYWHEEL_INGEST_BATCH_MAX": str(s.ingest_batch_max),
+            "FLYWHEEL_INGEST_SESSION_TIMEOUT_MS": str(s.ingest_session_timeout_ms),
+            "FLYWHEEL_BASE_MODEL": str(s.base_model_path),
+            "PYTHONPATH": str(REPO),
+        }
+    )
     return env
 
 
 def _broker_settings(home: Path) -> Settings:
-    return Settings(home=home, kafka_bootstrap=f"127.0.0.1:{free_port()}", kafka_controller_port=free_port(),
-                    kafka_heap="512m")
+    return Settings(
+        home=home, kafka_bootstrap=f"127.0.0.1:{free_port()}", kafka_controller_port=free_port(), kafka_heap="512m"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +102,8 @@ def settings(kafka_broker: Settings, tmp_path: Path) -> Settings:
         ingest_group=f"ingest-{tag}",
         ingest_batch_ms=100,
         ingest_session_timeout_ms=6_000,
-        base_model=str(REPO / ".flywheel" / "models" / "base") if not os.environ.get("FLYWHEEL_BASE_MODEL")
+        base_model=str(REPO / ".flywheel" / "models" / "base")
+        if not os.environ.get("FLYWHEEL_BASE_MODEL")
         else os.environ["FLYWHEEL_BASE_MODEL"],
     )
     s.home.mkdir(parents=True)
@@ -104,9 +116,15 @@ def own_broker(tmp_path: Path) -> Settings:
     """A broker only this test uses (it may stop or kill it); stopped at the end."""
     tag = uuid.uuid4().hex[:10]
     base = _broker_settings(tmp_path / "home")
-    s = Settings(home=base.home, kafka_bootstrap=base.kafka_bootstrap, kafka_controller_port=base.kafka_controller_port,
-                 kafka_heap="512m", ingest_group=f"ingest-{tag}", ingest_batch_ms=100,
-                 ingest_session_timeout_ms=6_000)
+    s = Settings(
+        home=base.home,
+        kafka_bootstrap=base.kafka_bootstrap,
+        kafka_controller_port=base.kafka_controller_port,
+        kafka_heap="512m",
+        ingest_group=f"ingest-{tag}",
+        ingest_batch_ms=100,
+        ingest_session_timeout_ms=6_000,
+    )
     kafka_local.start(s, quiet=True)
     yield s
     kafka_local.stop(s, kill=True)

@@ -93,8 +93,12 @@ def live(settings: Settings, model_backend) -> Iterator[LiveApp]:
 
 def read_events(settings: Settings, topic: str, until: Callable[[list], bool], timeout: float = 30.0) -> list:
     """Every event on ``topic`` from the beginning, polling until ``until(events)`` holds (or failing)."""
-    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None,
-                             enable_auto_commit=False, auto_offset_reset="earliest")
+    consumer = KafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
     try:
         parts = consumer.partitions_for_topic(topic) or set()
         tps = [TopicPartition(topic, p) for p in sorted(parts)]

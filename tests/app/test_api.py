@@ -25,8 +25,12 @@ def client(live, **kw) -> OpenAI:
 def test_openai_client_streams_and_rates_and_events_arrive(live, settings):
     c = client(live, default_headers={"X-Flywheel-Consent": "1"})
     stream = c.chat.completions.create(
-        model="flywheel", messages=[{"role": "user", "content": "Name a fruit."}], max_tokens=12, stream=True,
-        user="alice", stream_options={"include_usage": True},
+        model="flywheel",
+        messages=[{"role": "user", "content": "Name a fruit."}],
+        max_tokens=12,
+        stream=True,
+        user="alice",
+        stream_options={"include_usage": True},
     )
     pieces, ids, usage, finish = [], set(), None, None
     for chunk in stream:
@@ -42,15 +46,20 @@ def test_openai_client_streams_and_rates_and_events_arrive(live, settings):
     completion_id = ids.pop()
     turn_id = completion_id.removeprefix("chatcmpl-")
 
-    plain = c.chat.completions.create(model="flywheel", messages=[{"role": "user", "content": "Hi"}],
-                                      max_tokens=8, user="alice")
+    plain = c.chat.completions.create(
+        model="flywheel", messages=[{"role": "user", "content": "Hi"}], max_tokens=8, user="alice"
+    )
     assert plain.choices[0].message.content and plain.model == "base" and plain.usage.prompt_tokens > 0
 
-    r = httpx.post(f"{live.api}/feedback", headers={"X-Flywheel-User": "alice"},
-                   json={"turn_id": completion_id, "rating": "down", "reason": "not a fruit"})
+    r = httpx.post(
+        f"{live.api}/feedback",
+        headers={"X-Flywheel-User": "alice"},
+        json={"turn_id": completion_id, "rating": "down", "reason": "not a fruit"},
+    )
     assert r.status_code == 200, r.text
-    r = httpx.post(f"{live.api}/feedback", json={"turn_id": turn_id, "other_turn_id": plain.id, "rating": "a",
-                                                 "user": "alice"})
+    r = httpx.post(
+        f"{live.api}/feedback", json={"turn_id": turn_id, "other_turn_id": plain.id, "rating": "a", "user": "alice"}
+    )
     assert r.status_code == 200, r.text
 
     turns = read_events(settings, settings.topic_turns, lambda evs: len(evs) >= 2)
@@ -59,12 +68,15 @@ def test_openai_client_streams_and_rates_and_events_arrive(live, settings):
     assert isinstance(t, ChatTurn) and t.answer == answer and t.model_version == "base" and t.origin == "api"
     assert t.user_id == "api:alice" and t.consent is True and t.ttft_ms is not None and t.latency_ms >= t.ttft_ms
     assert t.completion_tokens == usage.completion_tokens and t.messages[-1].content == "Name a fruit."
-    fb = read_events(settings, settings.topic_feedback,
-                     lambda evs: sum(isinstance(e, Feedback) for e in evs) >= 2)
+    fb = read_events(settings, settings.topic_feedback, lambda evs: sum(isinstance(e, Feedback) for e in evs) >= 2)
     ratings = [e for e in fb if isinstance(e, Feedback)]
     thumbs = next(e for e in ratings if e.kind == "thumbs")
-    assert (thumbs.turn_id, thumbs.value, thumbs.reason, thumbs.model_version) == (turn_id, "down", "not a fruit",
-                                                                                   "base")
+    assert (thumbs.turn_id, thumbs.value, thumbs.reason, thumbs.model_version) == (
+        turn_id,
+        "down",
+        "not a fruit",
+        "base",
+    )
     pair = next(e for e in ratings if e.kind == "pairwise")
     assert (pair.turn_id, pair.other_turn_id, pair.value) == (turn_id, plain.id.removeprefix("chatcmpl-"), "a")
     assert any(isinstance(e, UserAction) and e.action == "consent_granted" for e in fb)
@@ -79,9 +91,11 @@ def test_huggingface_inference_client_works_unchanged(live):
     hf = InferenceClient(base_url=live.api)
     out = hf.chat_completion(messages=[{"role": "user", "content": "Say hello."}], max_tokens=8)
     assert out.choices[0].message.content and out.id.startswith("chatcmpl-")
-    pieces = [c.choices[0].delta.content for c in
-              hf.chat_completion(messages=[{"role": "user", "content": "Say hello."}], max_tokens=8, stream=True)
-              if c.choices and c.choices[0].delta.content]
+    pieces = [
+        c.choices[0].delta.content
+        for c in hf.chat_completion(messages=[{"role": "user", "content": "Say hello."}], max_tokens=8, stream=True)
+        if c.choices and c.choices[0].delta.content
+    ]
     assert len(pieces) > 1
 
 
@@ -94,8 +108,9 @@ def test_models_and_health(live):
 
 def test_a_user_can_rate_only_their_own_answers(live, settings):
     c = client(live)
-    mine = c.chat.completions.create(model="flywheel", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
-                                     user="alice")
+    mine = c.chat.completions.create(
+        model="flywheel", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, user="alice"
+    )
     for who in ({"user": "mallory"}, {}):  # another user; no user at all
         r = httpx.post(f"{live.api}/feedback", json={"turn_id": mine.id, "rating": "up", **who})
         assert r.status_code == 403 and r.json()["error"]["code"] == "not_your_turn"
@@ -103,8 +118,9 @@ def test_a_user_can_rate_only_their_own_answers(live, settings):
     assert r.status_code == 403
     r = httpx.post(f"{live.api}/feedback", json={"turn_id": mine.id, "rating": "meh", "user": "alice"})
     assert r.status_code == 400 and "rating" in r.json()["error"]["message"]
-    r = httpx.post(f"{live.api}/feedback", json={"turn_id": mine.id, "rating": "down", "user": "alice",
-                                                 "reason": "x" * 5000})
+    r = httpx.post(
+        f"{live.api}/feedback", json={"turn_id": mine.id, "rating": "down", "user": "alice", "reason": "x" * 5000}
+    )
     assert r.status_code == 400 and "limit" in r.json()["error"]["message"]
 
 
@@ -115,8 +131,11 @@ def test_a_user_can_rate_only_their_own_answers(live, settings):
         ([{"role": "user", "content": "x" * 4097}], "limit is 4,096"),
         ([{"role": "user", "content": "beep\x07"}], "control characters"),
         ([{"role": "user", "content": "hi"}] * 41, "too long"),
-        ([{"role": "user", "content": "a" * 4000}, {"role": "assistant", "content": "b" * 8000}] * 2
-         + [{"role": "user", "content": "c"}], "too long"),
+        (
+            [{"role": "user", "content": "a" * 4000}, {"role": "assistant", "content": "b" * 8000}] * 2
+            + [{"role": "user", "content": "c"}],
+            "too long",
+        ),
         ([], "empty"),
         ([{"role": "assistant", "content": "hi"}], "last message"),
     ],
@@ -135,11 +154,13 @@ def test_malformed_and_oversized_bodies(live):
     assert r.status_code == 400
     r = httpx.post(f"{live.api}/chat/completions", json={"messages": [{"role": "user", "content": "x" * 1_100_000}]})
     assert r.status_code == 413
-    r = httpx.post(f"{live.api}/chat/completions",
-                   json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6})
+    r = httpx.post(
+        f"{live.api}/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}
+    )
     assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
-    r = httpx.post(f"{live.api}/chat/completions",
-                   json={"messages": [{"role": "user", "content": "hi"}], "temperature": 99})
+    r = httpx.post(
+        f"{live.api}/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "temperature": 99}
+    )
     assert r.status_code == 400 and "temperature" in r.json()["error"]["message"]
 
 
@@ -147,8 +168,13 @@ def test_past_the_bound_the_api_answers_429_and_the_queue_drains(settings, tiny_
     app = start_app(settings, {"base": tiny_backend})
     try:
         c = client(app)
-        first = c.chat.completions.create(model="flywheel", messages=[{"role": "user", "content": "Tell a story."}],
-                                          max_tokens=48, stream=True, user="a")
+        first = c.chat.completions.create(
+            model="flywheel",
+            messages=[{"role": "user", "content": "Tell a story."}],
+            max_tokens=48,
+            stream=True,
+            user="a",
+        )
         it = iter(first)
         next(it)  # the first request holds the only slot
         with pytest.raises(openai.RateLimitError) as e:
@@ -168,14 +194,23 @@ def test_new_plan_moves_a_user_while_requests_are_in_flight(settings, model_back
     try:
         c = client(app)
         user = "carol"
-        assert c.chat.completions.create(model="flywheel", messages=[{"role": "user", "content": "Hi"}],
-                                         max_tokens=4, user=user).model == "base"
+        assert (
+            c.chat.completions.create(
+                model="flywheel", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, user=user
+            ).model
+            == "base"
+        )
         results, errors = [], []
 
         def ask():
             try:
-                s = c.chat.completions.create(model="flywheel", messages=[{"role": "user", "content": "Count."}],
-                                              max_tokens=40, user=user, stream=True)
+                s = c.chat.completions.create(
+                    model="flywheel",
+                    messages=[{"role": "user", "content": "Count."}],
+                    max_tokens=40,
+                    user=user,
+                    stream=True,
+                )
                 text, model = "", None
                 for ch in s:
                     model = ch.model
@@ -191,8 +226,9 @@ def test_new_plan_moves_a_user_while_requests_are_in_flight(settings, model_back
         plan = ReleasePlan.single("v2", stage="full")
         publish_plan(settings, plan)
         assert app.service.router.wait_for(plan.plan_id, timeout=10), "the app did not follow the plan"
-        moved = c.chat.completions.create(model="flywheel", messages=[{"role": "user", "content": "Hi"}],
-                                          max_tokens=4, user=user)
+        moved = c.chat.completions.create(
+            model="flywheel", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, user=user
+        )
         for t in threads:
             t.join(60)
         assert not errors and len(results) == 3 and all(text for _, text in results)
@@ -203,16 +239,21 @@ def test_new_plan_moves_a_user_while_requests_are_in_flight(settings, model_back
         split = ReleasePlan.weighted({"base": 0.5, "v2": 0.5}, stage="ramp")
         publish_plan(settings, split)
         assert app.service.router.wait_for(split.plan_id, timeout=10)
-        got = {c.chat.completions.create(model="flywheel", messages=[{"role": "user", "content": "Hi"}],
-                                         max_tokens=2, user=user).model for _ in range(3)}
+        got = {
+            c.chat.completions.create(
+                model="flywheel", messages=[{"role": "user", "content": "Hi"}], max_tokens=2, user=user
+            ).model
+            for _ in range(3)
+        }
         assert got == {split.pick("api:carol")}
 
         # A plan naming a version nobody serves falls back to base and says so.
         ghost = ReleasePlan.single("ghost", stage="canary")
         publish_plan(settings, ghost)
         assert app.service.router.wait_for(ghost.plan_id, timeout=10)
-        r = c.chat.completions.create(model="flywheel", messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
-                                      user=user)
+        r = c.chat.completions.create(
+            model="flywheel", messages=[{"role": "user", "content": "Hi"}], max_tokens=2, user=user
+        )
         assert r.model == "base"
         h = httpx.get(f"{app.url}/healthz", headers=ADMIN).json()
         assert h["status"] == "degraded" and h["missing_backends"] == ["ghost"] and h["fallback_version"] == "base"
@@ -239,8 +280,9 @@ def test_a_plan_naming_a_new_model_loads_it_without_a_restart(settings, model_ba
         c = client(app)
 
         def served() -> str:
-            return c.chat.completions.create(model="flywheel", messages=[{"role": "user", "content": "Hi"}],
-                                             max_tokens=2, user="dave").model
+            return c.chat.completions.create(
+                model="flywheel", messages=[{"role": "user", "content": "Hi"}], max_tokens=2, user="dave"
+            ).model
 
         deadline = time.monotonic() + 60
         while (model := served()) != "sft-0001" and time.monotonic() < deadline:

@@ -16,9 +16,32 @@ pytestmark = pytest.mark.integration
 
 def test_simulated_users_feed_the_warehouse(settings, live):
     r = subprocess.run(
-        [sys.executable, "-m", "cli.main", "simulate", "--users", "2", "--turns", "2", "--max-tokens", "12",
-         "--consent-rate", "1", "--compare-rate", "1", "--regenerate-rate", "0", "--url", live.url, "--json"],
-        cwd=REPO, env=settings_env(settings), capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "cli.main",
+            "simulate",
+            "--users",
+            "2",
+            "--turns",
+            "2",
+            "--max-tokens",
+            "12",
+            "--consent-rate",
+            "1",
+            "--compare-rate",
+            "1",
+            "--regenerate-rate",
+            "0",
+            "--url",
+            live.url,
+            "--json",
+        ],
+        cwd=REPO,
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     stats = json.loads(r.stdout.strip().splitlines()[-1])
@@ -26,8 +49,9 @@ def test_simulated_users_feed_the_warehouse(settings, live):
     live.service.producer.flush(30)
     fb = read_events(settings, settings.topic_feedback, lambda ev: sum(e.type == "feedback" for e in ev) >= 8)
     assert {e.kind for e in fb if e.type == "feedback"} == {"thumbs", "pairwise"}
-    IngestConsumer(settings).run(max_seconds=120, stop_when=lambda st: st.inserted.get("turns", 0) >= 8
-                                 and st.inserted.get("feedback", 0) >= 8)
+    IngestConsumer(settings).run(
+        max_seconds=120, stop_when=lambda st: st.inserted.get("turns", 0) >= 8 and st.inserted.get("feedback", 0) >= 8
+    )
     with connect(settings.warehouse_path, read_only=True) as con:
         turns = con.execute("SELECT count(*), bool_and(consent) FROM turns WHERE user_id LIKE 'api:sim-%'").fetchall()
         kinds = dict(con.execute("SELECT kind, count(*) FROM feedback GROUP BY kind").fetchall())

@@ -51,7 +51,8 @@ def test_conversation_limits():
     with pytest.raises(InputError, match="too long"):
         check_conversation(too_many)
     long_chat = [{"role": "user", "content": "y" * 4000}, {"role": "assistant", "content": "z" * 8000}] * 2 + [
-        {"role": "user", "content": "more"}]
+        {"role": "user", "content": "more"}
+    ]
     with pytest.raises(InputError, match="too long"):
         check_conversation(long_chat)
     with pytest.raises(InputError, match="last message"):

@@ -14,8 +14,14 @@ from tests.conftest import REPO
 
 def _run(home, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "FLYWHEEL_HOME": str(home), "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "cli.main", "deletions", *args, "--json"], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "cli.main", "deletions", *args, "--json"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_pending_deletions_are_listed_then_processed(tmp_path):

@@ -23,13 +23,19 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 def _env(home: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({
-        "FLYWHEEL_HOME": str(home), "FLYWHEEL_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
-        "FLYWHEEL_KAFKA_CONTROLLER_PORT": str(free_port()), "FLYWHEEL_APP_PORT": str(free_port()),
-        "FLYWHEEL_PREFECT_PORT": str(free_port()), "FLYWHEEL_MLFLOW_PORT": str(free_port()),
-        "FLYWHEEL_KAFKA_HEAP": "512m", "PYTHONPATH": str(REPO),
-        "FLYWHEEL_BASE_MODEL": os.environ.get("FLYWHEEL_BASE_MODEL", str(REPO / ".flywheel" / "models" / "base")),
-    })
+    env.update(
+        {
+            "FLYWHEEL_HOME": str(home),
+            "FLYWHEEL_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
+            "FLYWHEEL_KAFKA_CONTROLLER_PORT": str(free_port()),
+            "FLYWHEEL_APP_PORT": str(free_port()),
+            "FLYWHEEL_PREFECT_PORT": str(free_port()),
+            "FLYWHEEL_MLFLOW_PORT": str(free_port()),
+            "FLYWHEEL_KAFKA_HEAP": "512m",
+            "PYTHONPATH": str(REPO),
+            "FLYWHEEL_BASE_MODEL": os.environ.get("FLYWHEEL_BASE_MODEL", str(REPO / ".flywheel" / "models" / "base")),
+        }
+    )
     return env
 
 
@@ -47,8 +53,9 @@ def _recorded(home: Path) -> list[psutil.Process]:
 
 def _start(home: Path, env: dict[str, str], *args: str) -> subprocess.Popen:
     log = open(home.parent / "up.log", "ab")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen([sys.executable, "-m", "cli.main", "up", *args], env=env, cwd=REPO, stdout=log,
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "up", *args], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+    )
 
 
 def _wait_for(cond, timeout: float, what: str, home: Path) -> None:
@@ -103,13 +110,20 @@ def test_down_stops_what_a_killed_stack_left_behind(tmp_path):
         up.kill()  # SIGKILL: no clean-up of its own
         up.wait(10)
         assert len(_alive(procs)) == len(procs) - 1, "the broker and the children outlive a killed supervisor"
-        out = subprocess.run([sys.executable, "-m", "cli.main", "down", "--json"], env=env, cwd=REPO,
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [sys.executable, "-m", "cli.main", "down", "--json"],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert out.returncode == 0, out.stderr
         assert _alive(procs) == [], out.stdout
         assert "kafka" in out.stdout and "ingest" in out.stdout
-        again = subprocess.run([sys.executable, "-m", "cli.main", "down"], env=env, cwd=REPO, capture_output=True,
-                               text=True, timeout=60)
+        again = subprocess.run(
+            [sys.executable, "-m", "cli.main", "down"], env=env, cwd=REPO, capture_output=True, text=True, timeout=60
+        )
         assert "nothing was running" in again.stdout
     finally:
         if up.poll() is None:

@@ -41,14 +41,27 @@ def _free_block(n: int) -> int:
 
 
 def turn(i: int) -> ChatTurn:
-    return ChatTurn(user_id=f"u{i % 4}", consent=True, conversation_id=f"c{i % 5}", turn_id=f"t{i}",
-                    model_version="base", messages=[Message(role="user", content=f"q{i}")], answer="a", latency_ms=1)
+    return ChatTurn(
+        user_id=f"u{i % 4}",
+        consent=True,
+        conversation_id=f"c{i % 5}",
+        turn_id=f"t{i}",
+        model_version="base",
+        messages=[Message(role="user", content=f"q{i}")],
+        answer="a",
+        latency_ms=1,
+    )
 
 
 def test_three_brokers_survive_losing_one(tmp_path):
     base = _free_block(6)
-    s = Settings(home=tmp_path / "home", kafka_bootstrap=f"127.0.0.1:{base}", kafka_heap="384m",
-                 ingest_batch_ms=100, ingest_session_timeout_ms=6000)
+    s = Settings(
+        home=tmp_path / "home",
+        kafka_bootstrap=f"127.0.0.1:{base}",
+        kafka_heap="384m",
+        ingest_batch_ms=100,
+        ingest_session_timeout_ms=6000,
+    )
     try:
         st = kafka_local.start_cluster(s, 3, quiet=True)
         cs = kafka_local.cluster_settings(s)

@@ -18,20 +18,48 @@ from feedback.spool import Spool, SpoolLocked
 
 
 def turn(**kw) -> ChatTurn:
-    base = dict(user_id="u1", consent=True, conversation_id="c1", turn_id="t1", model_version="base",
-                messages=[Message(role="user", content="Hi <b>there</b>")], answer="Hello!", latency_ms=12.5)
+    base = dict(
+        user_id="u1",
+        consent=True,
+        conversation_id="c1",
+        turn_id="t1",
+        model_version="base",
+        messages=[Message(role="user", content="Hi <b>there</b>")],
+        answer="Hello!",
+        latency_ms=12.5,
+    )
     return ChatTurn(**{**base, **kw})
 
 
-@pytest.mark.parametrize("event", [
-    turn(),
-    turn(parent_turn_id="t0", origin="regenerate", ttft_ms=3.0, prompt_tokens=5, completion_tokens=2),
-    Feedback(user_id="u1", consent=True, conversation_id="c1", turn_id="t1", model_version="base",
-             kind="thumbs", value="down", reason="wrong answer"),
-    Feedback(user_id="u1", consent=True, conversation_id="c1", turn_id="t1", model_version="base",
-             kind="pairwise", value="tie", other_turn_id="t2", other_model_version="cand"),
-    UserAction(user_id="u1", consent=False, action="delete_request"),
-])
+@pytest.mark.parametrize(
+    "event",
+    [
+        turn(),
+        turn(parent_turn_id="t0", origin="regenerate", ttft_ms=3.0, prompt_tokens=5, completion_tokens=2),
+        Feedback(
+            user_id="u1",
+            consent=True,
+            conversation_id="c1",
+            turn_id="t1",
+            model_version="base",
+            kind="thumbs",
+            value="down",
+            reason="wrong answer",
+        ),
+        Feedback(
+            user_id="u1",
+            consent=True,
+            conversation_id="c1",
+            turn_id="t1",
+            model_version="base",
+            kind="pairwise",
+            value="tie",
+            other_turn_id="t2",
+            other_model_version="cand",
+        ),
+        UserAction(user_id="u1", consent=False, action="delete_request"),
+    ],
+)
 def test_round_trip_every_type(event):
     back = parse_event(to_bytes(event))
     assert back == event
@@ -39,28 +67,50 @@ def test_round_trip_every_type(event):
 
 
 def test_v1_events_stay_readable():
-    v1_turn = {"schema_version": 1, "type": "chat_turn", "event_id": "e1", "ts": "2025-01-01T00:00:00Z",
-               "user_id": "u", "conversation_id": "c", "turn_id": "t", "model_version": "base",
-               "prompt": "hello?", "answer": "hi", "temperature": 0.2, "latency_ms": 10}
+    v1_turn = {
+        "schema_version": 1,
+        "type": "chat_turn",
+        "event_id": "e1",
+        "ts": "2025-01-01T00:00:00Z",
+        "user_id": "u",
+        "conversation_id": "c",
+        "turn_id": "t",
+        "model_version": "base",
+        "prompt": "hello?",
+        "answer": "hi",
+        "temperature": 0.2,
+        "latency_ms": 10,
+    }
     e = parse_event(json.dumps(v1_turn))
     assert isinstance(e, ChatTurn) and e.schema_version == 2
     assert e.messages[0].content == "hello?" and e.sampling.temperature == 0.2
     assert e.consent is False  # v1 had no consent: never assumed
-    v1_fb = {"schema_version": 1, "type": "feedback", "event_id": "e2", "user_id": "u", "conversation_id": "c",
-             "turn_id": "t", "model_version": "base", "rating": -1}
+    v1_fb = {
+        "schema_version": 1,
+        "type": "feedback",
+        "event_id": "e2",
+        "user_id": "u",
+        "conversation_id": "c",
+        "turn_id": "t",
+        "model_version": "base",
+        "rating": -1,
+    }
     fb = parse_event(json.dumps(v1_fb).encode())
     assert isinstance(fb, Feedback) and fb.kind == "thumbs" and fb.value == "down"
 
 
-@pytest.mark.parametrize("raw,reason", [
-    (b"{not json", "invalid_json"),
-    (b"\xff\xfe", "invalid_json"),
-    (b"[1, 2]", "schema"),
-    (json.dumps({"type": "chat_turn", "schema_version": 2, "user_id": "u"}).encode(), "schema"),
-    (json.dumps({"type": "nope", "schema_version": 2}).encode(), "schema"),
-    (json.dumps({"type": "feedback", "schema_version": 99}).encode(), "schema"),
-    (b"x" * 2000, "oversized"),
-])
+@pytest.mark.parametrize(
+    "raw,reason",
+    [
+        (b"{not json", "invalid_json"),
+        (b"\xff\xfe", "invalid_json"),
+        (b"[1, 2]", "schema"),
+        (json.dumps({"type": "chat_turn", "schema_version": 2, "user_id": "u"}).encode(), "schema"),
+        (json.dumps({"type": "nope", "schema_version": 2}).encode(), "schema"),
+        (json.dumps({"type": "feedback", "schema_version": 99}).encode(), "schema"),
+        (b"x" * 2000, "oversized"),
+    ],
+)
 def test_bad_bytes_give_a_reason(raw, reason):
     with pytest.raises(EventError) as err:
         parse_event(raw, max_bytes=1024)
@@ -69,11 +119,13 @@ def test_bad_bytes_give_a_reason(raw, reason):
 
 def test_feedback_kind_must_match_value():
     with pytest.raises(ValueError, match="thumbs"):
-        Feedback(user_id="u", consent=True, conversation_id="c", turn_id="t", model_version="b",
-                 kind="thumbs", value="a")
+        Feedback(
+            user_id="u", consent=True, conversation_id="c", turn_id="t", model_version="b", kind="thumbs", value="a"
+        )
     with pytest.raises(ValueError, match="other_turn_id"):
-        Feedback(user_id="u", consent=True, conversation_id="c", turn_id="t", model_version="b",
-                 kind="pairwise", value="a")
+        Feedback(
+            user_id="u", consent=True, conversation_id="c", turn_id="t", model_version="b", kind="pairwise", value="a"
+        )
 
 
 def test_keyed_by_conversation():

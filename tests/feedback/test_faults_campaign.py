@@ -17,9 +17,25 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 def test_reduced_fault_campaign_loses_and_duplicates_nothing():
     out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.faults", "--faults", "ingest_kill,broker_outage,disk_full", "--no-prefect",
-         "--seconds", "3", "--users", "1", "--outage-s", "2", "--json"],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.faults",
+            "--faults",
+            "ingest_kill,broker_outage,disk_full",
+            "--no-prefect",
+            "--seconds",
+            "3",
+            "--users",
+            "1",
+            "--outage-s",
+            "2",
+            "--json",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])

@@ -24,10 +24,17 @@ pytestmark = pytest.mark.integration
 
 
 def make_turn(i: int, conv: int = 7, **kw) -> ChatTurn:
-    return ChatTurn(user_id=f"user{i % 5}", consent=i % 3 != 0, conversation_id=f"conv{i % conv}",
-                    turn_id=f"turn{i}", model_version="base",
-                    messages=[Message(role="user", content=f"question {i}")], answer=f"answer {i}",
-                    latency_ms=100.0 + i, **kw)
+    return ChatTurn(
+        user_id=f"user{i % 5}",
+        consent=i % 3 != 0,
+        conversation_id=f"conv{i % conv}",
+        turn_id=f"turn{i}",
+        model_version="base",
+        messages=[Message(role="user", content=f"question {i}")],
+        answer=f"answer {i}",
+        latency_ms=100.0 + i,
+        **kw,
+    )
 
 
 def warehouse_ids(s: Settings, table: str = "turns") -> list[str]:
@@ -48,7 +55,8 @@ def ingest_until_idle(s: Settings, idle_s: float = 5.0, max_s: float = 120.0, ro
         return IngestConsumer(s).run(idle_exit_s=1.0, max_seconds=max_s)  # still catch any extra duplicates
     stats = IngestConsumer(s).run(
         max_seconds=max_s,
-        stop_when=lambda st: before + sum(n for t, n in st.inserted.items() if t != "dead_letters") >= rows)
+        stop_when=lambda st: before + sum(n for t, n in st.inserted.items() if t != "dead_letters") >= rows,
+    )
     assert in_warehouse() >= rows, f"ingest did not reach {rows} rows in {max_s}s: {stats.as_dict()}"
     return stats
 
@@ -57,10 +65,27 @@ def test_round_trip_every_event_type(settings):
     events = [
         make_turn(1),
         make_turn(2, parent_turn_id="turn1", origin="regenerate", ttft_ms=40.0),
-        Feedback(user_id="user1", consent=True, conversation_id="conv1", turn_id="turn1", model_version="base",
-                 kind="thumbs", value="down", reason="made up a fact"),
-        Feedback(user_id="user2", consent=True, conversation_id="conv2", turn_id="turn2", model_version="base",
-                 kind="pairwise", value="b", other_turn_id="turn1", other_model_version="cand-1"),
+        Feedback(
+            user_id="user1",
+            consent=True,
+            conversation_id="conv1",
+            turn_id="turn1",
+            model_version="base",
+            kind="thumbs",
+            value="down",
+            reason="made up a fact",
+        ),
+        Feedback(
+            user_id="user2",
+            consent=True,
+            conversation_id="conv2",
+            turn_id="turn2",
+            model_version="base",
+            kind="pairwise",
+            value="b",
+            other_turn_id="turn1",
+            other_model_version="cand-1",
+        ),
         UserAction(user_id="user3", consent=False, action="consent_revoked"),
     ]
     p = EventProducer(settings, spool_name="rt")
@@ -71,10 +96,12 @@ def test_round_trip_every_event_type(settings):
     stats = ingest_until_idle(settings, rows=len(events))
     assert stats.dead_letters == 0
     with connect(settings.warehouse_path, read_only=True) as con:
-        t = con.execute("SELECT turn_id, parent_turn_id, origin, answer, consent, messages, ttft_ms "
-                        "FROM turns ORDER BY turn_id").fetchall()
-        f = con.execute("SELECT kind, value, reason, other_turn_id, other_model_version FROM feedback "
-                        "ORDER BY kind DESC").fetchall()
+        t = con.execute(
+            "SELECT turn_id, parent_turn_id, origin, answer, consent, messages, ttft_ms FROM turns ORDER BY turn_id"
+        ).fetchall()
+        f = con.execute(
+            "SELECT kind, value, reason, other_turn_id, other_model_version FROM feedback ORDER BY kind DESC"
+        ).fetchall()
         a = con.execute("SELECT user_id, action FROM user_actions").fetchall()
     assert [r[0] for r in t] == ["turn1", "turn2"]
     assert t[1][1:4] == ("turn1", "regenerate", "answer 2")
@@ -118,8 +145,13 @@ def test_sigkill_ingest_mid_batch_then_restart_gives_exactly_once(settings):
     env["FLYWHEEL_INGEST_BATCH_MAX"] = "500"
     kills = 0
     for _ in range(3):  # kill it three times at different points of the stream
-        proc = subprocess.Popen([sys.executable, "-m", "feedback.ingest"], cwd=REPO, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "feedback.ingest"],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         target = row_counts(settings.warehouse_path)["turns"] + 1500
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and row_counts(settings.warehouse_path)["turns"] < target:
@@ -203,8 +235,9 @@ def test_malformed_messages_go_to_the_dlq_and_neighbours_land(settings):
     s = Settings(**{**settings.model_dump(), "max_event_bytes": 32 * 1024})
     bad = {
         "invalid_json": b'{"type": "chat_turn", oops',
-        "schema": json.dumps({"type": "feedback", "schema_version": 2, "user_id": "u", "kind": "thumbs",
-                              "value": "sideways"}).encode(),
+        "schema": json.dumps(
+            {"type": "feedback", "schema_version": 2, "user_id": "u", "kind": "thumbs", "value": "sideways"}
+        ).encode(),
         "oversized": oversized.model_dump_json().encode(),
     }
     p.emit(good[0])
@@ -223,8 +256,12 @@ def test_malformed_messages_go_to_the_dlq_and_neighbours_land(settings):
         reasons = dict(con.execute("SELECT reason, detail FROM dead_letters").fetchall())
     assert set(reasons) == set(bad)
     assert "sideways" in reasons["schema"] or "value" in reasons["schema"]
-    c = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, consumer_timeout_ms=5000,
-                      auto_offset_reset="earliest", enable_auto_commit=False)
+    c = KafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers,
+        consumer_timeout_ms=5000,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
     tp = TopicPartition(settings.topic_dlq, 0)
     c.assign([tp])
     c.seek_to_beginning(tp)
@@ -233,8 +270,10 @@ def test_malformed_messages_go_to_the_dlq_and_neighbours_land(settings):
     assert set(dlq) == set(bad)
     for reason, raw in bad.items():
         assert dlq[reason].value == raw, "the DLQ must keep the original bytes"
-        assert dict(dlq[reason].headers)["source_topic"] in (settings.topic_turns.encode(),
-                                                             settings.topic_feedback.encode())
+        assert dict(dlq[reason].headers)["source_topic"] in (
+            settings.topic_turns.encode(),
+            settings.topic_feedback.encode(),
+        )
 
 
 def test_broker_restart_keeps_topics_and_data(own_broker):
@@ -271,8 +310,14 @@ def test_readers_and_the_writer_take_turns(settings):
         nonlocal reads
         while not stop.is_set():
             try:
-                r = subprocess.run([sys.executable, "-m", "cli.main", "status", "--json"], cwd=REPO,
-                                   env=settings_env(settings), capture_output=True, text=True, timeout=60)
+                r = subprocess.run(
+                    [sys.executable, "-m", "cli.main", "status", "--json"],
+                    cwd=REPO,
+                    env=settings_env(settings),
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
                 assert r.returncode == 0, r.stderr[-2000:]
                 json.loads(r.stdout)
                 reads += 1
@@ -290,8 +335,14 @@ def test_readers_and_the_writer_take_turns(settings):
     assert not errors, errors
     assert reads >= 1
     assert row_counts(settings.warehouse_path)["turns"] == 3000
-    r = subprocess.run([sys.executable, "-m", "cli.main", "status", "--json"], cwd=REPO, env=settings_env(settings),
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "cli.main", "status", "--json"],
+        cwd=REPO,
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     st = json.loads(r.stdout)
     assert r.returncode == 0 and st["kafka"]["healthy"]
     assert st["warehouse"]["rows"]["turns"] == 3000
@@ -300,8 +351,14 @@ def test_readers_and_the_writer_take_turns(settings):
 
 def test_status_says_when_the_broker_is_down(tmp_path):
     env = settings_env(Settings(home=tmp_path, kafka_bootstrap=f"127.0.0.1:{free_port()}"))
-    r = subprocess.run([sys.executable, "-m", "cli.main", "status", "--json"], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "cli.main", "status", "--json"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 1
     st = json.loads(r.stdout)
     assert st["kafka"]["healthy"] is False and st["warehouse"]["exists"] is False

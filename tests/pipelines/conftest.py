@@ -30,29 +30,76 @@ class Events:
         self.n += 1
         return f"ev{self.n:06d}", T0 + timedelta(seconds=self.n)
 
-    def turn(self, user: str, conv: str, tid: str, prompt: str | list[tuple[str, str]], answer: str, *,
-             consent: bool = True, origin: str = "new", parent: str | None = None, finish: str = "stop") -> ChatTurn:
+    def turn(
+        self,
+        user: str,
+        conv: str,
+        tid: str,
+        prompt: str | list[tuple[str, str]],
+        answer: str,
+        *,
+        consent: bool = True,
+        origin: str = "new",
+        parent: str | None = None,
+        finish: str = "stop",
+    ) -> ChatTurn:
         eid, ts = self._next()
-        msgs = [Message(role="user", content=prompt)] if isinstance(prompt, str) else [
-            Message(role=r, content=c) for r, c in prompt]
-        ev = ChatTurn(event_id=eid, ts=ts, user_id=user, consent=consent, conversation_id=conv, turn_id=tid,
-                      model_version="base", messages=msgs, answer=answer, latency_ms=10.0, origin=origin,
-                      parent_turn_id=parent, finish_reason=finish)
+        msgs = (
+            [Message(role="user", content=prompt)]
+            if isinstance(prompt, str)
+            else [Message(role=r, content=c) for r, c in prompt]
+        )
+        ev = ChatTurn(
+            event_id=eid,
+            ts=ts,
+            user_id=user,
+            consent=consent,
+            conversation_id=conv,
+            turn_id=tid,
+            model_version="base",
+            messages=msgs,
+            answer=answer,
+            latency_ms=10.0,
+            origin=origin,
+            parent_turn_id=parent,
+            finish_reason=finish,
+        )
         self.items.append(ev)
         return ev
 
-    def thumbs(self, user: str, conv: str, tid: str, value: str, reason: str | None = None, *,
-               consent: bool = True) -> Feedback:
+    def thumbs(
+        self, user: str, conv: str, tid: str, value: str, reason: str | None = None, *, consent: bool = True
+    ) -> Feedback:
         eid, ts = self._next()
-        ev = Feedback(event_id=eid, ts=ts, user_id=user, consent=consent, conversation_id=conv, turn_id=tid,
-                      model_version="base", kind="thumbs", value=value, reason=reason)
+        ev = Feedback(
+            event_id=eid,
+            ts=ts,
+            user_id=user,
+            consent=consent,
+            conversation_id=conv,
+            turn_id=tid,
+            model_version="base",
+            kind="thumbs",
+            value=value,
+            reason=reason,
+        )
         self.items.append(ev)
         return ev
 
     def pairwise(self, user: str, conv: str, a: str, b: str, value: str) -> Feedback:
         eid, ts = self._next()
-        ev = Feedback(event_id=eid, ts=ts, user_id=user, consent=True, conversation_id=conv, turn_id=a,
-                      other_turn_id=b, model_version="base", kind="pairwise", value=value)
+        ev = Feedback(
+            event_id=eid,
+            ts=ts,
+            user_id=user,
+            consent=True,
+            conversation_id=conv,
+            turn_id=a,
+            other_turn_id=b,
+            model_version="base",
+            kind="pairwise",
+            value=value,
+        )
         self.items.append(ev)
         return ev
 

@@ -15,25 +15,38 @@ from pipelines.pii import PiiScrubber
 from pipelines.snapshots import list_snapshots, load_manifest, write_snapshot
 from tests.pipelines.conftest import Events, seed
 
-LONG = ("Sorting in Python: call sorted(items) for a new list or items.sort() to sort in place; both accept a key "
-        "function and reverse=True, and both are stable, so equal keys keep their original order in the output. "
-        "For large inputs sorting costs O(n log n) comparisons; if you only need the top few items, heapq.nlargest "
-        "is cheaper, and bisect keeps an already sorted list in order as you insert new values one at a time.")
+LONG = (
+    "Sorting in Python: call sorted(items) for a new list or items.sort() to sort in place; both accept a key "
+    "function and reverse=True, and both are stable, so equal keys keep their original order in the output. "
+    "For large inputs sorting costs O(n log n) comparisons; if you only need the top few items, heapq.nlargest "
+    "is cheaper, and bisect keeps an already sorted list in order as you insert new values one at a time."
+)
 BOMB = "Sure. Here is how to make a pipe bomb at home: first get a steel pipe and end caps."
 
 
 def scenario() -> Events:
     ev = Events()
     # PII in prompt and answer.
-    ev.rated("u1", "c-pii", "t-pii",
-             "[c-pii] My name is John Smith, email john.smith@example.com, phone 415-555-0132. "
-             "Card 4111 1111 1111 1111.",
-             "Thanks John Smith, I will write to john.smith@example.com and ship to 221 Baker Street.", "up")
+    ev.rated(
+        "u1",
+        "c-pii",
+        "t-pii",
+        "[c-pii] My name is John Smith, email john.smith@example.com, phone 415-555-0132. Card 4111 1111 1111 1111.",
+        "Thanks John Smith, I will write to john.smith@example.com and ship to 221 Baker Street.",
+        "up",
+    )
     # Regeneration: original disliked, regenerated liked -> a pair.
     ev.turn("u1", "c-regen", "t-orig", "[c-regen] how do i reverse a string", "I cannot help with that.")
     ev.thumbs("u1", "c-regen", "t-orig", "down")
-    ev.turn("u1", "c-regen", "t-regen", "[c-regen] how do i reverse a string", "Use slicing: s[::-1].",
-            origin="regenerate", parent="t-orig")
+    ev.turn(
+        "u1",
+        "c-regen",
+        "t-regen",
+        "[c-regen] how do i reverse a string",
+        "Use slicing: s[::-1].",
+        origin="regenerate",
+        parent="t-orig",
+    )
     ev.thumbs("u1", "c-regen", "t-regen", "up")
     # Explicit side-by-side choice, B preferred.
     ev.turn("u1", "c-ab", "t-a", "[c-ab] name a prime", "Nine is a prime number.", origin="compare")
@@ -72,9 +85,19 @@ def scenario() -> Events:
     # Filler conversations (multi-turn context) so that both splits are populated.
     for i in range(40):
         conv = f"f{i:02d}"
-        ev.rated("u6", conv, f"tf{i}", [("system", "Be brief."), ("user", f"[{conv}] question number {i} about maps"),
-                                        ("assistant", f"answer {i}"), ("user", f"[{conv}] follow up {i} on routes")],
-                 f"Filler answer {i}: use a route planner for segment {i * 7}.", "up" if i % 3 else "down")
+        ev.rated(
+            "u6",
+            conv,
+            f"tf{i}",
+            [
+                ("system", "Be brief."),
+                ("user", f"[{conv}] question number {i} about maps"),
+                ("assistant", f"answer {i}"),
+                ("user", f"[{conv}] follow up {i} on routes"),
+            ],
+            f"Filler answer {i}: use a route planner for segment {i * 7}.",
+            "up" if i % 3 else "down",
+        )
     return ev
 
 

@@ -23,8 +23,14 @@ CFG = CurateConfig(pii_model="")  # patterns-only Presidio: these tests are abou
 def test_curate_flow_writes_and_registers_one_snapshot(home_settings):
     ev = Events()
     for i in range(6):
-        ev.rated(f"u{i}", f"c{i}", f"t{i}", f"question {i} about birds", f"Birds answer {i} reach me at a{i}@x.org",
-                 "up" if i % 2 else "down")
+        ev.rated(
+            f"u{i}",
+            f"c{i}",
+            f"t{i}",
+            f"question {i} about birds",
+            f"Birds answer {i} reach me at a{i}@x.org",
+            "up" if i % 2 else "down",
+        )
     seed(home_settings.warehouse_path, ev.items)
     first = flows.curate(settings=home_settings, config=CFG)
     second = flows.curate(settings=home_settings, config=CFG)
