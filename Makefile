@@ -51,7 +51,7 @@ run: setup  ## start the whole stack in the foreground
 up: run
 
 test: setup  ## the full suite (starts its own broker, Prefect harness, model, Chromium)
-	$(PY) -m pytest -q --durations=15  # the slowest tests, so the suite's budget stays visible
+	$(PY) -m pytest -q --durations=25  # the slowest tests, so the suite's budget stays visible
 
 test-fast: $(STAMP)  ## unit tests only (no services)
 	$(PY) -m pytest -q -m "not integration and not browser and not slow"
