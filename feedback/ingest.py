@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from feedback.events import EventError, parse_event
@@ -169,7 +170,16 @@ class IngestConsumer:
                 wait_ms = self.s.ingest_batch_ms
                 if self._batch_started is not None:
                     wait_ms = max(0, int(self.s.ingest_batch_ms - (time.monotonic() - self._batch_started) * 1000))
-                records = self.consumer.poll(timeout_ms=wait_ms, max_records=self.s.ingest_batch_max)
+                try:
+                    records = self.consumer.poll(timeout_ms=wait_ms, max_records=self.s.ingest_batch_max)
+                except KafkaError as e:
+                    # kafka-python 3.0 raises a broker outage out of poll (ECONNREFUSED while finding the
+                    # coordinator); the outage ends, this process must not. The batch stays in memory.
+                    if not e.retriable:
+                        raise
+                    log.warning("broker unreachable (%s); retrying in 1 s", e)
+                    self._stop.wait(1.0)
+                    records = {}
                 _rejoin_if_stranded(self.consumer)
                 if records:
                     last_data = time.monotonic()
