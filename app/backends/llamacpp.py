@@ -39,21 +39,22 @@ Part = tuple[int, list[int], int, bool]  # (sequence id, tokens, position of the
 # libgomp counts more threads than cores, stops spinning at its barriers, and each token pays ~100 sleeps and
 # wakes: one stream's token took 16 ms with one version loaded, 30 ms with two and 70 ms with three. The cores
 # cannot decode two versions at once anyway, so their steps take turns here.
-_LLAMA_THREAD = ThreadPoolExecutor(1, thread_name_prefix="llama.cpp")
 _llama_thread_id: int | None = None
+
+
+def _mark_llama_thread() -> None:
+    global _llama_thread_id
+    _llama_thread_id = threading.get_ident()
+
+
+_LLAMA_THREAD = ThreadPoolExecutor(1, thread_name_prefix="llama.cpp", initializer=_mark_llama_thread)
 
 
 def _on_llama_thread(fn, *args):
     """``fn(*args)`` on the llama.cpp thread (directly when already there); returns or raises what it does."""
     if threading.get_ident() == _llama_thread_id:
         return fn(*args)
-    return _LLAMA_THREAD.submit(_mark_and_call, fn, *args).result()
-
-
-def _mark_and_call(fn, *args):
-    global _llama_thread_id
-    _llama_thread_id = threading.get_ident()
-    return fn(*args)
+    return _LLAMA_THREAD.submit(fn, *args).result()
 
 
 def _llama():
