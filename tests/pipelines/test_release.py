@@ -24,13 +24,22 @@ pytestmark = pytest.mark.integration
 BASE_TEMPLATE_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 CONCISE = "Reply in one short sentence of at most fifteen words. No lists."
 VERBOSE = "Always answer with a long, detailed numbered list of at least ten points."
+_ASSISTANT_HEADER = "'<|im_start|>assistant\n' }}"  # the generation prompt in the base chat template
 
 
 def make_version(
-    settings: Settings, recipe: str, system: str = CONCISE, *, gate: bool = True, snapshot_id: str | None = None
+    settings: Settings,
+    recipe: str,
+    system: str = CONCISE,
+    *,
+    gate: bool = True,
+    snapshot_id: str | None = None,
+    answer_prefix: str = "",
 ) -> str:
     """A real, servable, registered version: the base weights (linked) with its own chat template (a different
-    default system prompt), registered in MLflow with lineage.json, its gate recorded."""
+    default system prompt), registered in MLflow with lineage.json, its gate recorded. ``answer_prefix`` is
+    written into the template after the assistant header, as a broken template would: every answer continues
+    it (the prefix itself is prompt, never shown)."""
     from training import registry
 
     base = need_model(settings.base_model_path)
@@ -44,7 +53,11 @@ def make_version(
             shutil.copy(f, tmp / f.name)
     template = (base / "chat_template.jinja").read_text()
     assert BASE_TEMPLATE_SYSTEM in template
-    (tmp / "chat_template.jinja").write_text(template.replace(BASE_TEMPLATE_SYSTEM, system))
+    template = template.replace(BASE_TEMPLATE_SYSTEM, system)
+    if answer_prefix:
+        assert template.count(_ASSISTANT_HEADER) == 1
+        template = template.replace(_ASSISTANT_HEADER, _ASSISTANT_HEADER[:-4] + answer_prefix + "' }}")
+    (tmp / "chat_template.jinja").write_text(template)
     with registry._run(settings, f"test-{recipe}") as run_id:
         info = registry.register(
             settings,

@@ -1,7 +1,12 @@
 """The closed loop, driven by simulated users through the public API of a live app on the real model: a good
 candidate (told to answer in one short sentence, which the concise majority likes) reaches full traffic, then a
-deliberately bad one (told to answer with long numbered lists) is rolled back automatically while users keep
-chatting, and no request fails while the app switches plans."""
+deliberately bad one is rolled back automatically while users keep chatting, and no request fails while the app
+switches plans.
+
+The bad candidate ships a broken chat template that starts every answer as a numbered list: the 135M model
+follows that every time (it runs on to the token cap), where a system prompt asking for lists changed little
+(12-27% thumbs up against the concise candidate's 30-35% at 24 tokens, too close to decide in the suite's time).
+At 48 tokens the concise candidate's answers mostly finish (about 58% liked, base 29%, the broken one 12%)."""
 
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ def _sim(seed: int, users: int = 16, turns: int = 2) -> SimConfig:
     return SimConfig(
         users=users,
         turns=turns,
-        max_tokens=24,
+        max_tokens=48,
         temperature=0.7,
         consent_rate=1.0,
         compare_rate=0.0,
@@ -45,9 +50,9 @@ def _sim(seed: int, users: int = 16, turns: int = 2) -> SimConfig:
 def test_good_candidate_reaches_full_bad_one_is_rolled_back(settings, model_backend):  # noqa: F811
     ensure_topics(settings)
     good = make_version(settings, "concise", CONCISE)
-    bad = make_version(settings, "verbose", VERBOSE)
+    bad = make_version(settings, "verbose", VERBOSE, answer_prefix="Here is a detailed list of points:\n\n1.")
     # Few ratings, large effects: a wide mixing prior (mixture_sd) narrows the always-valid interval for them.
-    # The verbose candidate's long prompt and answers also trip the latency guard (TTFT x2 here); this test is
+    # The bad candidate's long prompt and answers also trip the latency guard (TTFT x2 here); this test is
     # about the ratings, so the guard is set out of reach (tests/pipelines/test_analysis.py covers it).
     cfg = ReleaseConfig(
         steps=(0.5, 1.0), min_thumbs=8, min_step_s=0, margin=0.2, mixture_sd=0.3, poll_s=2, max_latency_ratio=100.0
@@ -62,7 +67,7 @@ def test_good_candidate_reaches_full_bad_one_is_rolled_back(settings, model_back
             _wait_served(live, good)
             st, stats = _traffic_until_decided(ctl, live, seed=11)
             assert stats.errors == 0 and {"base", good} <= set(stats.per_version), stats.error_samples
-            assert st.status == "full" and st.last.actor == "controller", latest_analysis(settings)
+            assert st.status == "full" and st.last.actor == "controller", _summary(latest_analysis(settings))
             assert "not worse" in st.last.reason
 
             # 2. The bad candidate against the new production, while users keep chatting: rolled back.
@@ -71,7 +76,7 @@ def test_good_candidate_reaches_full_bad_one_is_rolled_back(settings, model_back
             assert live.service.router.wait_for(st.last.plan["plan_id"], 30)
             _wait_served(live, bad)
             st, stats = _traffic_until_decided(ctl, live, seed=21)
-            assert st.status == "rolled_back" and st.last.actor == "controller", latest_analysis(settings)
+            assert st.status == "rolled_back" and st.last.actor == "controller", _summary(latest_analysis(settings))
             assert "significantly worse" in st.last.reason
             assert stats.errors == 0, stats.error_samples  # every request answered while the plan changed under it
             assert live.service.router.plan.versions() == [good]
@@ -99,4 +104,17 @@ def _traffic_until_decided(ctl: Controller, live, seed: int, max_rounds: int = 1
             if not st.active:
                 return st, total
             time.sleep(ctl.cfg.poll_s)
+        print(f"round {r}: {_summary(latest_analysis(ctl.settings))}")  # shown when the test fails
     return ctl.log.current(), total
+
+
+def _summary(a: dict | None) -> str:
+    """One line of the controller's latest look: each arm's thumbs-up k/n, the difference's interval, why."""
+    if not a:
+        return "no analysis yet"
+    arms = " vs ".join(
+        f"{a[arm]['version']} {a[arm]['thumbs']['k']}/{a[arm]['thumbs']['n']}" for arm in ("candidate", "production")
+    )
+    lo, hi = a.get("diff_lo"), a.get("diff_hi")
+    ci = f"{lo:+.2f}..{hi:+.2f}" if lo is not None and hi is not None else "-"
+    return f"{arms}, diff CI {ci}, {a['decision']}: {'; '.join(a.get('reasons') or [])}"
