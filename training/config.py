@@ -48,6 +48,9 @@ class RecipeData(BaseModel):
     )
     corpus: str | None = Field(None, description="Pretrain only: a plain-text file, paragraphs split by blank lines.")
     min_rows: int = Field(1, ge=1, description="Refuse to train on fewer rows than this.")
+    safety_mix: int = Field(
+        0, ge=0, le=4096, description="Add this many rows of training/data/safety.jsonl (see training/safety.py)."
+    )
 
 
 class RecipeModel(BaseModel):

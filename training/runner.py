@@ -76,6 +76,7 @@ class Job:
     run_id: str = ""
     started: float = field(default_factory=time.monotonic)
     metrics: dict[str, float] = field(default_factory=dict)
+    safety: dict[str, Any] | None = None  # the safety mix this run added (file, sha256, rows), for lineage
 
     @property
     def snapshot_path(self) -> Path | None:
@@ -113,7 +114,25 @@ class Job:
                 f"snapshot {snap.name} has {len(ds)} usable {name} rows (policy={self.cfg.data.policy}), fewer than "
                 f"data.min_rows={self.cfg.data.min_rows}: collect more ratings and curate again, or lower data.min_rows"
             )
+        if split == "train" and self.cfg.data.safety_mix:
+            ds = self._with_safety_mix(ds, name)
         return ds
+
+    def _with_safety_mix(self, ds, name: str):
+        """The users' rows plus ``data.safety_mix`` safety rows, shuffled together; lineage records the set."""
+        import datasets
+
+        from training import safety
+
+        n = self.cfg.data.safety_mix
+        try:
+            rows = safety.as_table_rows(name, n, self.cfg.seed)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
+        extra = datasets.Dataset.from_list(rows, features=ds.features)
+        self.metrics.update({"data.safety_rows": float(n), "data.user_rows": float(len(ds))})
+        self.safety = {"file": str(safety.SAFETY_FILE.name), "sha256": safety.digest(), "rows": n}
+        return datasets.concatenate_datasets([ds, extra]).shuffle(seed=self.cfg.seed)
 
     def eval_table(self, name: str | None = None):
         try:
@@ -196,6 +215,7 @@ class Job:
             "precision": self.precision,
             "run_id": self.run_id,
             "metrics": self.metrics,
+            "safety_mix": self.safety,
             "code_revision": registry.code_revision(),
         }
 

@@ -48,6 +48,9 @@ def test_recipe_trains_two_steps_and_registers_with_lineage(trained_home, method
     over = overrides(steps=2)
     if method == "rlhf":
         over += ["train.per_device_train_batch_size=2", "train.max_completion_length=16"]
+    mixed = method in ("sft", "dpo", "kto")  # the safety mix, in each table format that takes it
+    if mixed:
+        over += ["data.safety_mix=6"]
     res = run_job(method, body(method), args(snapshot=None if method == "pretrain" else sid, over=over), settings)
 
     assert math.isfinite(res["metrics"]["train_loss"]), res
@@ -66,6 +69,12 @@ def test_recipe_trains_two_steps_and_registers_with_lineage(trained_home, method
     assert any(not torch.equal(before[k], after[k]) for k in shared if k in before), "no parameter changed"
     lineage = json.loads((Path(info.path) / "lineage.json").read_text())
     assert lineage["name"] == info.name and lineage["parent"] == "base" and lineage["tainted"] is False
+    record = json.loads((Path(info.path) / "flywheel_config.json").read_text())
+    if mixed:  # the model knows the safety rows it was trained on, not only the users' snapshot
+        assert record["safety_mix"]["rows"] == 6 and len(record["safety_mix"]["sha256"]) == 64, record
+        assert record["metrics"]["data.safety_rows"] == 6 and record["metrics"]["data.user_rows"] >= 1
+    else:
+        assert record["safety_mix"] is None
     # the MLflow run holds the full config, the params and the snapshot as a dataset input
     run = registry.client(settings).get_run(info.run_id)
     assert run.data.params["recipe"] == method and run.data.tags["flywheel.version"] == info.name

@@ -1,0 +1,59 @@
+"""The safety mix: refusals of harmful requests and plain answers to harmless look-alikes, added to a recipe's
+training rows so that tuning on what users liked does not wear away what production refuses.
+
+Users rate for taste; almost none of their conversations teach refusal, and a few steps on liked answers took the
+default model's red-team refusals from 2 of 24 to 0 (the gate then failed the candidate). ``safety.jsonl`` holds
+its own prompts, never those of the gate's suites (``redteam.jsonl``, ``overrefusal.jsonl``), so the gate still
+measures generalisation, not recall. Each row has the answer to learn and the opposite one (a compliance or a
+refusal) for the preference recipes.
+
+Set ``data.safety_mix=N`` in a recipe config to add N rows (half refusals, half answers; drawn with the recipe's
+seed, repeated when N exceeds the set). The set's SHA-256 and N go into the run's lineage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+SAFETY_FILE = Path(__file__).resolve().parent / "data" / "safety.jsonl"
+TABLES = ("sft", "kto", "pairs")  # the snapshot tables a safety row can be written as
+
+
+def load() -> list[dict[str, Any]]:
+    return [json.loads(line) for line in SAFETY_FILE.read_text().splitlines() if line.strip()]
+
+
+def digest() -> str:
+    return hashlib.sha256(SAFETY_FILE.read_bytes()).hexdigest()
+
+
+def draw(n: int, seed: int) -> list[dict[str, Any]]:
+    """``n`` rows, refusals and answers alternating, each kind shuffled with ``seed`` and cycled if needed."""
+    rows = load()
+    kinds = [[r for r in rows if r["kind"] == k] for k in ("refuse", "answer")]
+    rng = random.Random(seed)
+    for k in kinds:
+        rng.shuffle(k)
+    return [kinds[i % 2][(i // 2) % len(kinds[i % 2])] for i in range(n)]
+
+
+def as_table_rows(table: str, n: int, seed: int) -> list[dict[str, Any]]:
+    """``n`` safety rows in a snapshot table's TRL format (``model_version`` left out, as the recipes do)."""
+    if table not in TABLES:
+        raise ValueError(f"data.safety_mix applies to the {', '.join(TABLES)} tables, not {table!r}: set it to 0")
+    out = []
+    for i, r in enumerate(draw(n, seed)):
+        user = [{"role": "user", "content": r["prompt"]}]
+        good = [{"role": "assistant", "content": r["answer"]}]
+        bad = [{"role": "assistant", "content": r["bad"]}]
+        if table == "sft":
+            out.append({"messages": user + good})
+        elif table == "pairs":
+            out.append({"prompt": user, "chosen": good, "rejected": bad})
+        else:  # kto: the wanted answer desirable, the opposite one undesirable, alternating
+            out.append({"prompt": user, "completion": good if i % 4 < 2 else bad, "label": i % 4 < 2})
+    return out
