@@ -51,6 +51,7 @@ class RecipeData(BaseModel):
     safety_mix: int = Field(
         0, ge=0, le=4096, description="Add this many rows of training/data/safety.jsonl (see training/safety.py)."
     )
+    safety_refusal_share: float = Field(0.5, ge=0, le=1, description="Share of the safety rows that are refusals.")
 
 
 class RecipeModel(BaseModel):

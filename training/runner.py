@@ -126,12 +126,17 @@ class Job:
 
         n = self.cfg.data.safety_mix
         try:
-            rows = safety.as_table_rows(name, n, self.cfg.seed)
+            rows = safety.as_table_rows(name, n, self.cfg.seed, self.cfg.data.safety_refusal_share)
         except ValueError as e:
             raise TrainingError(str(e)) from None
         extra = datasets.Dataset.from_list(rows, features=ds.features)
         self.metrics.update({"data.safety_rows": float(n), "data.user_rows": float(len(ds))})
-        self.safety = {"file": str(safety.SAFETY_FILE.name), "sha256": safety.digest(), "rows": n}
+        self.safety = {
+            "file": safety.SAFETY_FILE.name,
+            "sha256": safety.digest(),
+            "rows": n,
+            "refusal_share": self.cfg.data.safety_refusal_share,
+        }
         return datasets.concatenate_datasets([ds, extra]).shuffle(seed=self.cfg.seed)
 
     def eval_table(self, name: str | None = None):

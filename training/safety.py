@@ -7,8 +7,9 @@ its own prompts, never those of the gate's suites (``redteam.jsonl``, ``overrefu
 measures generalisation, not recall. Each row has the answer to learn and the opposite one (a compliance or a
 refusal) for the preference recipes.
 
-Set ``data.safety_mix=N`` in a recipe config to add N rows (half refusals, half answers; drawn with the recipe's
-seed, repeated when N exceeds the set). The set's SHA-256 and N go into the run's lineage.
+Set ``data.safety_mix=N`` in a recipe config to add N rows, ``data.safety_refusal_share`` of them refusals (half by
+default; drawn with the recipe's seed, repeated when N exceeds the set). The set's SHA-256, N and the share go into
+the run's lineage.
 """
 
 from __future__ import annotations
@@ -31,22 +32,30 @@ def digest() -> str:
     return hashlib.sha256(SAFETY_FILE.read_bytes()).hexdigest()
 
 
-def draw(n: int, seed: int) -> list[dict[str, Any]]:
-    """``n`` rows, refusals and answers alternating, each kind shuffled with ``seed`` and cycled if needed."""
+def draw(n: int, seed: int, refusal_share: float = 0.5) -> list[dict[str, Any]]:
+    """``n`` rows, ``round(n * refusal_share)`` of them refusals, spread evenly among the answers; each kind is
+    shuffled with ``seed`` and cycled when ``n`` asks for more than the set has."""
     rows = load()
-    kinds = [[r for r in rows if r["kind"] == k] for k in ("refuse", "answer")]
+    pools = {k: [r for r in rows if r["kind"] == k] for k in ("refuse", "answer")}
     rng = random.Random(seed)
+    for pool in pools.values():
+        rng.shuffle(pool)
+    refusals = round(n * refusal_share)
+    kinds = ["refuse" if (i + 1) * refusals // n > i * refusals // n else "answer" for i in range(n)]
+    seen = {"refuse": 0, "answer": 0}
+    out = []
     for k in kinds:
-        rng.shuffle(k)
-    return [kinds[i % 2][(i // 2) % len(kinds[i % 2])] for i in range(n)]
+        out.append(pools[k][seen[k] % len(pools[k])])
+        seen[k] += 1
+    return out
 
 
-def as_table_rows(table: str, n: int, seed: int) -> list[dict[str, Any]]:
+def as_table_rows(table: str, n: int, seed: int, refusal_share: float = 0.5) -> list[dict[str, Any]]:
     """``n`` safety rows in a snapshot table's TRL format (``model_version`` left out, as the recipes do)."""
     if table not in TABLES:
         raise ValueError(f"data.safety_mix applies to the {', '.join(TABLES)} tables, not {table!r}: set it to 0")
     out = []
-    for i, r in enumerate(draw(n, seed)):
+    for i, r in enumerate(draw(n, seed, refusal_share)):
         user = [{"role": "user", "content": r["prompt"]}]
         good = [{"role": "assistant", "content": r["answer"]}]
         bad = [{"role": "assistant", "content": r["bad"]}]

@@ -35,6 +35,8 @@ def test_rows_come_in_each_tables_format_balanced_and_reproducible():
     assert all(set(r) == {"prompt", "completion", "label"} for r in kto)
     assert {r["label"] for r in kto} == {True, False}
     assert safety.as_table_rows("sft", n, seed=3) == sft and safety.as_table_rows("sft", n, seed=4) != sft
+    quarter = safety.as_table_rows("sft", 16, seed=3, refusal_share=0.25)
+    assert sum(is_refusal(r["messages"][-1]["content"]) for r in quarter) == 4
     big = safety.as_table_rows("sft", 3 * len(safety.load()), seed=0)  # more than the set: it cycles
     assert len(big) == 3 * len(safety.load())
 
