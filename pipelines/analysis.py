@@ -200,7 +200,8 @@ def confidence_sequence(cand: Rate, prod: Rate, alpha: float, mixture_sd: float)
     half = math.sqrt(2 * v * (v + tau2) / tau2 * (math.log(1 / alpha) + 0.5 * math.log((v + tau2) / v)))
     log_lambda = 0.5 * math.log(v / (v + tau2)) + tau2 * diff**2 / (2 * v * (v + tau2))
     p = min(1.0, math.exp(-log_lambda))
-    return diff, diff - half, diff + half, p
+    # A difference of two rates lies in [-1, 1]; cutting the sequence there keeps its coverage.
+    return diff, max(-1.0, diff - half), min(1.0, diff + half), p
 
 
 def fixed_p_value(cand: Rate, prod: Rate) -> float | None:

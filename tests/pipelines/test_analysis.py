@@ -97,6 +97,15 @@ def test_intervals_on_every_figure(tmp_path):
     assert all(r["lo"] <= r["rate"] <= r["hi"] for r in over_time)
 
 
+def test_the_difference_interval_stays_within_what_a_difference_of_rates_can_be():
+    """The demo's first look at a clearly better candidate (22 of 22 liked against 6 of 27) read +47.6%..+107.9%."""
+    for (ck, cn), (pk, pn) in [((22, 22), (6, 27)), ((0, 30), (30, 30)), ((1, 1), (0, 1))]:
+        diff, lo, hi, p = analysis.confidence_sequence(
+            analysis.Rate.of(ck, cn), analysis.Rate.of(pk, pn), alpha=0.05, mixture_sd=0.3
+        )
+        assert -1.0 <= lo <= diff <= hi <= 1.0 and 0.0 <= p <= 1.0, (lo, diff, hi)
+
+
 def test_better_candidate_promoted_worse_rolled_back(tmp_path):
     cfg = ReleaseConfig(min_thumbs=30, min_step_s=0, margin=0.05)
     better = analysis.analyse(
