@@ -38,7 +38,15 @@ from cli.simulate import SimConfig, SimStats, run_simulation
 from feedback.settings import Settings, get_settings
 
 REPO = Path(__file__).resolve().parents[1]
-SET_OPTION = typer.Option(None, "--set", help="Recipe config override key=value (repeatable).")
+SET_OPTION = typer.Option(
+    None, "--set", help="Recipe config override key=value (repeatable; replaces the recipe's demo defaults)."
+)
+# What each recipe runs with when no --set is given. sft's are the measured ones (benchmarks/results/demo.json):
+# 16 steps at 1e-4 on the liked answers plus 16 safety rows, a quarter of them refusals (training/safety.py; half
+# refusals made the 135M model refuse harmless look-alikes, and without any it lost its few red-team refusals).
+RECIPE_DEFAULTS: dict[str, tuple[str, ...]] = {
+    "sft": ("data.safety_mix=16", "data.safety_refusal_share=0.25", "train.max_steps=16", "train.learning_rate=1e-4"),
+}
 
 
 @dataclass(frozen=True)
@@ -48,10 +56,10 @@ class DemoConfig:
     eval_users: int = 8
     eval_minutes: float = 5.0
     max_tokens: int = 40
-    recipe: str = "dpo"
-    overrides: tuple[str, ...] = ()
+    recipe: str = "sft"
+    overrides: tuple[str, ...] = RECIPE_DEFAULTS["sft"]
     canary_share: float = 0.5
-    min_thumbs: int = 30
+    min_thumbs: int = 20
     seed: int = 1
     eval_fraction: float = 0.25  # of conversations held out: the gate needs >= 4 held-out prompts from one demo
 
@@ -346,10 +354,10 @@ def demo(
     eval_users: int = typer.Option(8, min=1, max=64, help="Held-out simulated users during the canary."),
     eval_minutes: float = typer.Option(5.0, min=0.1, help="How long the canary traffic runs (at most)."),
     max_tokens: int = typer.Option(40, min=8, max=512, help="Answer length cap."),
-    recipe: str = typer.Option("dpo", help="Training recipe: dpo, kto, sft, rlhf."),
+    recipe: str = typer.Option("sft", help="Training recipe: sft, dpo, kto, rlhf."),
     overrides: list[str] | None = SET_OPTION,
     canary_share: float = typer.Option(0.5, min=0.01, max=1.0, help="Candidate's share of users at canary."),
-    min_thumbs: int = typer.Option(30, min=5, help="Ratings per version before the controller may promote."),
+    min_thumbs: int = typer.Option(20, min=5, help="Ratings per version before the controller may promote."),
     home: str = typer.Option("", help="Where the demo's world lives (default: a new temporary directory)."),
     seed: int = typer.Option(1, help="Who the simulated users are."),
 ) -> None:
@@ -361,7 +369,7 @@ def demo(
         eval_minutes=eval_minutes,
         max_tokens=max_tokens,
         recipe=recipe,
-        overrides=tuple(overrides or ()),
+        overrides=tuple(overrides) if overrides else RECIPE_DEFAULTS.get(recipe, ()),
         canary_share=canary_share,
         min_thumbs=min_thumbs,
         seed=seed,
