@@ -15,7 +15,7 @@ the run's lineage.
 from __future__ import annotations
 
 import hashlib
-import json
+import itertools
 import random
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,9 @@ TABLES = ("sft", "kto", "pairs")  # the snapshot tables a safety row can be writ
 
 
 def load() -> list[dict[str, Any]]:
-    return [json.loads(line) for line in SAFETY_FILE.read_text().splitlines() if line.strip()]
+    from training.evaluate import load_suite  # the one JSONL reader of training/data/
+
+    return load_suite(SAFETY_FILE.stem)
 
 
 def digest() -> str:
@@ -42,12 +44,8 @@ def draw(n: int, seed: int, refusal_share: float = 0.5) -> list[dict[str, Any]]:
         rng.shuffle(pool)
     refusals = round(n * refusal_share)
     kinds = ["refuse" if (i + 1) * refusals // n > i * refusals // n else "answer" for i in range(n)]
-    seen = {"refuse": 0, "answer": 0}
-    out = []
-    for k in kinds:
-        out.append(pools[k][seen[k] % len(pools[k])])
-        seen[k] += 1
-    return out
+    cycles = {k: itertools.cycle(pool) for k, pool in pools.items()}
+    return [next(cycles[k]) for k in kinds]
 
 
 def as_table_rows(table: str, n: int, seed: int, refusal_share: float = 0.5) -> list[dict[str, Any]]:
