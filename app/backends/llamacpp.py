@@ -95,12 +95,21 @@ class Engine:
         self.batch = L.llama_batch_init(n_batch, 0, 1)
 
     def decode(self, parts: list[Part]) -> list[int]:
-        """Run one batch; returns the batch index of each part's logits row (-1 where none was asked for)."""
+        """Run one batch; returns the batch index of each part's logits row (-1 where none was asked for), in the
+        order of ``parts``.
+
+        The batch is laid out by ascending sequence id, whatever the order of ``parts``. With one KV stream per
+        sequence, llama.cpp splits a batch whose sequences come out of order into more, smaller pieces: an 8-row
+        decoding step took 31 ms in order and 80-100 ms shuffled or reversed (f16, 2 threads). Slots are reused
+        in the order requests finish, so served batches were out of order after the first wave of requests.
+        """
         b = self.batch
         n = 0
-        rows = []
-        for seq, toks, pos, want in parts:
-            rows.append(n + len(toks) - 1 if want else -1)
+        rows = [-1] * len(parts)
+        for k in sorted(range(len(parts)), key=lambda k: parts[k][0]):
+            seq, toks, pos, want = parts[k]
+            if want:
+                rows[k] = n + len(toks) - 1
             for j, tok in enumerate(toks):
                 b.token[n] = tok
                 b.pos[n] = pos + j
