@@ -8,7 +8,8 @@ Order matters, so nothing can be lost or half-done silently:
 2. the user's payload keys are destroyed in this process (its cached key goes too), so every sealed copy of
    their turns and ratings in Kafka and in outboxes is unreadable from now on;
 3. the request is recorded in the durable deletion ledger (``feedback.deletion``);
-4. the app's own session store forgets them (conversations, turn ownership, consent);
+4. the app's own session store forgets them (conversations, turn ownership, consent), and every loaded model
+   version drops the prompt prefixes it cached for them (``ChatService.forget_cached_prompts``);
 5. ``feedback.deletion.process_deletions`` purges the warehouse, erases snapshots, taints models trained on
    them and compacts the warehouse file. If the warehouse is busy the request stays pending and a background
    worker retries every few seconds; ``pending_deletions(settings)`` lists it and training refuses to start.
@@ -18,6 +19,7 @@ Order matters, so nothing can be lost or half-done silently:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -52,6 +54,7 @@ def delete_user(service: ChatService, user_id: str) -> dict[str, Any]:
     finally:
         ledger.close()
     service.sessions.delete_user(user_id)
+    service.forget_cached_prompts(user_id)
     try:
         process_deletions(service.settings, timeout_s=10.0)
     except Exception:  # noqa: BLE001 - the request is in the ledger; the worker retries
@@ -127,7 +130,7 @@ def build_deletion_api(service: ChatService) -> APIRouter:
                 "invalid_request_error",
                 "user",
             )
-        status = delete_user(service, user_id)
+        status = await asyncio.to_thread(delete_user, service, user_id)  # it waits on disk, the warehouse, a step
         return JSONResponse(status, status_code=200 if status.get("complete") else 202)
 
     @r.get("/v1/deletions/{request_id}")

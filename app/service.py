@@ -332,6 +332,14 @@ class ChatService:
                 target=_close_backend, args=(version, backend), name=f"unload-{version}", daemon=True
             ).start()
 
+    def forget_cached_prompts(self, user_id: str) -> int:
+        """Every loaded version drops the prompt prefixes it cached for ``user_id``; returns the slots cleared."""
+        return sum(
+            forget(user_id)
+            for backend in list(self.backends.values())
+            if (forget := getattr(backend, "forget_scope", None)) is not None
+        )
+
     def _pin(self, version: str) -> tuple[str, Backend]:
         """Mark one more turn in flight on ``version`` (the default if it was unloaded a moment ago)."""
         with self._load_mu:
@@ -435,7 +443,7 @@ class ChatService:
             self._unpin(version)
             raise
         try:
-            agen = backend.stream(messages, sampling)
+            agen = backend.stream(messages, sampling, cache_scope=user_id)
         except BaseException:
             gate.release(bucket)
             self._unpin(version)

@@ -41,6 +41,7 @@ class Request:
     queue: asyncio.Queue
     decoder: DecodeStream
     rng: Any  # the engine's seeded generator (sampling only), None for greedy
+    scope: str | None = None  # whose cached prefixes this request may reuse (engines with a prefix cache)
     completion: int = 0
     cancelled: bool = False
     done: bool = False
@@ -164,7 +165,9 @@ class BatchingBackend:
                 raise ValueError(f"the message is {len(ids)} tokens; this model takes at most {limit}")
             del msgs[drop]
 
-    async def stream(self, messages: list[dict[str, str]], sampling: Sampling) -> AsyncIterator[Chunk]:
+    async def stream(
+        self, messages: list[dict[str, str]], sampling: Sampling, cache_scope: str | None = None
+    ) -> AsyncIterator[Chunk]:
         ids = self.encode(messages)
         with self._cv:
             if self._closed:
@@ -186,6 +189,7 @@ class BatchingBackend:
                 queue=asyncio.Queue(),
                 decoder=DecodeStream(skip_special_tokens=True),
                 rng=rng,
+                scope=cache_scope,
             )
             with self._cv:
                 self._pending.append(req)

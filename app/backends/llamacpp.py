@@ -13,6 +13,12 @@ chunk per step, interleaved with everyone else's decoding, and never freezes the
 prompt is prefilled within the step it arrives in. Each sequence has its own KV-cache stream
 (``kv_unified=False``), so attention reads only its own history. Prompts are the model's chat template through
 the Hugging Face tokenizer (the same ids the transformers engine feeds), and text is decoded by the same tokenizer.
+
+Prefix reuse: a finished request's slot keeps its KV cache (prompt and answer). A new request takes the free slot
+whose cached tokens share the longest prefix with its prompt and prefills only the rest, as llama.cpp's own server
+does: the next turn of a conversation skips its whole history, and any request skips the chat template's system
+prompt. Caches are reused only within one ``cache_scope`` (the app passes the user), so how fast a first token
+comes never tells one user what another sent; ``forget_scope`` drops a scope's caches (a user's deletion).
 """
 
 from __future__ import annotations
@@ -128,15 +134,19 @@ class Engine:
         ptr = ctypes.cast(self.L.llama_get_logits_ith(self.ctx, i), ctypes.POINTER(ctypes.c_float))
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
-    def forget(self, seq: int = -1) -> None:
-        """Drop one sequence's cache (all sequences with -1)."""
-        _on_llama_thread(self._forget, seq)
+    def forget(self, seq: int = -1, keep: int = 0) -> bool:
+        """Drop one sequence's cache from position ``keep`` on (all sequences with -1); False if llama.cpp could not
+        keep that prefix (the sequence is then dropped whole)."""
+        return _on_llama_thread(self._forget, seq, keep)
 
-    def _forget(self, seq: int) -> None:
+    def _forget(self, seq: int, keep: int) -> bool:
         if seq < 0:
             self.L.llama_memory_clear(self.mem, True)
-        else:
-            self.L.llama_memory_seq_rm(self.mem, seq, -1, -1)
+            return True
+        if keep > 0 and self.L.llama_memory_seq_rm(self.mem, seq, keep, -1):
+            return True
+        self.L.llama_memory_seq_rm(self.mem, seq, -1, -1)
+        return keep <= 0
 
     def close(self) -> None:
         _on_llama_thread(self._close)
@@ -180,6 +190,10 @@ class LlamaCppBackend(BatchingBackend):
         )
         context = min(max_context_tokens, self._engine.n_ctx_train or max_context_tokens)
         self._free = list(range(max_concurrency))[::-1]
+        # slot -> (scope, tokens its KV cache holds), for free slots; the dict's order is least recently used first
+        self._cached: dict[int, tuple[str | None, list[int]]] = {}
+        self._cache_mu = threading.Lock()  # guards _cached and _free against forget_scope
+        self.prefix_tokens_reused = 0  # prompt tokens not prefilled thanks to a cached prefix (for /metrics, tests)
         self._setup(f"llama.cpp:{model_path}@{precision}", tokenizer, eos, max_concurrency, max_queue, context)
         self._start()
 
@@ -199,7 +213,7 @@ class LlamaCppBackend(BatchingBackend):
     def _iterate(self, new: list[Request]) -> None:
         for req in new:
             if not req.cancelled:
-                req.slot, req.fed = self._free.pop(), 0
+                self._claim(req)
                 self._rows.append(req)
         for req in [r for r in self._rows if r.cancelled]:
             self._release(req)
@@ -209,10 +223,48 @@ class LlamaCppBackend(BatchingBackend):
         rows = [i for i in self._engine.decode(parts) if i >= 0]
         for i, req in zip(rows, outs, strict=True):
             tok = self._sample(self._engine.logits(i), req)
+            req.extra.setdefault("answer", []).append(tok)
             if self._emit(req, tok):
                 self._release(req)
             else:
                 req.last = tok
+
+    def _claim(self, req: Request) -> None:
+        """Give ``req`` the free slot whose cache (same scope) shares the longest prefix with its prompt, or else
+        the least recently used one; only the rest of the prompt is then prefilled (at least its last token,
+        whose logits give the first answer token)."""
+        with self._cache_mu:  # against forget_scope, from another thread
+            self._claim_locked(req)
+
+    def _claim_locked(self, req: Request) -> None:
+        best, shared = None, 0
+        for slot in self._free:
+            scope, toks = self._cached.get(slot, (None, []))
+            if scope != req.scope or not toks:
+                continue
+            n = min(len(toks), len(req.ids) - 1)
+            same = next((i for i in range(n) if toks[i] != req.ids[i]), n)
+            if same > shared:
+                best, shared = slot, same
+        if best is None:  # nothing to reuse: an empty slot, else the one used longest ago
+            empty = [s for s in self._free if s not in self._cached]
+            best = empty[-1] if empty else next(s for s in self._cached if s in self._free)
+        self._free.remove(best)
+        self._cached.pop(best, None)
+        if not self._engine.forget(best, shared):
+            shared = 0
+        req.slot, req.fed = best, shared
+        self.prefix_tokens_reused += shared
+
+    def forget_scope(self, scope: str) -> int:
+        """Drop every cached prefix of ``scope`` (a deleted user's conversations) from any thread; returns how many
+        slots it cleared. Blocks while a step is being computed (up to a few hundred ms)."""
+        with self._cache_mu:
+            slots = [slot for slot, (s, _) in self._cached.items() if s == scope]
+            for slot in slots:
+                del self._cached[slot]
+                self._engine.forget(slot)
+        return len(slots)
 
     def _plan(self) -> tuple[list[Part], list[Request]]:
         """This step's batch: each decoding row's last token, then prompt chunks within ``prefill_chunk``."""
@@ -253,12 +305,19 @@ class LlamaCppBackend(BatchingBackend):
 
     def _release(self, req: Request) -> None:
         self._rows.remove(req)
-        self._engine.forget(req.slot)
-        self._free.append(req.slot)
+        held = (req.ids + req.extra.get("answer", []))[: req.fed]  # what the slot's cache now holds
+        with self._cache_mu:
+            if held:
+                self._cached[req.slot] = (req.scope, held)
+            else:
+                self._engine.forget(req.slot)
+            self._free.append(req.slot)
 
     def _reset(self) -> None:
-        self._engine.forget()
-        self._free = list(range(self.max_concurrency))[::-1]
+        with self._cache_mu:
+            self._engine.forget()
+            self._cached.clear()
+            self._free = list(range(self.max_concurrency))[::-1]
 
     def _shutdown(self) -> None:
         self._engine.close()

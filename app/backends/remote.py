@@ -44,7 +44,9 @@ class RemoteBackend:
     def load(self) -> float:
         return min(1.0, self._inflight / self.max_concurrency)
 
-    async def stream(self, messages: list[dict[str, str]], sampling: Sampling) -> AsyncIterator[Chunk]:
+    async def stream(
+        self, messages: list[dict[str, str]], sampling: Sampling, cache_scope: str | None = None
+    ) -> AsyncIterator[Chunk]:
         if self._inflight >= self.max_concurrency:
             raise Busy(f"{self._inflight} streams open to {self.base_url} (bound {self.max_concurrency})")
         self._inflight += 1
