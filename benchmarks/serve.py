@@ -17,6 +17,9 @@ wall time of the run). In the same run it measures:
   loop, one stream) on the same GGUF file, same prompts and token budget, same run. It runs in the benchmark's
   own environment (``~/.cache/flywheel-bench/venv``, built from the PyPI sdist on first use, ~6 min on 2 cores),
   never the project's.
+- ``peer_server``: llama.cpp's own HTTP server (``llama-server``, continuous batching, prompt cache on), built
+  from the same sdist's vendored source (~15 min once), on the same GGUF, driven by the same client, users and
+  prompts as our API: the like-for-like peer at every N (``users_N_vs_peer_server`` in ``checks``).
 - ``quality``: held-out perplexity (``benchmarks/data/heldout.jsonl``, answers given their prompts) of each
   precision measured and of transformers fp32, and greedy agreement with transformers fp32 (32 tokens per
   held-out prompt: the share of prompts whose continuation is identical, and the mean shared prefix).
@@ -336,12 +339,13 @@ class BackendTarget:
 
         self.backend = build_backend(spec)
 
-    async def request(self, prompt: str | list[dict[str, str]], tokens: int) -> Result:
+    async def request(self, prompt: str | list[dict[str, str]], tokens: int, user: str = "bench") -> Result:
         t0 = time.perf_counter()
         ttft = None
         n = 0
         stamps = []
-        async for chunk in self.backend.stream(as_messages(prompt), Sampling(temperature=0.0, max_new_tokens=tokens)):
+        sampling = Sampling(temperature=0.0, max_new_tokens=tokens)
+        async for chunk in self.backend.stream(as_messages(prompt), sampling, cache_scope=user):
             stamps.append(time.perf_counter())
             if ttft is None:
                 ttft = stamps[-1] - t0
@@ -358,6 +362,7 @@ class ApiTarget:
     events go to the server's spool and the benchmark measures serving only."""
 
     name = "api"
+    model = "base"
 
     def __init__(self, spec: dict):
         import httpx
@@ -402,7 +407,7 @@ class ApiTarget:
 
     async def request(self, prompt: str | list[dict[str, str]], tokens: int, user: str = "bench") -> Result:
         body = {
-            "model": "base",
+            "model": self.model,
             "stream": True,
             "stream_options": {"include_usage": True},
             "max_tokens": tokens,
@@ -442,6 +447,99 @@ class ApiTarget:
         self.home.cleanup()
 
 
+class PeerServerTarget(ApiTarget):
+    """llama.cpp's own HTTP server (``llama-server``: continuous batching over ``slots`` parallel sequences, prompt
+    cache on) on the same GGUF file, driven by the very client that drives our API: the like-for-like peer for
+    N users. Built from the vendored source of the same sdist as the loop peer (``peer_server_binary``)."""
+
+    name = "peer_server"
+    model = "peer"
+
+    def __init__(self, gguf: Path, slots: int, context_per_slot: int):
+        import httpx
+
+        self.home = tempfile.TemporaryDirectory(prefix="flywheel-bench-peer-")
+        port = _free_port()
+        cmd = [
+            str(peer_server_binary()),
+            *("-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)),
+            *("-t", str(len(os.sched_getaffinity(0))), "-np", str(slots), "-c", str(context_per_slot * slots)),
+            *("-b", "136", "-ub", "136", "--no-webui", "--jinja"),  # our backend's batch: 128 prefill + 8 rows
+        ]
+        self.log = (Path(self.home.name) / "server.log").open("w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited: {(Path(self.home.name) / 'server.log').read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError("llama-server did not become healthy in 120 s")
+            time.sleep(0.3)
+        self.client = httpx.AsyncClient(
+            base_url=self.url, timeout=300, limits=httpx.Limits(max_connections=256, max_keepalive_connections=256)
+        )
+
+
+def peer_server_binary() -> Path:
+    """``llama-server`` built from the llama.cpp source vendored in ``PEER_PACKAGE``'s sdist, with llama.cpp's
+    default (native) CPU flags, in the benchmark's own cache (~15 min on 2 idle cores, once)."""
+    build = PEER_HOME / "server-build"
+    binary = build / "bin" / "llama-server"
+    if binary.exists():
+        return binary
+    progress(f"building llama-server from the {PEER_PACKAGE} sdist in {build}: ~15 min on 2 idle cores ...")
+    src = PEER_HOME / "src"
+    name, version = PEER_PACKAGE.split("==")
+    stem = f"{name.replace('-', '_')}-{version}"
+    tree = src / stem
+    if not tree.exists():
+        src.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "-d", src, PEER_PACKAGE],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            ["tar", "-xzf", next(src.glob(f"{name.replace('-', '_')}-{version}.tar.gz")), "-C", src], check=True
+        )
+    flags = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TESTS=OFF"]
+    flags += [
+        "-DLLAMA_BUILD_EXAMPLES=OFF",
+        "-DLLAMA_BUILD_UI=OFF",
+        "-DLLAMA_USE_PREBUILT_UI=OFF",
+        "-DLLAMA_OPENSSL=OFF",
+    ]
+    jobs = str(len(os.sched_getaffinity(0)))
+    for cmd in (
+        ["cmake", "-S", tree / "vendor" / "llama.cpp", "-B", build, *flags],
+        ["cmake", "--build", build, "--target", "llama-server", "-j", jobs],
+    ):
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"could not build llama-server: {(done.stderr or done.stdout)[-2000:]}")
+    return binary
+
+
+async def run_peer_server(model_path: Path, precision: str, users: list[int], args: argparse.Namespace) -> dict:
+    """The same users, prompts and client against ``llama-server``; one result per N, like ours."""
+    from app.backends.gguf import ensure_gguf
+
+    target = PeerServerTarget(ensure_gguf(model_path, precision), max(users), 2048)
+    try:
+        await target.request(PROMPTS[0], 8)  # warm-up, as for ours
+        results = [await run_users(target, n, args.requests_per_user, args.tokens) for n in users]
+    finally:
+        await target.close()
+    return {"peer_server": f"llama-server from {PEER_PACKAGE}, -np {max(users)}, {precision}", "results": results}
+
+
 def _gaps(stamps: list[float]) -> list[float]:
     return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
 
@@ -461,7 +559,7 @@ async def run_users(target, users: int, requests_per_user: int, tokens: int) -> 
     async def user(u: int) -> list[Result]:
         out = []
         for i in range(requests_per_user):
-            out.append(await target.request(PROMPTS[(u + i) % len(PROMPTS)], tokens))
+            out.append(await target.request(PROMPTS[(u + i) % len(PROMPTS)], tokens, user=f"user-{u}"))
         return out
 
     t0 = time.perf_counter()
@@ -484,15 +582,27 @@ async def run_users(target, users: int, requests_per_user: int, tokens: int) -> 
 
 async def run_stall(target, users: int, prompt_tokens: int, tokens: int) -> dict[str, float]:
     """``users`` streams decode; one long prompt joins after they started. The running streams' longest gap
-    between two tokens, against their median gap, says whether the long prefill froze them."""
+    between two tokens, against their median gap, says whether the long prefill froze them.
+
+    Then, with nothing else running, the same reader asks a follow-up (the long conversation, an answer, one more
+    question): the served prefix cache should prefill only the new turn. The very same messages from another user
+    (nothing reusable for them) give the cold time to first token beside it."""
     long_prompt = long_conversation(prompt_tokens)
 
     async def joiner() -> Result:
         await asyncio.sleep(0.5)
-        return await target.request(long_prompt, 8)
+        return await target.request(long_prompt, 8, user="long-reader")
 
-    results = await asyncio.gather(*(target.request(PROMPTS[u % len(PROMPTS)], tokens) for u in range(users)), joiner())
+    running = (target.request(PROMPTS[u % len(PROMPTS)], tokens, user=f"user-{u}") for u in range(users))
+    results = await asyncio.gather(*running, joiner())
     gaps = [g * 1000 for r in results[:-1] for g in r.gaps_s]
+    followup = [
+        *long_prompt,
+        {"role": "assistant", "content": "I have read all of it."},
+        {"role": "user", "content": "Good. Now summarise it in one sentence."},
+    ]
+    warm = await target.request(followup, 8, user="long-reader")
+    cold = await target.request(followup, 8, user="another-reader")
     return {
         "users": users,
         "long_prompt_chars": sum(len(m["content"]) for m in long_prompt),
@@ -500,6 +610,8 @@ async def run_stall(target, users: int, prompt_tokens: int, tokens: int) -> dict
         "long_prompt_ttft_ms": round(results[-1].ttft_s * 1000, 1),
         "gap_median_ms": round(statistics.median(gaps), 1) if gaps else None,
         "gap_max_ms": round(max(gaps), 1) if gaps else None,
+        "followup_ttft_ms": round(warm.ttft_s * 1000, 1),
+        "followup_other_user_ttft_ms": round(cold.ttft_s * 1000, 1),
     }
 
 
@@ -537,6 +649,12 @@ async def bench(args: argparse.Namespace) -> dict:
             report["stall"] = await run_stall(target, args.stall_users, args.stall_prompt_tokens, args.tokens)
     finally:
         await target.close()
+    if args.peer and engine == "llama.cpp":
+        progress("peer: llama-server, the same users through HTTP ...")
+        try:
+            report["peer_server"] = await run_peer_server(model_path, precision, users, args)
+        except Exception as e:  # noqa: BLE001 - say why in the report, keep our numbers
+            report["peer_server_error"] = f"{type(e).__name__}: {e}"
     # After the served numbers: torch computing on this thread first would give libgomp a second team of workers
     # and slow an in-process llama.cpp target (see app/backends/llamacpp.py, _LLAMA_THREAD).
     progress("memory bandwidth and roofline ...")
@@ -579,6 +697,11 @@ def checks(report: dict) -> dict:
     if one and eight:
         ratio = eight["tokens_per_s_total"] / one["tokens_per_s_total"]
         out["eight_users_total_vs_one_user"] = {"measured": round(ratio, 2), "target": ">= 4", "met": ratio >= 4}
+    server = {r["users"]: r for r in report.get("peer_server", {}).get("results", [])}
+    for n, ours in ((1, one), (8, eight)):
+        if ours and n in server:  # like for like: llama-server through HTTP, the same client and users
+            ratio = ours["tokens_per_s_total"] / server[n]["tokens_per_s_total"]
+            out[f"users_{n}_vs_peer_server"] = {"measured": round(ratio, 2), "target": ">= 1.0", "met": ratio >= 1.0}
     if eight:
         out["ttft_p50_ms_eight_users"] = {
             "measured": eight["ttft_p50_ms"],
@@ -635,6 +758,12 @@ def main(argv: list[str] | None = None) -> None:
     print("  ".join(f"{c:>22}" for c in cols))
     for r in report["results"]:
         print("  ".join(f"{r[c]:>22}" for c in cols))
+    if "peer_server" in report:
+        print(f"peer: {report['peer_server']['peer_server']}, the same client")
+        for r in report["peer_server"]["results"]:
+            print("  ".join(f"{r[c]:>22}" for c in cols))
+    elif "peer_server_error" in report:
+        print(f"peer server: not measured ({report['peer_server_error']})")
     if "stall" in report:
         print("long prompt joining:", report["stall"])
     if "quality" in report:
