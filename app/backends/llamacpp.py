@@ -178,7 +178,7 @@ class LlamaCppBackend(BatchingBackend):
         *,
         precision: str = "f16",
         num_threads: int | None = None,
-        prefill_chunk: int = 128,
+        prefill_chunk: int = 64,  # 8 users arriving at once: TTFT p50 320-365 ms at 64, 420-430 at 128
     ):
         from transformers import AutoTokenizer, GenerationConfig
 
