@@ -202,7 +202,7 @@ class LlamaCppBackend(BatchingBackend):
         # slot -> (scope, tokens its KV cache holds), for free slots; the dict's order is least recently used first
         self._cached: dict[int, tuple[str | None, list[int]]] = {}
         self._cache_mu = threading.Lock()  # guards _cached and _free against forget_scope
-        self.prefix_tokens_reused = 0  # prompt tokens not prefilled thanks to a cached prefix (for /metrics, tests)
+        self.prefix_tokens_reused = 0  # prompt tokens not prefilled thanks to a cached prefix (tests read it)
         self._setup(f"llama.cpp:{model_path}@{precision}", tokenizer, eos, max_concurrency, max_queue, context)
         self._public = self._template_preamble()[: self.prefill_chunk]
         self._template_ready = False

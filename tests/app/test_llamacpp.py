@@ -1,5 +1,6 @@
 """The llama.cpp engine's own promises, on the real default model: GGUF exports made once and kept fresh, chunked
-prefill that keeps other streams moving, and the quantized precision within its measured quality bound.
+prefill that keeps other streams moving, one compute thread, batches in sequence order, prefix reuse within a
+user's scope only, and the quantized precision within its measured quality bound.
 
 The contract every engine shares (streaming, batching, bounds, cancellation) is tested in ``test_backends.py``.
 """
