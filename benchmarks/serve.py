@@ -406,6 +406,14 @@ class ApiTarget:
         )
 
     async def request(self, prompt: str | list[dict[str, str]], tokens: int, user: str = "bench") -> Result:
+        import httpx
+
+        try:
+            return await self._request(prompt, tokens, user)
+        except httpx.RemoteProtocolError:  # a pooled connection the server had closed (llama-server closes a
+            return await self._request(prompt, tokens, user)  # keep-alive connection after a few requests)
+
+    async def _request(self, prompt: str | list[dict[str, str]], tokens: int, user: str) -> Result:
         body = {
             "model": self.model,
             "stream": True,
