@@ -66,6 +66,7 @@ bench: setup  ## every benchmark, JSON into benchmarks/results/
 	mkdir -p benchmarks/results
 	$(PY) -m benchmarks.ingest --events 200000 --json | tee benchmarks/results/ingest.json
 	$(PY) -m benchmarks.train --json | tee benchmarks/results/train.json
+	$(PY) -m benchmarks.serve --target api --users 1,8 --requests-per-user 2 --json | tee benchmarks/results/serve.json
 
 clean-state:  ## delete $(FLYWHEEL_HOME) (broker data, warehouse, models, snapshots)
 	rm -rf $(FLYWHEEL_HOME)
