@@ -16,24 +16,36 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.requests = Counter(
-            "flywheel_requests", "Chat requests by surface (ui/api), model version and outcome.",
-            ["surface", "model_version", "status"], registry=r,
+            "flywheel_requests",
+            "Chat requests by surface (ui/api), model version and outcome.",
+            ["surface", "model_version", "status"],
+            registry=r,
         )
         self.tokens = Counter(
-            "flywheel_tokens", "Tokens processed, by model version and kind (prompt/completion).",
-            ["model_version", "kind"], registry=r,
+            "flywheel_tokens",
+            "Tokens processed, by model version and kind (prompt/completion).",
+            ["model_version", "kind"],
+            registry=r,
         )
         self.latency = Histogram(
-            "flywheel_request_latency_seconds", "Request to last token.", ["surface", "model_version"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "flywheel_request_latency_seconds",
+            "Request to last token.",
+            ["surface", "model_version"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.ttft = Histogram(
-            "flywheel_time_to_first_token_seconds", "Request to first token.", ["surface", "model_version"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "flywheel_time_to_first_token_seconds",
+            "Request to first token.",
+            ["surface", "model_version"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.ratings = Counter(
-            "flywheel_ratings", "Ratings by the model version rated, kind (thumbs/pairwise) and value.",
-            ["model_version", "kind", "value"], registry=r,
+            "flywheel_ratings",
+            "Ratings by the model version rated, kind (thumbs/pairwise) and value.",
+            ["model_version", "kind", "value"],
+            registry=r,
         )
         self.in_flight = Gauge("flywheel_requests_in_flight", "Answers being generated.", ["model_version"], registry=r)
         self.backend_load = Gauge(

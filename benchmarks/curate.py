@@ -97,13 +97,29 @@ def synth(n_ratings: int, seed: int = 7) -> list:
         def turn(tid: str, answer: str, **kw) -> ChatTurn:
             kw.setdefault("latency_ms", 100.0)
             kw.setdefault("model_version", "base")
-            return ChatTurn(ts=ts(), user_id=user, consent=consent, conversation_id=conv, turn_id=tid,  # noqa: B023
-                            messages=msgs, answer=answer, **kw)  # noqa: B023
+            return ChatTurn(
+                ts=ts(),
+                user_id=user,
+                consent=consent,
+                conversation_id=conv,
+                turn_id=tid,  # noqa: B023
+                messages=msgs,
+                answer=answer,
+                **kw,
+            )  # noqa: B023
 
         def rate(tid: str, value: str, **kw) -> Feedback:
             kw.setdefault("kind", "thumbs")
-            return Feedback(ts=ts(), user_id=user, consent=consent, conversation_id=conv, turn_id=tid,  # noqa: B023
-                            model_version="base", value=value, **kw)
+            return Feedback(
+                ts=ts(),
+                user_id=user,
+                consent=consent,
+                conversation_id=conv,
+                turn_id=tid,  # noqa: B023
+                model_version="base",
+                value=value,
+                **kw,
+            )
 
         for turn_i in range(rng.randint(1, 4)):
             if dup_pool and rng.random() < 0.05:
@@ -133,14 +149,28 @@ def synth(n_ratings: int, seed: int = 7) -> list:
                     ratings += 1
                 if value == "down" and rng.random() < 0.5:  # regenerate, rate the new answer
                     rid = tid + "-r"
-                    ev.append(turn(rid, f"Better: {_sentence(rng, rng.randint(20, 60))}.", origin="regenerate",
-                                   parent_turn_id=tid, latency_ms=90.0))
+                    ev.append(
+                        turn(
+                            rid,
+                            f"Better: {_sentence(rng, rng.randint(20, 60))}.",
+                            origin="regenerate",
+                            parent_turn_id=tid,
+                            latency_ms=90.0,
+                        )
+                    )
                     ev.append(rate(rid, "up"))
                     ratings += 1
             elif r < 0.78:
                 bid = tid + "-b"
-                ev.append(turn(bid, f"Alternative: {_sentence(rng, rng.randint(20, 60))}.", model_version="cand",
-                               origin="compare", latency_ms=90.0))
+                ev.append(
+                    turn(
+                        bid,
+                        f"Alternative: {_sentence(rng, rng.randint(20, 60))}.",
+                        model_version="cand",
+                        origin="compare",
+                        latency_ms=90.0,
+                    )
+                )
                 ev.append(rate(tid, rng.choice(["a", "b", "b", "tie"]), kind="pairwise", other_turn_id=bid))
                 ratings += 1
             msgs = msgs + [Message(role="assistant", content=answer)]

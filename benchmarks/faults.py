@@ -56,8 +56,16 @@ from feedback.warehouse import WarehouseBusy, connect
 from infra import kafka_local
 
 REPO = Path(__file__).resolve().parents[1]
-ALL_FAULTS = ("app_kill", "ingest_kill", "producer_kill", "broker_kill", "broker_outage", "reader_holds",
-              "prefect_down", "disk_full")
+ALL_FAULTS = (
+    "app_kill",
+    "ingest_kill",
+    "producer_kill",
+    "broker_kill",
+    "broker_outage",
+    "reader_holds",
+    "prefect_down",
+    "disk_full",
+)
 ADMIN = "faults-admin-token"
 PATIENCE_S = 3.0
 
@@ -108,8 +116,7 @@ class World:
 
     def spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         log = open(self.home / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
-        p = subprocess.Popen(argv, env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True)
+        p = subprocess.Popen(argv, env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs[name] = p
         return p
 
@@ -123,8 +130,13 @@ class World:
         assert self.producer_log is not None
         log = open(self.producer_log, "ab")  # noqa: SIM115 - owned by the child
         self.procs["producer"] = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.faults", "--producer-child"], env=self.env, cwd=REPO, stdout=log,
-            stderr=subprocess.DEVNULL, start_new_session=True)
+            [sys.executable, "-m", "benchmarks.faults", "--producer-child"],
+            env=self.env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
     def kill(self, name: str) -> None:
         p = self.procs.get(name)
@@ -171,29 +183,53 @@ def make_world(brokers: int, prefect: bool) -> World:
     spool_dir = home / "spool-fs"
     spool_dir.mkdir()
     spool_kind = "tmpfs 4 MiB"
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(spool_dir)],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(spool_dir)], capture_output=True
+        ).returncode
+        != 0
+    ):
         spool_kind = "size-limited directory (FLYWHEEL_SPOOL_MAX_BYTES=4 MiB): mounting a tmpfs was refused"
     base = _free_block(brokers)
-    s = Settings(home=home / "home", kafka_bootstrap=f"127.0.0.1:{base}", kafka_controller_port=base + 1,
-                 kafka_heap="512m", app_port=_free_port(), prefect_port=_free_port(), topic_prefix="faults",
-                 ingest_batch_ms=100, ingest_session_timeout_ms=6000, spool_dir=spool_dir,
-                 spool_max_bytes=4 * 1024 * 1024, warehouse_lock_timeout_s=PATIENCE_S)
+    s = Settings(
+        home=home / "home",
+        kafka_bootstrap=f"127.0.0.1:{base}",
+        kafka_controller_port=base + 1,
+        kafka_heap="512m",
+        app_port=_free_port(),
+        prefect_port=_free_port(),
+        topic_prefix="faults",
+        ingest_batch_ms=100,
+        ingest_session_timeout_ms=6000,
+        spool_dir=spool_dir,
+        spool_max_bytes=4 * 1024 * 1024,
+        warehouse_lock_timeout_s=PATIENCE_S,
+    )
     if brokers > 1:
         s = kafka_local.cluster_settings(s, kafka_local.cluster_nodes(s, brokers))
     s.home.mkdir(parents=True)
     env = dict(os.environ)
-    env.update({
-        "FLYWHEEL_HOME": str(s.home), "FLYWHEEL_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
-        "FLYWHEEL_KAFKA_CONTROLLER_PORT": str(s.kafka_controller_port),
-        "FLYWHEEL_KAFKA_REPLICATION": str(s.kafka_replication), "FLYWHEEL_KAFKA_MIN_INSYNC": str(s.kafka_min_insync),
-        "FLYWHEEL_TOPIC_PREFIX": s.topic_prefix, "FLYWHEEL_APP_PORT": str(s.app_port),
-        "FLYWHEEL_PREFECT_PORT": str(s.prefect_port), "FLYWHEEL_INGEST_BATCH_MS": "100",
-        "FLYWHEEL_INGEST_SESSION_TIMEOUT_MS": "6000", "FLYWHEEL_SPOOL_DIR": str(spool_dir),
-        "FLYWHEEL_SPOOL_MAX_BYTES": str(4 * 1024 * 1024), "FLYWHEEL_WAREHOUSE_LOCK_TIMEOUT_S": str(PATIENCE_S),
-        "FLYWHEEL_ADMIN_TOKEN": ADMIN, "FLYWHEEL_APP_MAX_NEW_TOKENS": "4", "PYTHONPATH": str(REPO),
-        "FLYWHEEL_BASE_MODEL": os.environ.get("FLYWHEEL_BASE_MODEL", str(REPO / ".flywheel" / "models" / "base")),
-    })
+    env.update(
+        {
+            "FLYWHEEL_HOME": str(s.home),
+            "FLYWHEEL_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
+            "FLYWHEEL_KAFKA_CONTROLLER_PORT": str(s.kafka_controller_port),
+            "FLYWHEEL_KAFKA_REPLICATION": str(s.kafka_replication),
+            "FLYWHEEL_KAFKA_MIN_INSYNC": str(s.kafka_min_insync),
+            "FLYWHEEL_TOPIC_PREFIX": s.topic_prefix,
+            "FLYWHEEL_APP_PORT": str(s.app_port),
+            "FLYWHEEL_PREFECT_PORT": str(s.prefect_port),
+            "FLYWHEEL_INGEST_BATCH_MS": "100",
+            "FLYWHEEL_INGEST_SESSION_TIMEOUT_MS": "6000",
+            "FLYWHEEL_SPOOL_DIR": str(spool_dir),
+            "FLYWHEEL_SPOOL_MAX_BYTES": str(4 * 1024 * 1024),
+            "FLYWHEEL_WAREHOUSE_LOCK_TIMEOUT_S": str(PATIENCE_S),
+            "FLYWHEEL_ADMIN_TOKEN": ADMIN,
+            "FLYWHEEL_APP_MAX_NEW_TOKENS": "4",
+            "PYTHONPATH": str(REPO),
+            "FLYWHEEL_BASE_MODEL": os.environ.get("FLYWHEEL_BASE_MODEL", str(REPO / ".flywheel" / "models" / "base")),
+        }
+    )
     w = World(home=home, settings=s, env=env, brokers=brokers, spool_dir=spool_dir, spool_kind=spool_kind)
     w.producer_log = home / "producer.ids"
     return w
@@ -226,9 +262,16 @@ def user_loop(w: World, name: str, ledger: Ledger, stop: threading.Event, rng: r
     while not stop.is_set():
         n += 1
         try:
-            r = client.post(f"{w.url}/v1/chat/completions", headers={"X-Flywheel-Consent": "1"}, json={
-                "model": "flywheel", "user": name, "max_tokens": 2,
-                "messages": [{"role": "user", "content": f"{name} question {n}: name a colour"}]})
+            r = client.post(
+                f"{w.url}/v1/chat/completions",
+                headers={"X-Flywheel-Consent": "1"},
+                json={
+                    "model": "flywheel",
+                    "user": name,
+                    "max_tokens": 2,
+                    "messages": [{"role": "user", "content": f"{name} question {n}: name a colour"}],
+                },
+            )
         except httpx.HTTPError:
             ledger.refused += 1
             stop.wait(0.5)
@@ -245,8 +288,10 @@ def user_loop(w: World, name: str, ledger: Ledger, stop: threading.Event, rng: r
             ledger.turns.add(turn_id)
         if rng.random() < 0.5:
             try:
-                f = client.post(f"{w.url}/v1/feedback", json={"turn_id": turn_id, "user": name,
-                                                              "rating": rng.choice(["up", "down"])})
+                f = client.post(
+                    f"{w.url}/v1/feedback",
+                    json={"turn_id": turn_id, "user": name, "rating": rng.choice(["up", "down"])},
+                )
             except httpx.HTTPError:
                 continue
             if f.status_code == 200:
@@ -266,9 +311,18 @@ def producer_child() -> None:
     while True:
         tid = f"p-{uuid.uuid4().hex}"
         try:
-            p.emit(ChatTurn(user_id="producer", consent=True, conversation_id="p-conv", turn_id=tid,
-                            model_version="base", messages=[Message(role="user", content="q")], answer="a",
-                            latency_ms=1.0))
+            p.emit(
+                ChatTurn(
+                    user_id="producer",
+                    consent=True,
+                    conversation_id="p-conv",
+                    turn_id=tid,
+                    model_version="base",
+                    messages=[Message(role="user", content="q")],
+                    answer="a",
+                    latency_ms=1.0,
+                )
+            )
         except OSError:  # outbox full: not acknowledged, try again later
             time.sleep(0.2)
             continue
@@ -294,9 +348,16 @@ def probe(w: World, timeout: float = 300.0) -> float:
     while time.monotonic() - t0 < timeout:
         if turn_id is None:
             try:
-                r = httpx.post(f"{w.url}/v1/chat/completions", timeout=30, json={
-                    "model": "flywheel", "user": "probe", "max_tokens": 1,
-                    "messages": [{"role": "user", "content": f"probe {uuid.uuid4().hex[:6]}"}]})
+                r = httpx.post(
+                    f"{w.url}/v1/chat/completions",
+                    timeout=30,
+                    json={
+                        "model": "flywheel",
+                        "user": "probe",
+                        "max_tokens": 1,
+                        "messages": [{"role": "user", "content": f"probe {uuid.uuid4().hex[:6]}"}],
+                    },
+                )
                 if r.status_code == 200:
                     turn_id = r.json()["id"].removeprefix("chatcmpl-")
             except httpx.HTTPError:
@@ -325,26 +386,36 @@ def inject(w: World, fault: str, args, rng: random.Random, log) -> dict:
         kafka_local.stop_node(node, kill=True)
         detail["broker"] = node.node_id
         time.sleep(args.outage_s)
-        kafka_local.start_node(w.settings, node, kafka_local.cluster_nodes(w.settings),
-                               kafka_local.cluster_id(w.settings))
+        kafka_local.start_node(
+            w.settings, node, kafka_local.cluster_nodes(w.settings), kafka_local.cluster_id(w.settings)
+        )
     elif fault == "broker_outage":
         w.kafka_stop()
         time.sleep(args.outage_s)
         w.kafka_start()
     elif fault == "reader_holds":
         hold = PATIENCE_S * 2
-        code = ("import sys, time; from feedback.warehouse import connect\n"
-                f"with connect(sys.argv[1], read_only=True, timeout_s=60):\n    time.sleep({hold})")
-        subprocess.run([sys.executable, "-c", code, str(w.settings.warehouse_path)], env=w.env, cwd=REPO,
-                       check=True, timeout=120)
+        code = (
+            "import sys, time; from feedback.warehouse import connect\n"
+            f"with connect(sys.argv[1], read_only=True, timeout_s=60):\n    time.sleep({hold})"
+        )
+        subprocess.run(
+            [sys.executable, "-c", code, str(w.settings.warehouse_path)], env=w.env, cwd=REPO, check=True, timeout=120
+        )
         detail["held_s"] = hold
     elif fault == "prefect_down":
         from infra import prefect_server
 
         pid = int((prefect_server.prefect_dir(w.settings) / "server.pid").read_text())
         os.killpg(pid, signal.SIGKILL)
-        r = subprocess.run([sys.executable, "-m", "cli.main", "run", "volume-trigger", "--json"], env=w.env,
-                           cwd=REPO, capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [sys.executable, "-m", "cli.main", "run", "volume-trigger", "--json"],
+            env=w.env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         detail["trigger_exit"] = r.returncode
         detail["trigger_output"] = (r.stdout.strip().splitlines() or [r.stderr.strip()[-300:]])[-1][:300]
         prefect_server.start(w.settings, timeout_s=300)
@@ -392,8 +463,10 @@ def run(args) -> dict:
         w.start_app()
         log(f"app ready in {w.app_ready():.0f}s")
         w.start_producer()
-        users = [threading.Thread(target=user_loop, args=(w, f"sim{i}", ledger, stop, random.Random(i)),
-                                  daemon=True) for i in range(args.users)]
+        users = [
+            threading.Thread(target=user_loop, args=(w, f"sim{i}", ledger, stop, random.Random(i)), daemon=True)
+            for i in range(args.users)
+        ]
         for u in users:
             u.start()
         log(f"baseline recovery probe: {probe(w):.1f}s")
@@ -415,13 +488,19 @@ def run(args) -> dict:
         stop.set()
         teardown(w, args.prefect)
     recs = [r["recovery_s"] for r in records]
-    result.update({
-        "faults": records, "recovery_s_p50": round(statistics.median(recs), 2) if recs else None,
-        "recovery_s_max": max(recs) if recs else None, "brokers": args.brokers, "users": args.users,
-        "spool_filesystem": w.spool_kind, "seconds": round(time.monotonic() - t_start, 1),
-        "targets": {"lost_ok": result["lost"] == 0, "duplicated_ok": result["duplicated"] == 0},
-        "machine": {"cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 1)},
-    })
+    result.update(
+        {
+            "faults": records,
+            "recovery_s_p50": round(statistics.median(recs), 2) if recs else None,
+            "recovery_s_max": max(recs) if recs else None,
+            "brokers": args.brokers,
+            "users": args.users,
+            "spool_filesystem": w.spool_kind,
+            "seconds": round(time.monotonic() - t_start, 1),
+            "targets": {"lost_ok": result["lost"] == 0, "duplicated_ok": result["duplicated"] == 0},
+            "machine": {"cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 1)},
+        }
+    )
     if not args.keep:
         shutil.rmtree(w.home, ignore_errors=True)
     return result
@@ -444,10 +523,16 @@ def settle_and_compare(w: World, ledger: Ledger, log) -> dict:
     lost = len(want_turns - set(seen_t)) + len(ledger.ratings - set(seen_r))
     duplicated = sum(n - 1 for n in seen_t.values() if n > 1) + sum(n - 1 for n in seen_r.values() if n > 1)
     log(f"acknowledged {len(want_turns) + len(ledger.ratings)}; lost {lost}; duplicated {duplicated}")
-    return {"events_acknowledged": len(want_turns) + len(ledger.ratings), "turns_acknowledged": len(ledger.turns),
-            "ratings_acknowledged": len(ledger.ratings), "producer_events_acknowledged": len(produced),
-            "lost": lost, "duplicated": duplicated, "requests_refused": ledger.refused,
-            "responses_5xx": ledger.errors_5xx}
+    return {
+        "events_acknowledged": len(want_turns) + len(ledger.ratings),
+        "turns_acknowledged": len(ledger.turns),
+        "ratings_acknowledged": len(ledger.ratings),
+        "producer_events_acknowledged": len(produced),
+        "lost": lost,
+        "duplicated": duplicated,
+        "requests_refused": ledger.refused,
+        "responses_5xx": ledger.errors_5xx,
+    }
 
 
 def main() -> None:

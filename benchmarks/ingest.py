@@ -50,21 +50,36 @@ def _free_port() -> int:
 def make_events(n: int, seed: int = 0) -> list[ChatTurn]:
     convs = max(1, n // 8)
     return [
-        ChatTurn(user_id=f"user{i % 997}", consent=True, conversation_id=f"conv{seed}-{i % convs}",
-                 turn_id=f"turn{seed}-{i}", model_version="base",
-                 messages=[Message(role="user", content=f"What is {i} plus {i}? Explain briefly.")],
-                 answer=f"{i} plus {i} is {2 * i}. Adding a number to itself doubles it.",
-                 sampling=Sampling(temperature=0.7, top_p=0.9, max_new_tokens=128),
-                 latency_ms=850.0, ttft_ms=120.0, prompt_tokens=24, completion_tokens=18)
+        ChatTurn(
+            user_id=f"user{i % 997}",
+            consent=True,
+            conversation_id=f"conv{seed}-{i % convs}",
+            turn_id=f"turn{seed}-{i}",
+            model_version="base",
+            messages=[Message(role="user", content=f"What is {i} plus {i}? Explain briefly.")],
+            answer=f"{i} plus {i} is {2 * i}. Adding a number to itself doubles it.",
+            sampling=Sampling(temperature=0.7, top_p=0.9, max_new_tokens=128),
+            latency_ms=850.0,
+            ttft_ms=120.0,
+            prompt_tokens=24,
+            completion_tokens=18,
+        )
         for i in range(n)
     ]
 
 
 def _env(s: Settings) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({"FLYWHEEL_HOME": str(s.home), "FLYWHEEL_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
-                "FLYWHEEL_TOPIC_PREFIX": s.topic_prefix, "FLYWHEEL_INGEST_GROUP": s.ingest_group,
-                "FLYWHEEL_INGEST_BATCH_MS": str(s.ingest_batch_ms), "PYTHONPATH": str(REPO)})
+    env.update(
+        {
+            "FLYWHEEL_HOME": str(s.home),
+            "FLYWHEEL_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
+            "FLYWHEEL_TOPIC_PREFIX": s.topic_prefix,
+            "FLYWHEEL_INGEST_GROUP": s.ingest_group,
+            "FLYWHEEL_INGEST_BATCH_MS": str(s.ingest_batch_ms),
+            "PYTHONPATH": str(REPO),
+        }
+    )
     return env
 
 
@@ -85,8 +100,10 @@ def bench_throughput(s: Settings, n: int, log) -> dict:
     t_end = time.perf_counter()
     t_ingest = t_end - stats.first_data_at  # steady state: the group join is not ingest work
     assert stats.messages >= n, stats.as_dict()
-    log(f"ingested {stats.messages} events in {t_ingest:.1f}s after a {stats.first_data_at - t_start:.1f}s group join "
-        f"({stats.batches} batches)")
+    log(
+        f"ingested {stats.messages} events in {t_ingest:.1f}s after a {stats.first_data_at - t_start:.1f}s group join "
+        f"({stats.batches} batches)"
+    )
 
     # Baseline 1: a bare kafka-python consume loop over the same data.
     from kafka import KafkaConsumer, TopicPartition
@@ -132,8 +149,13 @@ def bench_throughput(s: Settings, n: int, log) -> dict:
 
 
 def bench_latency(s: Settings, rate: int, seconds: float, log) -> dict:
-    proc = subprocess.Popen([sys.executable, "-m", "feedback.ingest"], cwd=REPO, env=_env(s),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "feedback.ingest"],
+        cwd=REPO,
+        env=_env(s),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         # Warm up: wait until the consumer is assigned and committing.
         p = EventProducer(s, spool_name=f"lat-{uuid.uuid4().hex[:6]}")
@@ -167,7 +189,8 @@ def bench_latency(s: Settings, rate: int, seconds: float, log) -> dict:
             with connect(s.warehouse_path, read_only=True) as con:
                 rows = con.execute(
                     "SELECT quantile_cont(epoch_ms(ingested_at) - epoch_ms(ts), [0.5, 0.99]), count(*) "
-                    "FROM turns WHERE turn_id LIKE 'turn2-%'").fetchall()[0]
+                    "FROM turns WHERE turn_id LIKE 'turn2-%'"
+                ).fetchall()[0]
             if rows[1] >= n:
                 break
             time.sleep(0.5)
@@ -192,17 +215,23 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="flywheel-bench-"))
     tag = uuid.uuid4().hex[:8]
     own = args.bootstrap is None
-    s = Settings(home=home, kafka_bootstrap=args.bootstrap or f"127.0.0.1:{_free_port()}",
-                 kafka_controller_port=_free_port(), topic_prefix=f"bench{tag}", ingest_group=f"bench-{tag}",
-                 ingest_batch_ms=100)
+    s = Settings(
+        home=home,
+        kafka_bootstrap=args.bootstrap or f"127.0.0.1:{_free_port()}",
+        kafka_controller_port=_free_port(),
+        topic_prefix=f"bench{tag}",
+        ingest_group=f"bench-{tag}",
+        ingest_batch_ms=100,
+    )
     if own:
         kafka_local.start(s, quiet=True)
         log(f"broker on {s.kafka_bootstrap}")
     try:
         ensure_topics(s)
         result = bench_throughput(s, args.events, log)
-        s_lat = Settings(**{**s.model_dump(), "ingest_group": f"lat-{tag}", "topic_prefix": f"lat{tag}",
-                            "home": home / "lat"})
+        s_lat = Settings(
+            **{**s.model_dump(), "ingest_group": f"lat-{tag}", "topic_prefix": f"lat{tag}", "home": home / "lat"}
+        )
         ensure_topics(s_lat)
         result.update(bench_latency(s_lat, args.rate, args.seconds, log))
     finally:

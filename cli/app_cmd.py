@@ -1,8 +1,8 @@
 """``flywheel app``: run the chat product, and look at or set the release plan it follows.
 
-    flywheel app serve [--auth alice:secret] [--max-new-tokens 256]   # UI at /, API at /v1, on 127.0.0.1:7860
-    flywheel app plan [--json]                                         # the plan the app is following
-    flywheel app publish base=0.9 sft-0003=0.1 --stage canary          # publish a new plan (incumbent first)
+flywheel app serve [--auth alice:secret] [--max-new-tokens 256]   # UI at /, API at /v1, on 127.0.0.1:7860
+flywheel app plan [--json]                                         # the plan the app is following
+flywheel app publish base=0.9 sft-0003=0.1 --stage canary          # publish a new plan (incumbent first)
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ AUTH = typer.Option(None, "--auth", help="user:password, repeatable; turns on Gr
 JSON = typer.Option(False, "--json", help="Print one JSON object.")
 WEIGHTS = typer.Argument(..., help="VERSION=WEIGHT ..., incumbent first, candidate last.")
 
-app_cmd = typer.Typer(help="The chat product (Gradio UI + OpenAI-compatible API) and its release plan.",
-                      no_args_is_help=True)
+app_cmd = typer.Typer(
+    help="The chat product (Gradio UI + OpenAI-compatible API) and its release plan.", no_args_is_help=True
+)
 
 
 def _auth(pairs: list[str] | None) -> list[tuple[str, str]] | None:
@@ -39,8 +40,9 @@ def serve(
     host: str = typer.Option(None, help="Default: FLYWHEEL_APP_HOST (127.0.0.1)."),
     port: int = typer.Option(None, help="Default: FLYWHEEL_APP_PORT (7860)."),
     auth: list[str] = AUTH,
-    max_new_tokens: int = typer.Option(None, min=1, max=2048, help="Answer length in the browser UI "
-                                       "(default: FLYWHEEL_APP_MAX_NEW_TOKENS, 256)."),
+    max_new_tokens: int = typer.Option(
+        None, min=1, max=2048, help="Answer length in the browser UI (default: FLYWHEEL_APP_MAX_NEW_TOKENS, 256)."
+    ),
 ) -> None:
     """Serve the UI and the API on one port until Ctrl-C."""
     from app.keys import ExposureError

@@ -21,8 +21,9 @@ from rich.table import Table
 
 from feedback.settings import get_settings
 
-app = typer.Typer(help="Flywheel: a chat product whose users make its model better.", no_args_is_help=True,
-                  add_completion=False)
+app = typer.Typer(
+    help="Flywheel: a chat product whose users make its model better.", no_args_is_help=True, add_completion=False
+)
 kafka_app = typer.Typer(help="The local Apache Kafka broker (KRaft, one node).", no_args_is_help=True)
 app.add_typer(kafka_app, name="kafka")
 console = Console()
@@ -35,8 +36,13 @@ def _print_json(obj) -> None:
 
 @kafka_app.command("start")
 def kafka_start(
-    brokers: int = typer.Option(0, "--brokers", min=0, max=5, help="Local brokers (3: a cluster with RF 3, "
-                                "min.insync.replicas=2); default FLYWHEEL_KAFKA_LOCAL_BROKERS (1)."),
+    brokers: int = typer.Option(
+        0,
+        "--brokers",
+        min=0,
+        max=5,
+        help="Local brokers (3: a cluster with RF 3, min.insync.replicas=2); default FLYWHEEL_KAFKA_LOCAL_BROKERS (1).",
+    ),
     as_json: bool = JSON,
 ) -> None:
     """Start the broker(s) (fetching jars on first use) and wait until they answer; harmless if running."""
@@ -52,13 +58,17 @@ def kafka_start(
     if as_json:
         _print_json(st.as_dict())
     elif n == 1:
-        console.print(f"kafka: broker answering on {st.bootstrap} (pid {st.pid or 'external'}); "
-                      f"topics {', '.join(s.topics.values())}")
+        console.print(
+            f"kafka: broker answering on {st.bootstrap} (pid {st.pid or 'external'}); "
+            f"topics {', '.join(s.topics.values())}"
+        )
     else:
-        console.print(f"kafka: {n} brokers answering on {st.bootstrap} (replication 3, min.insync.replicas 2). "
-                      f"Point the stack at all of them: FLYWHEEL_KAFKA_LOCAL_BROKERS={n} flywheel up "
-                      f"(or FLYWHEEL_KAFKA_BOOTSTRAP={st.bootstrap} FLYWHEEL_KAFKA_REPLICATION=3 "
-                      "FLYWHEEL_KAFKA_MIN_INSYNC=2)")
+        console.print(
+            f"kafka: {n} brokers answering on {st.bootstrap} (replication 3, min.insync.replicas 2). "
+            f"Point the stack at all of them: FLYWHEEL_KAFKA_LOCAL_BROKERS={n} flywheel up "
+            f"(or FLYWHEEL_KAFKA_BOOTSTRAP={st.bootstrap} FLYWHEEL_KAFKA_REPLICATION=3 "
+            "FLYWHEEL_KAFKA_MIN_INSYNC=2)"
+        )
 
 
 @kafka_app.command("stop")
@@ -103,8 +113,11 @@ def collect_status() -> dict:
         except Exception as e:  # noqa: BLE001 - report, don't crash the status command
             out["topics_error"] = str(e)
     try:
-        out["warehouse"] = {"path": str(s.warehouse_path), "exists": s.warehouse_path.exists(),
-                            "rows": row_counts(s.warehouse_path)}
+        out["warehouse"] = {
+            "path": str(s.warehouse_path),
+            "exists": s.warehouse_path.exists(),
+            "rows": row_counts(s.warehouse_path),
+        }
     except WarehouseBusy as e:
         out["warehouse"] = {"path": str(s.warehouse_path), "error": str(e)}
     return out
@@ -118,8 +131,10 @@ def status(as_json: bool = JSON) -> None:
         _print_json(st)
         raise typer.Exit(0 if st["kafka"]["healthy"] else 1)
     k = st["kafka"]
-    console.print(f"[bold]Kafka[/bold] {k['bootstrap']}: " + ("[green]healthy[/green]" if k["healthy"] else
-                  "[red]down[/red] (start it: flywheel kafka start)"))
+    console.print(
+        f"[bold]Kafka[/bold] {k['bootstrap']}: "
+        + ("[green]healthy[/green]" if k["healthy"] else "[red]down[/red] (start it: flywheel kafka start)")
+    )
     if "topics" in st:
         t = Table("topic", "partitions", "messages", "ingest lag")
         for name, v in st["topics"].items():

@@ -125,8 +125,14 @@ class Child:
         logs.mkdir(parents=True, exist_ok=True)
         self.log_path = str(logs / f"{self.name}.log")
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True, env=self.env)
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env=self.env,
+            )
         write_pid(s, self.name, self.proc.pid)
         console.print(f"[green]up[/green] {self.name} (pid {self.proc.pid}, log {self.log_path})")
 
@@ -140,8 +146,13 @@ def run_stack(s: Settings, app_server: bool = True, prefect: bool = True, vllm: 
     env = dict(os.environ)
     if n > 1:  # every child talks to the whole cluster (bootstrap list, RF 3, min ISR 2)
         s = kafka_local.cluster_settings(s, kafka_local.cluster_nodes(s, None if _has_cluster(s) else n))
-        env.update({"FLYWHEEL_KAFKA_BOOTSTRAP": s.kafka_bootstrap, "FLYWHEEL_KAFKA_REPLICATION":
-                    str(s.kafka_replication), "FLYWHEEL_KAFKA_MIN_INSYNC": str(s.kafka_min_insync)})
+        env.update(
+            {
+                "FLYWHEEL_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
+                "FLYWHEEL_KAFKA_REPLICATION": str(s.kafka_replication),
+                "FLYWHEEL_KAFKA_MIN_INSYNC": str(s.kafka_min_insync),
+            }
+        )
     started_broker = not kafka_local.answering(s)
     py = sys.executable
     children = [Child("ingest", [py, "-m", "feedback.ingest"], env)]
@@ -178,10 +189,14 @@ def run_stack(s: Settings, app_server: bool = True, prefect: bool = True, vllm: 
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     if app_server:
-        console.print(f"[bold]chat:[/bold] http://{s.app_host}:{s.app_port}/   "
-                      f"[bold]API:[/bold] http://{s.app_host}:{s.app_port}/v1   (Ctrl-C stops everything)")
-    console.print(f"[bold]MLflow:[/bold] http://{s.mlflow_host}:{s.mlflow_port}/"
-                  + (f"   [bold]Prefect:[/bold] http://{s.prefect_host}:{s.prefect_port}/" if prefect else ""))
+        console.print(
+            f"[bold]chat:[/bold] http://{s.app_host}:{s.app_port}/   "
+            f"[bold]API:[/bold] http://{s.app_host}:{s.app_port}/v1   (Ctrl-C stops everything)"
+        )
+    console.print(
+        f"[bold]MLflow:[/bold] http://{s.mlflow_host}:{s.mlflow_port}/"
+        + (f"   [bold]Prefect:[/bold] http://{s.prefect_host}:{s.prefect_port}/" if prefect else "")
+    )
     while not stopping.wait(0.5):
         for c in children:
             _supervise(s, c, stopping)

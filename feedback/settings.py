@@ -86,12 +86,14 @@ class Settings(BaseSettings):
     )
     # The app's trust boundary (app/server.py, app/api.py, app/keys.py, app/validation.py)
     api_auth: Literal["auto", "keys", "local"] = Field(
-        "auto", description="/v1 access: 'keys' needs an API key (`flywheel keys create`); 'local' is keyless and "
-        "refuses any non-loopback address; 'auto' is 'keys' once a key was ever created, else 'local'."
+        "auto",
+        description="/v1 access: 'keys' needs an API key (`flywheel keys create`); 'local' is keyless and "
+        "refuses any non-loopback address; 'auto' is 'keys' once a key was ever created, else 'local'.",
     )
     app_allowed_hosts: str = Field(
-        "", description="Comma-separated Host header names the app answers (DNS-rebinding guard); '*' allows any. "
-        "Default: localhost, 127.0.0.1, ::1 and app_host."
+        "",
+        description="Comma-separated Host header names the app answers (DNS-rebinding guard); '*' allows any. "
+        "Default: localhost, 127.0.0.1, ::1 and app_host.",
     )
     app_auth: SecretStr | None = Field(
         None, description="Optional browser login, 'alice:secret,bob:hunter2'; none = signed-cookie users."
@@ -122,8 +124,9 @@ class Settings(BaseSettings):
     mlflow_host: str = "127.0.0.1"
     mlflow_port: int = 5000
     mlflow_tracking_uri: str = Field(
-        "", description="Tracking/registry server; default http://<mlflow_host>:<mlflow_port> when it answers, "
-        "else the SQLite store under <home>/mlflow."
+        "",
+        description="Tracking/registry server; default http://<mlflow_host>:<mlflow_port> when it answers, "
+        "else the SQLite store under <home>/mlflow.",
     )
     registered_model: str = Field("flywheel-chat", description="The one registered model every version belongs to.")
 

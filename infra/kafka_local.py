@@ -141,13 +141,28 @@ def _format_once(s: Settings, config: Path) -> None:
         return
     cid_file = d / "cluster.id"
     if not cid_file.exists():
-        out = subprocess.run([_java(), "-cp", _classpath(), "kafka.tools.StorageTool", "random-uuid"],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [_java(), "-cp", _classpath(), "kafka.tools.StorageTool", "random-uuid"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         cid_file.write_text(out.stdout.strip().splitlines()[-1])
     subprocess.run(
-        [_java(), "-cp", _classpath(), f"-Dlog4j2.configurationFile={d / 'log4j2.properties'}",
-         "kafka.tools.StorageTool", "format", "-t", cid_file.read_text().strip(), "-c", str(config)],
-        check=True, capture_output=True,
+        [
+            _java(),
+            "-cp",
+            _classpath(),
+            f"-Dlog4j2.configurationFile={d / 'log4j2.properties'}",
+            "kafka.tools.StorageTool",
+            "format",
+            "-t",
+            cid_file.read_text().strip(),
+            "-c",
+            str(config),
+        ],
+        check=True,
+        capture_output=True,
     )
 
 
@@ -176,8 +191,9 @@ def answering(s: Settings, timeout: float = 2.0) -> bool:
     from kafka import KafkaAdminClient
 
     try:
-        client = KafkaAdminClient(bootstrap_servers=s.bootstrap_servers, request_timeout_ms=int(timeout * 1000),
-                                  client_id="flywheel-health")
+        client = KafkaAdminClient(
+            bootstrap_servers=s.bootstrap_servers, request_timeout_ms=int(timeout * 1000), client_id="flywheel-health"
+        )
         try:
             client.list_topics()
             return True
@@ -190,8 +206,12 @@ def answering(s: Settings, timeout: float = 2.0) -> bool:
 def status(s: Settings) -> BrokerStatus:
     pid = _pid(s)
     return BrokerStatus(
-        bootstrap=s.kafka_bootstrap, pid=pid, process_alive=pid is not None, answering=answering(s),
-        data_dir=str(s.kafka_dir / "data"), formatted=(s.kafka_dir / "data" / "meta.properties").exists(),
+        bootstrap=s.kafka_bootstrap,
+        pid=pid,
+        process_alive=pid is not None,
+        answering=answering(s),
+        data_dir=str(s.kafka_dir / "data"),
+        formatted=(s.kafka_dir / "data" / "meta.properties").exists(),
     )
 
 
@@ -208,15 +228,29 @@ def start(s: Settings, wait_s: float = 90.0, create_topics: bool = True, quiet: 
         _format_once(s, config)
         log = open(s.kafka_dir / "broker.log", "ab")  # noqa: SIM115 - handed to the child
         proc = subprocess.Popen(
-            [_java(), f"-Xmx{s.kafka_heap}", "-Xms128m", "-XX:+UseG1GC", "-Djava.awt.headless=true",
-             f"-Dlog4j2.configurationFile={s.kafka_dir / 'log4j2.properties'}",
-             "-cp", _classpath(), "kafka.Kafka", str(config)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            [
+                _java(),
+                f"-Xmx{s.kafka_heap}",
+                "-Xms128m",
+                "-XX:+UseG1GC",
+                "-Djava.awt.headless=true",
+                f"-Dlog4j2.configurationFile={s.kafka_dir / 'log4j2.properties'}",
+                "-cp",
+                _classpath(),
+                "kafka.Kafka",
+                str(config),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
         (s.kafka_dir / "broker.pid").write_text(str(proc.pid))
         if not quiet:
-            print(f"kafka: starting broker pid {proc.pid} on {s.kafka_bootstrap} (log {s.kafka_dir / 'broker.log'})",
-                  flush=True)
+            print(
+                f"kafka: starting broker pid {proc.pid} on {s.kafka_bootstrap} (log {s.kafka_dir / 'broker.log'})",
+                flush=True,
+            )
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         if answering(s, timeout=1.0):
@@ -227,8 +261,9 @@ def start(s: Settings, wait_s: float = 90.0, create_topics: bool = True, quiet: 
             tail = (s.kafka_dir / "broker.log").read_text(errors="replace")[-2000:]
             raise KafkaError(f"the broker exited during start-up; last log lines:\n{tail}")
         time.sleep(0.3)
-    raise KafkaError(f"the broker did not answer on {s.kafka_bootstrap} within {wait_s:.0f}s; "
-                     f"see {s.kafka_dir / 'broker.log'}")
+    raise KafkaError(
+        f"the broker did not answer on {s.kafka_bootstrap} within {wait_s:.0f}s; see {s.kafka_dir / 'broker.log'}"
+    )
 
 
 def stop(s: Settings, timeout_s: float = 30.0, kill: bool = False) -> bool:
@@ -278,8 +313,10 @@ def cluster_nodes(s: Settings, n: int | None = None) -> list[Node]:
     """The nodes of the local cluster: from ``cluster.json`` once started, else laid out from the settings."""
     layout = cluster_dir(s) / "cluster.json"
     if n is None and layout.exists():
-        return [Node(d["node_id"], d["host"], d["port"], d["controller_port"], Path(d["dir"]))
-                for d in json.loads(layout.read_text())]
+        return [
+            Node(d["node_id"], d["host"], d["port"], d["controller_port"], Path(d["dir"]))
+            for d in json.loads(layout.read_text())
+        ]
     n = n or 3
     servers = s.bootstrap_servers
     host, _, port0 = servers[0].rpartition(":")
@@ -292,8 +329,13 @@ def cluster_nodes(s: Settings, n: int | None = None) -> list[Node]:
 def cluster_settings(s: Settings, nodes: list[Node] | None = None) -> Settings:
     """The same settings pointed at the local cluster: every broker to bootstrap from, RF 3, min ISR 2."""
     nodes = nodes or cluster_nodes(s)
-    return s.model_copy(update={"kafka_bootstrap": ",".join(n.address for n in nodes),
-                                "kafka_replication": min(3, len(nodes)), "kafka_min_insync": min(2, len(nodes))})
+    return s.model_copy(
+        update={
+            "kafka_bootstrap": ",".join(n.address for n in nodes),
+            "kafka_replication": min(3, len(nodes)),
+            "kafka_min_insync": min(2, len(nodes)),
+        }
+    )
 
 
 def _write_node_config(s: Settings, node: Node, nodes: list[Node]) -> Path:
@@ -353,16 +395,39 @@ def start_node(s: Settings, node: Node, nodes: list[Node], cluster_id: str) -> i
     config = _write_node_config(s, node, nodes)
     if not (node.dir / "data" / "meta.properties").exists():
         subprocess.run(
-            [_java(), "-cp", _classpath(), f"-Dlog4j2.configurationFile={node.dir / 'log4j2.properties'}",
-             "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config)],
-            check=True, capture_output=True,
+            [
+                _java(),
+                "-cp",
+                _classpath(),
+                f"-Dlog4j2.configurationFile={node.dir / 'log4j2.properties'}",
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                cluster_id,
+                "-c",
+                str(config),
+            ],
+            check=True,
+            capture_output=True,
         )
     with open(node.dir / "broker.log", "ab") as log:
         proc = subprocess.Popen(
-            [_java(), f"-Xmx{s.kafka_heap}", "-Xms128m", "-XX:+UseG1GC", "-Djava.awt.headless=true",
-             f"-Dlog4j2.configurationFile={node.dir / 'log4j2.properties'}",
-             "-cp", _classpath(), "kafka.Kafka", str(config)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            [
+                _java(),
+                f"-Xmx{s.kafka_heap}",
+                "-Xms128m",
+                "-XX:+UseG1GC",
+                "-Djava.awt.headless=true",
+                f"-Dlog4j2.configurationFile={node.dir / 'log4j2.properties'}",
+                "-cp",
+                _classpath(),
+                "kafka.Kafka",
+                str(config),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
     (node.dir / "broker.pid").write_text(str(proc.pid))
     return proc.pid
@@ -371,36 +436,57 @@ def start_node(s: Settings, node: Node, nodes: list[Node], cluster_id: str) -> i
 def cluster_id(s: Settings) -> str:
     f = cluster_dir(s) / "cluster.id"
     if not f.exists():
-        out = subprocess.run([_java(), "-cp", _classpath(), "kafka.tools.StorageTool", "random-uuid"],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [_java(), "-cp", _classpath(), "kafka.tools.StorageTool", "random-uuid"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         f.write_text(out.stdout.strip().splitlines()[-1])
     return f.read_text().strip()
 
 
-def start_cluster(s: Settings, brokers: int = 3, wait_s: float = 180.0, create_topics: bool = True,
-                  quiet: bool = False) -> BrokerStatus:
+def start_cluster(
+    s: Settings, brokers: int = 3, wait_s: float = 180.0, create_topics: bool = True, quiet: bool = False
+) -> BrokerStatus:
     """Start (or find running) a local cluster of ``brokers`` nodes and wait until every broker answers."""
     from feedback.topics import ensure_topics
 
     layout = cluster_dir(s) / "cluster.json"
     nodes = cluster_nodes(s) if layout.exists() else cluster_nodes(s, brokers)
     if len(nodes) != brokers:
-        raise KafkaError(f"a {len(nodes)}-broker cluster already lives in {cluster_dir(s)}; stop it and remove "
-                         "that directory to change its size")
+        raise KafkaError(
+            f"a {len(nodes)}-broker cluster already lives in {cluster_dir(s)}; stop it and remove "
+            "that directory to change its size"
+        )
     cluster_dir(s).mkdir(parents=True, exist_ok=True)
-    layout.write_text(json.dumps([{"node_id": n.node_id, "host": n.host, "port": n.port,
-                                   "controller_port": n.controller_port, "dir": str(n.dir)} for n in nodes]))
+    layout.write_text(
+        json.dumps(
+            [
+                {
+                    "node_id": n.node_id,
+                    "host": n.host,
+                    "port": n.port,
+                    "controller_port": n.controller_port,
+                    "dir": str(n.dir),
+                }
+                for n in nodes
+            ]
+        )
+    )
     cid = cluster_id(s)
     for node in nodes:
         pid = start_node(s, node, nodes, cid)
         if not quiet:
-            print(f"kafka: broker {node.node_id} pid {pid} on {node.address} (log {node.dir / 'broker.log'})",
-                  flush=True)
+            print(
+                f"kafka: broker {node.node_id} pid {pid} on {node.address} (log {node.dir / 'broker.log'})", flush=True
+            )
     cs = cluster_settings(s, nodes)
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
-        if all(answering(cs.model_copy(update={"kafka_bootstrap": n.address}), timeout=1.0) for n in nodes) \
-                and _brokers_registered(cs) >= len(nodes):
+        if all(
+            answering(cs.model_copy(update={"kafka_bootstrap": n.address}), timeout=1.0) for n in nodes
+        ) and _brokers_registered(cs) >= len(nodes):
             if create_topics:
                 ensure_topics(cs)
             return cluster_status(s)
@@ -416,8 +502,9 @@ def _brokers_registered(s: Settings) -> int:
     from kafka import KafkaAdminClient
 
     try:
-        client = KafkaAdminClient(bootstrap_servers=s.bootstrap_servers, request_timeout_ms=2000,
-                                  client_id="flywheel-health")
+        client = KafkaAdminClient(
+            bootstrap_servers=s.bootstrap_servers, request_timeout_ms=2000, client_id="flywheel-health"
+        )
         try:
             return len(client.describe_cluster().get("brokers", []))
         finally:
@@ -431,9 +518,12 @@ def cluster_status(s: Settings) -> BrokerStatus:
     pids = [_node_pid(n) for n in nodes]
     cs = cluster_settings(s, nodes)
     return BrokerStatus(
-        bootstrap=cs.kafka_bootstrap, pid=next((p for p in pids if p), None),
-        process_alive=all(p is not None for p in pids), answering=answering(cs),
-        data_dir=str(cluster_dir(s)), formatted=all((n.dir / "data" / "meta.properties").exists() for n in nodes),
+        bootstrap=cs.kafka_bootstrap,
+        pid=next((p for p in pids if p), None),
+        process_alive=all(p is not None for p in pids),
+        answering=answering(cs),
+        data_dir=str(cluster_dir(s)),
+        formatted=all((n.dir / "data" / "meta.properties").exists() for n in nodes),
     )
 
 

@@ -42,8 +42,8 @@ def prefect_env(settings: Settings) -> dict[str, str]:
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_UI_ENABLED": os.environ.get("PREFECT_UI_ENABLED", "true"),
             "FLYWHEEL_HOME": str(settings.home.resolve()),
-        "FLYWHEEL_PREFECT_HOST": settings.prefect_host,
-        "FLYWHEEL_PREFECT_PORT": str(settings.prefect_port),
+            "FLYWHEEL_PREFECT_HOST": settings.prefect_host,
+            "FLYWHEEL_PREFECT_PORT": str(settings.prefect_port),
         }
     )
     return env

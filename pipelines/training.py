@@ -51,9 +51,18 @@ class RecipeFailed(RuntimeError):
     """A recipe process ended without a registered version; the message is its own one-sentence error."""
 
 
-def run_recipe(settings: Settings, recipe: str, *, snapshot: str | None, parent: str, config: str,
-               overrides: list[str], launcher: list[str] | None = None, timeout_s: float = 6 * 3600,
-               say: Say = print) -> dict[str, Any]:
+def run_recipe(
+    settings: Settings,
+    recipe: str,
+    *,
+    snapshot: str | None,
+    parent: str,
+    config: str,
+    overrides: list[str],
+    launcher: list[str] | None = None,
+    timeout_s: float = 6 * 3600,
+    say: Say = print,
+) -> dict[str, Any]:
     """Run one recipe as a child process with this home's settings; its JSON result, or ``RecipeFailed``."""
     prefix = launcher or [sys.executable]
     cmd = [*prefix, "-m", f"training.recipes.{recipe}", "--json", "--parent", parent, "--config", config]
@@ -62,8 +71,15 @@ def run_recipe(settings: Settings, recipe: str, *, snapshot: str | None, parent:
     cmd += list(overrides)
     say(f"[train] {' '.join(cmd[len(prefix) :])}")
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=settings.child_env(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, bufsize=1)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=settings.child_env(REPO),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        bufsize=1,
+    )
     last_json: dict[str, Any] | None = None
     try:
         assert proc.stderr is not None and proc.stdout is not None
@@ -93,8 +109,9 @@ def run_recipe(settings: Settings, recipe: str, *, snapshot: str | None, parent:
     return last_json
 
 
-def ensure_reward_models(settings: Settings, recipe: str, snapshot: str, parent: str, cfg: TrainConfig,
-                         say: Say = print) -> list[str]:
+def ensure_reward_models(
+    settings: Settings, recipe: str, snapshot: str, parent: str, cfg: TrainConfig, say: Say = print
+) -> list[str]:
     """Reward models the cycle needs: one to judge the candidate and, for rlhf, a different one to train against.
     Trained from the same snapshot with different seeds (and data order) when missing; returns the new names."""
     from training import registry
@@ -104,15 +121,24 @@ def ensure_reward_models(settings: Settings, recipe: str, snapshot: str, parent:
     made = []
     for i in range(len(have), need):
         say(f"[train] no {'judge' if i == 0 else 'second'} reward model yet: training one ...")
-        res = run_recipe(settings, "reward", snapshot=snapshot, parent=parent, config=cfg.config,
-                         overrides=[f"seed={i + 1}", *cfg.judge_overrides], launcher=cfg.launcher,
-                         timeout_s=cfg.timeout_s, say=say)
+        res = run_recipe(
+            settings,
+            "reward",
+            snapshot=snapshot,
+            parent=parent,
+            config=cfg.config,
+            overrides=[f"seed={i + 1}", *cfg.judge_overrides],
+            launcher=cfg.launcher,
+            timeout_s=cfg.timeout_s,
+            say=say,
+        )
         made.append(res["version"])
     return made
 
 
-def train_and_gate(settings: Settings, snapshot: str, cfg: TrainConfig, say: Say = print,
-                   gate_cfg: Any = None) -> dict[str, Any]:
+def train_and_gate(
+    settings: Settings, snapshot: str, cfg: TrainConfig, say: Say = print, gate_cfg: Any = None
+) -> dict[str, Any]:
     """The whole cycle for one snapshot: judge(s), recipe, evaluation, gate. Stages are timed."""
     from training import evaluate, registry
 
@@ -126,18 +152,35 @@ def train_and_gate(settings: Settings, snapshot: str, cfg: TrainConfig, say: Say
         rms = [v for v in registry.list_versions(settings) if v.kind == "reward" and not v.tainted]
         overrides.append(f"model.reward_version={rms[0].name}")  # the oldest trains; a newer one judges
     t = time.monotonic()
-    res = run_recipe(settings, cfg.recipe, snapshot=snapshot, parent=cfg.parent, config=cfg.config,
-                     overrides=overrides, launcher=cfg.launcher, timeout_s=cfg.timeout_s, say=say)
+    res = run_recipe(
+        settings,
+        cfg.recipe,
+        snapshot=snapshot,
+        parent=cfg.parent,
+        config=cfg.config,
+        overrides=overrides,
+        launcher=cfg.launcher,
+        timeout_s=cfg.timeout_s,
+        say=say,
+    )
     stages["train_s"] = round(time.monotonic() - t, 1)
     t = time.monotonic()
     decision = evaluate.evaluate_and_gate(settings, res["version"], cfg=gate_cfg, say=say)
     stages["evaluate_s"] = round(time.monotonic() - t, 1)
     verdict = "PASSED" if decision["passed"] else "FAILED"
     say(f"[train] {res['version']} gate {verdict}: " + "; ".join(decision["reasons"]))
-    return {"version": res["version"], "recipe": cfg.recipe, "snapshot_id": snapshot, "parent": res["parent"],
-            "reward_models_trained": made, "gate": {"passed": decision["passed"], "reasons": decision["reasons"]},
-            "eval": {k: v for k, v in decision["eval"].items() if k != "samples"},
-            "samples": decision["eval"].get("samples", {}), "train": res, "stages": stages}
+    return {
+        "version": res["version"],
+        "recipe": cfg.recipe,
+        "snapshot_id": snapshot,
+        "parent": res["parent"],
+        "reward_models_trained": made,
+        "gate": {"passed": decision["passed"], "reasons": decision["reasons"]},
+        "eval": {k: v for k, v in decision["eval"].items() if k != "samples"},
+        "samples": decision["eval"].get("samples", {}),
+        "train": res,
+        "stages": stages,
+    }
 
 
 def taint_retired(settings: Settings) -> list[str]:
@@ -145,8 +188,7 @@ def taint_retired(settings: Settings) -> list[str]:
     from training import registry
     from training.snapshots import all_snapshots
 
-    retired = {m["snapshot_id"]: m["retired"].get("reason", "retired") for m in all_snapshots(settings)
-               if m["retired"]}
+    retired = {m["snapshot_id"]: m["retired"].get("reason", "retired") for m in all_snapshots(settings) if m["retired"]}
     if not retired or not registry.list_versions(settings):
         return []
     return registry.taint_trained_on(settings, retired)
