@@ -99,23 +99,23 @@ def synth(n_ratings: int, seed: int = 7) -> list:
             kw.setdefault("model_version", "base")
             return ChatTurn(
                 ts=ts(),
-                user_id=user,
-                consent=consent,
-                conversation_id=conv,
-                turn_id=tid,  # noqa: B023
-                messages=msgs,
+                user_id=user,  # noqa: B023
+                consent=consent,  # noqa: B023
+                conversation_id=conv,  # noqa: B023
+                turn_id=tid,
+                messages=msgs,  # noqa: B023
                 answer=answer,
                 **kw,
-            )  # noqa: B023
+            )
 
         def rate(tid: str, value: str, **kw) -> Feedback:
             kw.setdefault("kind", "thumbs")
             return Feedback(
                 ts=ts(),
-                user_id=user,
-                consent=consent,
-                conversation_id=conv,
-                turn_id=tid,  # noqa: B023
+                user_id=user,  # noqa: B023
+                consent=consent,  # noqa: B023
+                conversation_id=conv,  # noqa: B023
+                turn_id=tid,
                 model_version="base",
                 value=value,
                 **kw,
