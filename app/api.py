@@ -180,7 +180,12 @@ def _completion_body(turn: TurnStream, cid: str, created: int) -> dict[str, Any]
                 "finish_reason": turn.finish_reason,
             }
         ],
-        "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c},
+        "usage": {
+            "prompt_tokens": p,
+            "completion_tokens": c,
+            "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": turn.cached_tokens or 0},
+        },
     }
 
 

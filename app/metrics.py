@@ -23,7 +23,8 @@ class Metrics:
         )
         self.tokens = Counter(
             "flywheel_tokens",
-            "Tokens processed, by model version and kind (prompt/completion).",
+            "Tokens processed, by model version and kind (prompt, completion, prompt_cached: of the prompt tokens,"
+            " those served from a cached prefix).",
             ["model_version", "kind"],
             registry=r,
         )

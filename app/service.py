@@ -88,6 +88,7 @@ class TurnStream:
     finish_reason: FinishReason = "stop"
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    cached_tokens: int | None = None  # prompt tokens served from a cached prefix, where the engine says
     ttft_ms: float | None = None
     latency_ms: float | None = None
     done: bool = False
@@ -147,6 +148,8 @@ class TurnStream:
                     self.prompt_tokens = chunk.prompt_tokens
                 if chunk.completion_tokens is not None:
                     self.completion_tokens = chunk.completion_tokens
+                if chunk.cached_tokens is not None:
+                    self.cached_tokens = chunk.cached_tokens
                 if chunk.finish_reason is not None:
                     finish = chunk.finish_reason
                     break
@@ -564,6 +567,8 @@ class ChatService:
             m.tokens.labels(t.model_version, "prompt").inc(t.prompt_tokens)
         if t.completion_tokens:
             m.tokens.labels(t.model_version, "completion").inc(t.completion_tokens)
+        if t.cached_tokens:
+            m.tokens.labels(t.model_version, "prompt_cached").inc(t.cached_tokens)
 
     # ---- feedback and consent --------------------------------------------------------------------
     def rate(

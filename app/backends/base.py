@@ -25,6 +25,7 @@ class Chunk:
     finish_reason: FinishReason | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    cached_tokens: int | None = None  # of prompt_tokens, how many came from a cached prefix (engines that cache)
 
 
 class Backend(Protocol):

@@ -287,5 +287,14 @@ class BatchingBackend:
                 self._send(req, Chunk(text))
             return False
         req.done = True
-        self._send(req, Chunk(text, finish_reason=reason, prompt_tokens=len(req.ids), completion_tokens=req.completion))
+        self._send(
+            req,
+            Chunk(
+                text,
+                finish_reason=reason,
+                prompt_tokens=len(req.ids),
+                completion_tokens=req.completion,
+                cached_tokens=req.extra.get("cached"),
+            ),
+        )
         return True

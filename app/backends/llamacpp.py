@@ -280,6 +280,7 @@ class LlamaCppBackend(BatchingBackend):
         if not self._engine.forget(best, shared):
             shared = 0
         req.slot, req.fed = best, shared
+        req.extra["cached"] = shared
         self.prefix_tokens_reused += shared
 
     def forget_scope(self, scope: str) -> int:

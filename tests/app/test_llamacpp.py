@@ -254,3 +254,39 @@ def test_quantized_precision_stays_within_its_measured_quality_bound():
     assert ppl["q8_0"] / ppl["f32"] <= Q8_PERPLEXITY_RATIO_MAX, ppl
     agree = agreement(runs["q8_0"], runs["f32"])
     assert agree["greedy_prefix_agreement"] >= Q8_GREEDY_PREFIX_AGREEMENT_MIN, agree
+
+
+@pytest.mark.integration
+def test_the_api_reports_the_cached_prompt_tokens_of_a_conversations_next_turn(settings):
+    """Through the OpenAI-compatible API on the default engine: the next turn of alice's conversation says in
+    ``usage.prompt_tokens_details.cached_tokens`` that its history came from cache, bob's identical request that
+    only the template's preamble did, and ``/metrics`` counts cached prompt tokens per version."""
+    import httpx
+    from openai import OpenAI
+
+    from tests.app.conftest import ADMIN, start_app
+
+    backend = build_backend({"kind": "embedded", "path": str(MODEL), "engine": "llama.cpp", "max_concurrency": 2})
+    app = start_app(settings, {settings.model_version: backend}, max_new_tokens=8)
+    try:
+        c = OpenAI(base_url=app.api, api_key="not-needed", max_retries=0)
+
+        def ask(messages, user):
+            r = c.chat.completions.create(model="flywheel", messages=messages, max_tokens=8, user=user)
+            return r.choices[0].message.content, r.usage
+
+        first = [{"role": "user", "content": "Tell me about the moon."}]
+        answer, usage1 = ask(first, "alice")
+        second = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": "And the sun?"}]
+        _, usage2 = ask(second, "alice")
+        _, usage3 = ask(second, "bob")
+        metrics = httpx.get(f"{app.url}/metrics", headers=ADMIN).text
+    finally:
+        app.stop()
+        asyncio.run(backend.aclose())
+    preamble = usage1.prompt_tokens_details.cached_tokens
+    assert 10 <= preamble < usage1.prompt_tokens
+    assert usage2.prompt_tokens_details.cached_tokens >= usage1.prompt_tokens
+    assert usage3.prompt_tokens_details.cached_tokens == preamble
+    cached = [ln for ln in metrics.splitlines() if ln.startswith("flywheel_tokens_total") and "prompt_cached" in ln]
+    assert cached and float(cached[0].split()[-1]) == 2 * preamble + usage2.prompt_tokens_details.cached_tokens
