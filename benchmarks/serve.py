@@ -365,7 +365,6 @@ class ApiTarget:
     model = "base"
 
     def __init__(self, spec: dict):
-        import httpx
 
         self.home = tempfile.TemporaryDirectory(prefix="flywheel-bench-")
         home = Path(self.home.name)
@@ -383,24 +382,29 @@ class ApiTarget:
             "FLYWHEEL_API_BURST_PER_KEY": "1000",
             "PYTHONPATH": str(REPO),
         }
-        self.log = (home / "server.log").open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app.server"], cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT
-        )
+        self._launch([sys.executable, "-m", "app.server"], env, port, "/healthz", 300)
+
+    def _launch(self, cmd: list[str], env: dict | None, port: int, health: str, timeout_s: float) -> None:
+        """Start ``cmd`` (logging into the throwaway home), wait until ``health`` answers 200, open the client."""
+        import httpx
+
+        log_path = Path(self.home.name) / "server.log"
+        self.log = log_path.open("w")
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + timeout_s
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"app.server exited: {(home / 'server.log').read_text()[-3000:]}")
+                raise RuntimeError(f"{Path(cmd[0]).name} exited: {log_path.read_text()[-3000:]}")
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}{health}", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
                 self.proc.kill()
-                raise RuntimeError("app.server did not become healthy in 300 s")
-            time.sleep(0.5)
+                raise RuntimeError(f"{' '.join(map(str, cmd[:3]))} did not become healthy in {timeout_s:.0f} s")
+            time.sleep(0.3)
         self.client = httpx.AsyncClient(
             base_url=self.url, timeout=300, limits=httpx.Limits(max_connections=256, max_keepalive_connections=256)
         )
@@ -464,35 +468,16 @@ class PeerServerTarget(ApiTarget):
     model = "peer"
 
     def __init__(self, gguf: Path, slots: int, context_per_slot: int):
-        import httpx
 
         self.home = tempfile.TemporaryDirectory(prefix="flywheel-bench-peer-")
         port = _free_port()
-        cmd = [
+        cmd = [  # llama-server's own defaults otherwise (batch sizes, flash attention, prompt cache)
             str(peer_server_binary()),
             *("-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)),
             *("-t", str(len(os.sched_getaffinity(0))), "-np", str(slots), "-c", str(context_per_slot * slots)),
-            *("-b", "136", "-ub", "136", "--no-webui", "--jinja"),  # our backend's batch: 128 prefill + 8 rows
+            *("--no-webui", "--jinja"),
         ]
-        self.log = (Path(self.home.name) / "server.log").open("w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        self.url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited: {(Path(self.home.name) / 'server.log').read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.proc.kill()
-                raise RuntimeError("llama-server did not become healthy in 120 s")
-            time.sleep(0.3)
-        self.client = httpx.AsyncClient(
-            base_url=self.url, timeout=300, limits=httpx.Limits(max_connections=256, max_keepalive_connections=256)
-        )
+        self._launch(cmd, None, port, "/health", 120)
 
 
 def peer_server_binary() -> Path:
