@@ -201,7 +201,9 @@ class LlamaCppBackend(BatchingBackend):
         self._free = list(range(max_concurrency))[::-1]
         # slot -> (scope, tokens its KV cache holds), for free slots; the dict's order is least recently used first
         self._cached: dict[int, tuple[str | None, list[int]]] = {}
-        self._cache_mu = threading.Lock()  # guards _cached and _free against forget_scope
+        self._cache_mu = threading.Lock()  # guards _cached, _free, _claims and _forgotten against forget_scope
+        self._claims = 0  # requests given a slot so far: a request's number orders it against a forget_scope
+        self._forgotten: dict[str | None, int] = {}  # scope -> claims before its last forget_scope
         self.prefix_tokens_reused = 0  # prompt tokens not prefilled thanks to a cached prefix (tests read it)
         self._setup(f"llama.cpp:{model_path}@{precision}", tokenizer, eos, max_concurrency, max_queue, context)
         self._public = self._template_preamble()[: self.prefill_chunk]
@@ -280,13 +282,17 @@ class LlamaCppBackend(BatchingBackend):
         if not self._engine.forget(best, shared):
             shared = 0
         req.slot, req.fed = best, shared
+        self._claims += 1
+        req.extra["claim"] = self._claims
         req.extra["cached"] = shared
         self.prefix_tokens_reused += shared
 
     def forget_scope(self, scope: str) -> int:
-        """Drop every cached prefix of ``scope`` (a deleted user's conversations) from any thread; returns how many
-        slots it cleared. Blocks while a step is being computed (up to a few hundred ms)."""
+        """Drop every cached prefix of ``scope`` (a deleted user's conversations) from any thread, and keep none of
+        the scope's requests already admitted when they finish; returns how many slots it cleared. Blocks while a
+        step is being computed (up to a few hundred ms)."""
         with self._cache_mu:
+            self._forgotten[scope] = self._claims  # requests admitted before now keep nothing when they finish
             slots = [slot for slot, (s, _) in self._cached.items() if s == scope]
             for slot in slots:
                 del self._cached[slot]
@@ -334,7 +340,7 @@ class LlamaCppBackend(BatchingBackend):
         self._rows.remove(req)
         held = (req.ids + req.extra.get("answer", []))[: req.fed]  # what the slot's cache now holds
         with self._cache_mu:
-            if held:
+            if held and req.extra["claim"] > self._forgotten.get(req.scope, 0):
                 self._cached[req.slot] = (req.scope, held)
             else:
                 self._engine.forget(req.slot)

@@ -198,7 +198,7 @@ def test_a_conversation_reuses_its_cached_prefix_only_within_its_own_scope():
     """The next turn of a conversation prefills only what is new (the history's KV cache is kept in the slot) and
     answers as a full prefill would. Another user with the very same history reuses only the chat template's public
     preamble (every first turn does), never the history, so their time to first token cannot reveal what someone
-    else sent; a deleted user's prefixes are dropped."""
+    else sent; a deleted user's prefixes are dropped, those of a turn still being answered at deletion included."""
     backend = build_backend({"kind": "embedded", "path": str(MODEL), "engine": "llama.cpp", "max_concurrency": 2})
     greedy = Sampling(temperature=0.0, max_new_tokens=12)
     first = [{"role": "user", "content": "Tell me about the moon."}]
@@ -217,10 +217,16 @@ def test_a_conversation_reuses_its_cached_prefix_only_within_its_own_scope():
         other, other_reused = await ask(second, "bob")
         dropped = backend.forget_scope("alice")
         _, after_delete = await ask(second, "alice")
-        return first_reused, again, reused, other, other_reused, dropped, after_delete
+        in_flight = backend.stream(second, greedy, cache_scope="carol")  # deleted while it is being answered
+        assert (await in_flight.__anext__()) is not None
+        backend.forget_scope("carol")
+        async for _ in in_flight:
+            pass
+        _, after_in_flight_delete = await ask(second, "carol")
+        return first_reused, again, reused, other, other_reused, dropped, after_delete, after_in_flight_delete
 
     try:
-        first_reused, again, reused, other, other_reused, dropped, after_delete = asyncio.run(run())
+        first_reused, again, reused, other, other_reused, dropped, after_delete, after_in_flight = asyncio.run(run())
     finally:
         asyncio.run(backend.aclose())
     history = len(a)
@@ -229,6 +235,7 @@ def test_a_conversation_reuses_its_cached_prefix_only_within_its_own_scope():
     assert other_reused == preamble, f"another user reused {other_reused} tokens (the public preamble: {preamble})"
     assert again == other, "the answer with a reused prefix differs from a full prefill's"
     assert dropped >= 1 and after_delete == preamble
+    assert after_in_flight == preamble, f"a turn in flight at deletion left {after_in_flight} tokens to reuse"
 
 
 def test_quantized_precision_stays_within_its_measured_quality_bound():
