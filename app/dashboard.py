@@ -1,140 +1,47 @@
-"""The ops dashboard: a Gradio page at ``/ops`` on the product's own server, for operators only.
+"""The ops dashboard: a Gradio page at ``/ops/`` on the product's own server, for operators only (``/ops``
+redirects there).
 
 It shows the loop end to end: thumbs-up rate over time per version (95% Wilson bands), the release plan in
-force and its history, the latest canary analysis, dataset snapshots with their filter counts and yield, the
-trained versions with their evaluation and gate, and lineage from a release back to its snapshot, the Kafka
-offsets it came from and a sample of the conversations that trained it. Links go to the Prefect and MLflow UIs.
+force and its history, the latest canary analysis, the candidates waiting for release (with an Approve button
+for ``FLYWHEEL_RELEASE_POLICY=approve``), dataset snapshots with their filter counts and yield, the trained
+versions with their evaluation and gate, and lineage from a release back to its snapshot, the Kafka offsets it
+came from and a sample of the conversations that trained it. Links go to the Prefect and MLflow UIs.
 
 Access: Gradio's login form with any user name and the admin token (``FLYWHEEL_ADMIN_TOKEN``) as password;
-without a configured token nobody gets in. The app must not import ``pipelines/`` or ``training/``, so this page
-reads what they write, as files and tables: ``releases/log.jsonl`` and ``latest_analysis.json``, snapshot
-manifests and Parquet files, ``lineage.json`` beside each version's weights, and the warehouse (through
-``feedback.warehouse.connect``, which takes turns with the ingest writer). Everything user-written is shown in
-tables and JSON viewers, never as markup.
+without a configured token nobody gets in. What it shows comes from ``app.ops_data``, which reads what the
+pipelines wrote (the app never imports them). Everything user-written is shown in tables and JSON viewers, never
+as markup. The Approve button records an approval that the release autopilot acts on at its next look.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 from typing import Any
 
 import gradio as gr
 import matplotlib
-import pyarrow.parquet as pq
-from scipy import stats
 
 from app.auth import is_admin
+from app.ops_data import (
+    approvals,
+    approve_candidate,
+    autopilot_status,
+    history_rows,
+    latest_analysis,
+    lineage,
+    release_records,
+    snapshot_rows,
+    snapshots,
+    thumbs_series,
+    version_rows,
+    versions,
+    waiting_rows,
+)
 from feedback.settings import Settings
-from feedback.warehouse import WarehouseBusy, connect
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless backend
 
-log = logging.getLogger(__name__)
 PATH = "/ops"
-SAMPLE_ROWS = 5
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Reading what the pipelines wrote
-# ---------------------------------------------------------------------------------------------------------
-def wilson(k: int, n: int) -> tuple[float | None, float | None, float | None]:
-    if n <= 0:
-        return None, None, None
-    ci = stats.binomtest(int(k), int(n)).proportion_ci(0.95, method="wilson")
-    return k / n, float(ci.low), float(ci.high)
-
-
-def release_records(settings: Settings) -> list[dict[str, Any]]:
-    path = settings.home / "releases" / "log.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue  # a torn last line while the controller writes
-    return out
-
-
-def latest_analysis(settings: Settings) -> dict[str, Any] | None:
-    path = settings.home / "releases" / "latest_analysis.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def thumbs_series(settings: Settings, bucket_s: int = 300) -> list[dict[str, Any]]:
-    """Thumbs-up rate per version per time bucket (latest thumbs per rater and answer; cleared = unrated)."""
-    if not settings.warehouse_path.exists():
-        return []
-    try:
-        with connect(settings.warehouse_path, read_only=True, timeout_s=10) as con:
-            have = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-            if "feedback" not in have:
-                return []
-            rows = con.execute(f"""
-                WITH latest AS (SELECT * EXCLUDE (rn) FROM (
-                    SELECT *, row_number() OVER (PARTITION BY user_id, turn_id ORDER BY ts DESC, event_id DESC) AS rn
-                    FROM feedback WHERE kind = 'thumbs') WHERE rn = 1)
-                SELECT time_bucket(INTERVAL '{int(bucket_s)} seconds', ts) AS b, model_version,
-                       count(*) FILTER (WHERE value = 'up'), count(*)
-                FROM latest WHERE value IN ('up', 'down') GROUP BY ALL ORDER BY b, model_version""").fetchall()
-    except (WarehouseBusy, OSError) as e:
-        log.warning("dashboard: warehouse unavailable: %s", e)
-        return []
-    return [
-        {"time": b, "version": v, "up": k, "n": n, **dict(zip(("rate", "lo", "hi"), wilson(k, n), strict=True))}
-        for b, v, k, n in rows
-    ]
-
-
-def snapshots(settings: Settings) -> list[dict[str, Any]]:
-    out = []
-    if settings.datasets_dir.exists():
-        for d in settings.datasets_dir.iterdir():
-            m = d / "manifest.json"
-            if d.is_dir() and not d.name.startswith(".") and m.exists():
-                try:
-                    man = json.loads(m.read_text())
-                except ValueError:
-                    continue
-                man["path"] = str(d)
-                man["retired"] = (d / "RETIRED.json").exists()
-                out.append(man)
-    return sorted(out, key=lambda m: m.get("created_at", ""))
-
-
-def versions(settings: Settings) -> list[dict[str, Any]]:
-    """Every version's lineage.json (the app's copy of the registry record)."""
-    out = []
-    if settings.models_dir.exists():
-        for d in sorted(settings.models_dir.iterdir()):
-            f = d / "lineage.json"
-            if d.is_dir() and f.exists():
-                try:
-                    out.append(json.loads(f.read_text()))
-                except ValueError:
-                    continue
-    return sorted(out, key=lambda v: v.get("number", 0))
-
-
-def conversation_sample(settings: Settings, snapshot_id: str, n: int = SAMPLE_ROWS) -> list[dict[str, Any]]:
-    """A few training rows of a snapshot (pairs first, else SFT), as plain text columns."""
-    snap = settings.datasets_dir / snapshot_id
-    for rel, cols in (("pairs/train.parquet", ("prompt", "chosen", "rejected")), ("sft/train.parquet", ("messages",))):
-        f = snap / rel
-        if f.exists():
-            rows = pq.read_table(f).slice(0, n).to_pylist()
-            return [
-                {c: "\n".join(f"{m['role']}: {m['content']}" for m in r[c]) for c in cols if c in r}
-                | {"model_version": r.get("model_version", "")}
-                for r in rows
-            ]
-    return []
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -229,105 +136,6 @@ def fig_yield(manifest: dict[str, Any] | None):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Tables
-# ---------------------------------------------------------------------------------------------------------
-def history_rows(records: list[dict[str, Any]]) -> list[list[Any]]:
-    return [
-        [
-            r["at"][:19],
-            r["release_id"],
-            r["action"] + ("" if r.get("applied", True) else " (pending)"),
-            r["actor"],
-            r["candidate"],
-            r["production"],
-            f"{r['share']:.0%}",
-            r.get("reason", ""),
-        ]
-        for r in reversed(records)
-        if r["action"] != "applied"
-    ]
-
-
-def snapshot_rows(snaps: list[dict[str, Any]]) -> list[list[Any]]:
-    rows = []
-    for m in reversed(snaps):
-        c, y = m.get("counts", {}), m.get("yield") or {}
-        filters = "; ".join(f"{f['stage']} {f['in']}->{f['out']}" for f in m.get("filters", []))
-        rows.append(
-            [
-                m["snapshot_id"],
-                m.get("created_at", "")[:19],
-                "retired" if m["retired"] else "ok",
-                json.dumps({t: sum(s.values()) for t, s in c.items()}),
-                y.get("ratings_in"),
-                y.get("ratings_usable"),
-                filters,
-            ]
-        )
-    return rows
-
-
-def version_rows(vs: list[dict[str, Any]]) -> list[list[Any]]:
-    return [
-        [
-            v.get("name"),
-            v.get("recipe"),
-            v.get("parent"),
-            v.get("snapshot_id"),
-            v.get("gate"),
-            ", ".join(v.get("aliases") or []),
-            "yes" if v.get("tainted") else "",
-            json.dumps(v.get("eval") or {})[:300],
-        ]
-        for v in reversed(vs)
-    ]
-
-
-def lineage(settings: Settings, version: str | None) -> tuple[dict[str, Any], list[list[Any]]]:
-    """A version's record, its releases, its snapshot's source (events and Kafka offsets), and sample rows."""
-    vs = {v.get("name"): v for v in versions(settings)}
-    v = vs.get(version or "")
-    if v is None:
-        return {"error": "choose a version"}, []
-    snap_id = v.get("snapshot_id")
-    man = next((m for m in snapshots(settings) if m["snapshot_id"] == snap_id), None)
-    out = {
-        "version": {
-            k: v.get(k)
-            for k in (
-                "name",
-                "recipe",
-                "parent",
-                "snapshot_id",
-                "gate",
-                "gate_reasons",
-                "tainted",
-                "created_at",
-                "code_revision",
-            )
-        },
-        "releases": [
-            {k: r[k] for k in ("at", "release_id", "action", "actor", "share", "reason")}
-            for r in release_records(settings)
-            if r["candidate"] == version and r["action"] != "applied"
-        ],
-        "snapshot": None
-        if man is None
-        else {
-            "snapshot_id": snap_id,
-            "counts": man.get("counts"),
-            "source": man.get("source"),
-            "yield": man.get("yield"),
-        },
-    }
-    sample = conversation_sample(settings, snap_id) if snap_id else []
-    return out, [
-        [r.get("prompt") or r.get("messages"), r.get("chosen", ""), r.get("rejected", ""), r.get("model_version")]
-        for r in sample
-    ]
-
-
-# ---------------------------------------------------------------------------------------------------------
 # The page
 # ---------------------------------------------------------------------------------------------------------
 def build_dashboard(settings: Settings) -> gr.Blocks:
@@ -350,6 +158,16 @@ def build_dashboard(settings: Settings) -> gr.Blocks:
             label="Release history",
             wrap=True,
         )
+        waiting = gr.Dataframe(
+            headers=["candidate", "recipe", "snapshot", "registered UTC", "gate", "approval"],
+            label="Candidates waiting for release (the autopilot's latest look)",
+            wrap=True,
+            elem_id="ops-waiting",
+        )
+        with gr.Row():
+            to_approve = gr.Dropdown(label="Approve a waiting candidate", choices=[], elem_id="ops-approve-pick")
+            approve = gr.Button("Approve", variant="primary", elem_id="ops-approve")
+        approve_msg = gr.Markdown(elem_id="ops-approve-msg")
         with gr.Row():
             yields = gr.Plot(label="Snapshot yield", elem_id="ops-yield")
         snaps = gr.Dataframe(
@@ -387,32 +205,52 @@ def build_dashboard(settings: Settings) -> gr.Blocks:
                     "latest_look": latest,
                 }
             names = [v.get("name") for v in vs]
+            status = autopilot_status(settings)
+            approved = approvals(settings)
+            pending = [c["version"] for c in (status or {}).get("waiting", []) if c["version"] not in approved]
+            if status is not None:
+                cur = {**(cur or {}), "policy": status.get("policy"), "autopilot_look": status.get("at")}
             return (
                 fig_thumbs(thumbs_series(settings)),
                 fig_plan(recs),
                 fig_canary(latest),
                 cur or {},
                 history_rows(recs),
+                waiting_rows(status, approved),
+                gr.Dropdown(choices=pending, value=pending[0] if pending else None),
                 fig_yield(snaps_[-1] if snaps_ else None),
                 snapshot_rows(snaps_),
                 version_rows(vs),
                 gr.Dropdown(choices=names, value=names[-1] if names else None),
             )
 
-        outputs = [thumbs, plan, canary, current, history, yields, snaps, runs, pick]
+        outputs = [thumbs, plan, canary, current, history, waiting, to_approve, yields, snaps, runs, pick]
         page.load(load, outputs=outputs)
         refresh.click(load, outputs=outputs)
         gr.Timer(30).tick(load, outputs=outputs)
+
+        def on_approve(version: str | None, request: gr.Request) -> tuple:
+            msg = approve_candidate(settings, version, getattr(request, "username", None))
+            status, approved = autopilot_status(settings), approvals(settings)
+            return msg, waiting_rows(status, approved)
+
+        approve.click(on_approve, inputs=to_approve, outputs=[approve_msg, waiting], api_name="approve")
         pick.change(lambda v: lineage(settings, v), inputs=pick, outputs=[lineage_json, sample])
     return page
 
 
 def mount_dashboard(app: Any, settings: Settings) -> Any:
-    """Mount the page at ``/ops`` behind the admin token (call before the chat UI is mounted at ``/``)."""
+    """Mount the page at ``/ops/`` behind the admin token, and ``/ops`` redirecting to it (call before the chat UI
+    is mounted at ``/``, which would otherwise answer ``/ops`` with its 404)."""
+    from starlette.responses import RedirectResponse
 
     def operator(_user: str, token: str) -> bool:
         return is_admin(settings, token)
 
+    def to_page(request: Any) -> RedirectResponse:
+        return RedirectResponse(request.url.replace(path=f"{request.url.path}/"))
+
+    app.add_route(PATH, to_page, methods=["GET", "HEAD"])
     return gr.mount_gradio_app(
         app,
         build_dashboard(settings),

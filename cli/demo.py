@@ -36,17 +36,12 @@ import typer
 
 from cli.simulate import SimConfig, SimStats, run_simulation
 from feedback.settings import Settings, get_settings
+from training.defaults import RECIPE_DEFAULTS  # what each recipe runs with when no --set is given (measured)
 
 REPO = Path(__file__).resolve().parents[1]
 SET_OPTION = typer.Option(
     None, "--set", help="Recipe config override key=value (repeatable; replaces the recipe's demo defaults)."
 )
-# What each recipe runs with when no --set is given. sft's are the measured ones (benchmarks/results/demo.json):
-# 16 steps at 1e-4 on the liked answers plus 16 safety rows, a quarter of them refusals (training/safety.py; half
-# refusals made the 135M model refuse harmless look-alikes, and without any it lost its few red-team refusals).
-RECIPE_DEFAULTS: dict[str, tuple[str, ...]] = {
-    "sft": ("data.safety_mix=16", "data.safety_refusal_share=0.25", "train.max_steps=16", "train.learning_rate=1e-4"),
-}
 
 
 @dataclass(frozen=True)

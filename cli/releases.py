@@ -1,8 +1,10 @@
-"""``flywheel releases list|show|start|promote|rollback|pause|resume|run``: staged rollouts from the terminal.
+"""``flywheel releases list|show|approve|start|promote|rollback|pause|resume|run``: staged rollouts from the
+terminal.
 
-    flywheel releases list [--json]
+    flywheel releases list [--json]                     # releases, and candidates waiting for one
     flywheel releases show [RELEASE_ID] [--json]        # state, history, the latest canary analysis
-    flywheel releases start dpo-0003 --token $TOKEN     # canary at the first step's share
+    flywheel releases approve sft-0004 --token $TOKEN   # policy approve: the autopilot may release it
+    flywheel releases start dpo-0003 --token $TOKEN     # canary at the first step's share, now
     flywheel releases promote [--full] --token $TOKEN   # next ramp step (or straight to everyone)
     flywheel releases rollback --reason "..." --token $TOKEN
     flywheel releases pause|resume --token $TOKEN       # stop / restart automatic decisions
@@ -10,6 +12,8 @@
 
 Changing a release is an operator action: it needs the admin token (``--token`` or ``FLYWHEEL_OPERATOR_TOKEN``),
 checked against the server's ``FLYWHEEL_ADMIN_TOKEN``; without a configured token every change is refused.
+In the running product the autopilot (``pipelines.autopilot``, a service of ``flywheel up``) releases gate-passed
+candidates by itself, in registered order; under ``FLYWHEEL_RELEASE_POLICY=approve`` each waits for ``approve``.
 """
 
 from __future__ import annotations
@@ -80,15 +84,75 @@ def _act(fn, as_json: bool) -> None:
         )
 
 
+def _policy() -> str:
+    """The policy the running autopilot uses (its status file), else this process's FLYWHEEL_RELEASE_POLICY."""
+    from pipelines.autopilot import read_status
+    from pipelines.config import ReleaseConfig
+
+    st = read_status(get_settings())
+    if st and st.get("policy"):
+        return st["policy"]
+    try:
+        return ReleaseConfig().policy
+    except ValueError:
+        return "auto"
+
+
+def _queue() -> tuple[Any, str | None]:
+    """The waiting and held candidates (None and why, when the registry cannot be read)."""
+    from pipelines.release_queue import build_queue
+
+    try:
+        return build_queue(get_settings(), _policy()), None
+    except Exception as e:  # noqa: BLE001 - the release history is still worth showing
+        return None, f"candidates unknown: the registry could not be read ({type(e).__name__}: {e})"
+
+
+def _queue_dict(q) -> dict[str, Any]:
+    return {
+        "policy": q.policy,
+        "production": q.production,
+        "waiting": [c.model_dump(mode="json") for c in q.waiting],
+        "held": [h.model_dump(mode="json") for h in q.held],
+        "next": (n.version if (n := q.next()) else None),
+    }
+
+
+def _print_queue(q, err: str | None) -> None:
+    if q is None:
+        console.print(f"[yellow]{err}[/yellow]")
+        return
+    if not q.waiting and not q.held:
+        console.print(f"no candidates waiting (policy {q.policy}; production {q.production})")
+        return
+    t = Table("candidate", "recipe", "snapshot", "registered UTC", "state", title=f"candidates (policy {q.policy})")
+    for c in q.waiting:
+        if c.approval is not None:
+            state = f"approved by {c.approval.actor}"
+        else:
+            state = "waiting for approval" if q.policy == "approve" else "waiting for its turn"
+        t.add_row(c.version, c.recipe, c.snapshot_id or "-", (c.created_at or "")[:19], state)
+    for h in q.held:
+        t.add_row(h.version, "", "", "", f"held: {h.why}")
+    console.print(t)
+
+
 @releases_app.command("list")
 def list_cmd(as_json: bool = JSON) -> None:
-    """Every release, oldest first: candidate, production, status, share of users."""
+    """Every release, oldest first (candidate, production, status, share of users), and the candidates waiting."""
     from pipelines.release import ReleaseLog
 
     rels = ReleaseLog(get_settings()).releases()
+    q, err = _queue()
     if as_json:
-        print(json.dumps([_state_dict(r) for r in rels], indent=2))
+        print(
+            json.dumps(
+                {"releases": [_state_dict(r) for r in rels], "candidates": _queue_dict(q) if q else {"error": err}},
+                indent=2,
+            )
+        )
         return
+    _print_queue(q, err)
     if not rels:
         console.print("no releases yet: `flywheel releases start <version> --token ...`")
         return
@@ -118,23 +182,29 @@ def show_cmd(
     lg = ReleaseLog(s)
     rels = lg.releases()
     st = next((r for r in rels if r.release_id == release_id), None) if release_id else (rels[-1] if rels else None)
+    if st is None and not release_id:  # nothing released yet: what waits is the news
+        q, err = _queue()
+        if as_json:
+            print(json.dumps({"release": None, "candidates": _queue_dict(q) if q else {"error": err}}, indent=2))
+            return
+        console.print("no releases yet")
+        _print_queue(q, err)
+        return
     if st is None:
-        _fail(f"no release {release_id!r}: see `flywheel releases list`" if release_id else "no releases yet", as_json)
+        _fail(f"no release {release_id!r}: see `flywheel releases list`", as_json)
     history = [r for r in lg.records() if r.release_id == st.release_id]
     latest = latest_analysis(s)
     latest = latest if latest and latest.get("release_id") == st.release_id else None
+    q, err = _queue() if not release_id else (None, None)
     if as_json:
-        print(
-            json.dumps(
-                {
-                    "release": _state_dict(st),
-                    "history": [r.model_dump(mode="json") for r in history],
-                    "latest_analysis": latest,
-                },
-                indent=2,
-                default=str,
-            )
-        )
+        out = {
+            "release": _state_dict(st),
+            "history": [r.model_dump(mode="json") for r in history],
+            "latest_analysis": latest,
+        }
+        if not release_id:
+            out["candidates"] = _queue_dict(q) if q else {"error": err}
+        print(json.dumps(out, indent=2, default=str))
         return
     console.print(
         f"[bold]{st.release_id}[/bold] {st.candidate} vs {st.production}: {st.status} at {st.share:.0%}"
@@ -162,6 +232,34 @@ def show_cmd(
                 f"  {arm['version']}: thumbs-up {rate} of {th['n']}, answers {arm['answers']}, "
                 f"errors {arm['errors']['k']}, median latency {arm['latency_ms']['p50']} ms"
             )
+    if not release_id:
+        _print_queue(q, err)
+
+
+@releases_app.command("approve")
+def approve_cmd(
+    version: str = typer.Argument(..., help="A gate-passed candidate waiting for release, e.g. sft-0004."),
+    token: str = TOKEN,
+    reason: str = REASON,
+    as_json: bool = JSON,
+) -> None:
+    """Let the autopilot release a waiting candidate (policy approve); it starts the canary when its turn comes."""
+    from pipelines.release import ReleaseError
+    from pipelines.release_queue import approve
+
+    actor = _operator(token, as_json)
+    policy = _policy()
+    try:
+        c = approve(get_settings(), version, actor, reason, policy=policy)
+    except ReleaseError as e:
+        _fail(str(e), as_json)
+    note = "" if policy == "approve" else " (policy auto: gate-passed candidates need no approval)"
+    if as_json:
+        print(json.dumps({"ok": True, "candidate": c.model_dump(mode="json"), "policy": policy}, indent=2))
+    else:
+        console.print(
+            f"approved {c.version} by {c.approval.actor}: the autopilot starts its canary when its turn comes{note}"
+        )
 
 
 @releases_app.command("start")

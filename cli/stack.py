@@ -1,9 +1,10 @@
 """``flywheel up``: start every service, supervise them, and stop them all cleanly on Ctrl-C; ``flywheel down``:
 stop whatever a killed ``flywheel up`` left behind.
 
-Order: Kafka broker (a daemon; stopped at the end only if this command started it), the ingest consumer,
-the Prefect server and the flow runner, the chat app. A child that dies is restarted with backoff and the
-event is printed.
+Order: Kafka broker (a daemon; stopped at the end only if this command started it), the ingest consumer, the
+MLflow server, the Prefect server, the flow runner and the training worker, the release autopilot
+(``pipelines.autopilot``: gate-passed candidates to canary, then full or rollback), the chat app. A child that
+dies is restarted with backoff and the event is printed.
 
 Stopping within ``STOP_BUDGET_S`` (10 s): on Ctrl-C or SIGTERM every child and the Prefect server get SIGTERM
 at the same time (the signal reaches each one's whole process tree), whatever is still alive after
@@ -171,6 +172,8 @@ def run_stack(s: Settings, app_server: bool = True, prefect: bool = True, vllm: 
             console.print(f"[green]up[/green] prefect server http://{s.prefect_host}:{s.prefect_port}")
             children.append(Child("flows", [py, "-m", "pipelines.serve"], env))
             children.append(Child("worker", [py, "-m", "pipelines.serve", "worker"], env))  # `train` runs here
+        # Releases gate-passed candidates (canary -> full or rollback) by itself; resumes from the release log.
+        children.append(Child("autopilot", [py, "-m", "pipelines.autopilot"], env))
         if vllm:  # the GPU path: vLLM serves the base version, the app reaches it through backends.yaml
             from app.backends.vllm import stack_child_argv
 

@@ -1,8 +1,11 @@
-"""Curation and trigger settings: one frozen object, overridable by ``FLYWHEEL_CURATE_*`` variables.
+"""Pipeline settings and names, below every module that uses them (flows, tasks, serve, the release controller).
 
-Example: ``FLYWHEEL_CURATE_EVAL_FRACTION=0.2 FLYWHEEL_CURATE_VOLUME_TRIGGER_N=500 flywheel run curate``.
-Only the fields in ``CONTENT_FIELDS`` shape a snapshot's content, so only they enter its id; schedules and
-thresholds for health checks do not.
+- ``CurateConfig`` (``FLYWHEEL_CURATE_*``): curation and triggers. Example: ``FLYWHEEL_CURATE_EVAL_FRACTION=0.2
+  FLYWHEEL_CURATE_VOLUME_TRIGGER_N=500 flywheel run curate``. Only the fields in ``CONTENT_FIELDS`` shape a
+  snapshot's content, so only they enter its id; schedules and thresholds for health checks do not.
+- ``ReleaseConfig`` (``FLYWHEEL_RELEASE_*``): staged rollout, online analysis and the release policy.
+- The Prefect deployment names of the ``train`` flow: the volume trigger queues runs on them and
+  ``pipelines.serve`` creates them, so they live here rather than in either (that was an import circle).
 """
 
 from __future__ import annotations
@@ -11,6 +14,11 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TRAIN_FLOW = "train"
+CPU_DEPLOYMENT = "train"
+GPU_DEPLOYMENT = "train-gpu"
+TRAIN_DEPLOYMENT = f"{TRAIN_FLOW}/{CPU_DEPLOYMENT}"
 
 CONTENT_FIELDS = (
     "eval_fraction",
@@ -89,12 +97,19 @@ class CurateConfig(BaseSettings):
 
 
 class ReleaseConfig(BaseSettings):
-    """Staged rollout and online analysis thresholds, overridable by ``FLYWHEEL_RELEASE_*`` variables.
+    """Staged rollout, online analysis thresholds and the release policy, overridable by ``FLYWHEEL_RELEASE_*``.
 
-    Example: ``FLYWHEEL_RELEASE_CANARY_SHARE=0.2 FLYWHEEL_RELEASE_MARGIN=0.03 flywheel releases start dpo-0003``.
+    Example: ``FLYWHEEL_RELEASE_STEPS='[0.2, 1.0]' FLYWHEEL_RELEASE_MARGIN=0.03 FLYWHEEL_RELEASE_POLICY=approve
+    flywheel up``.
     """
 
     model_config = SettingsConfigDict(env_prefix="FLYWHEEL_RELEASE_", frozen=True, extra="ignore")
+
+    policy: Literal["auto", "approve"] = Field(
+        "auto",
+        description="What the autopilot does with a gate-passed candidate: 'auto' sends it to canary when its turn "
+        "comes; 'approve' makes it wait for an operator (`flywheel releases approve <version>`, or the ops page).",
+    )
 
     steps: tuple[float, ...] = Field(
         (0.1, 0.5, 1.0), description="Candidate's share of users at each stage: canary first, 1.0 = full."

@@ -2,10 +2,12 @@
 
 - ``curate``: warehouse -> one immutable dataset snapshot (SFT, KTO, pairs, prompts; train/eval).
 - ``volume_trigger``: when >= N new usable ratings arrived since the last snapshot, curate then ``train`` (queued
-  on the ``train`` deployment's work pool when it exists, else run here).
+  on the ``train`` deployment's work pool when it exists, else run here), with the training defaults of
+  ``training.defaults`` (through ``pipelines.training.TrainConfig``) either way.
 - ``train``: snapshot -> recipe -> evaluate -> gate -> register (``pipelines.training``); returns the version, the
   gate verdict with its reasons, the evaluation and seconds per stage.
-- ``release``: canary -> ramp -> full or rollback of a gate-passed candidate on live ratings (``pipelines.release``).
+- ``release``: canary -> ramp -> full or rollback of one candidate on live ratings (``pipelines.release``), run
+  by hand; in the running product ``pipelines.autopilot`` (a service of ``flywheel up``) does this by itself.
 - ``ingest_health``: fails loudly when the continuous ingest consumer lags or stops committing.
 
 Flows take no ``Settings`` parameter (deployments must serialise their parameters); they read the process's
@@ -20,7 +22,7 @@ from prefect import flow
 
 from feedback.settings import Settings, get_settings
 from pipelines import tasks
-from pipelines.config import CurateConfig, ReleaseConfig
+from pipelines.config import TRAIN_DEPLOYMENT, CurateConfig, ReleaseConfig
 
 
 @flow(name="curate", log_prints=True)
@@ -91,7 +93,7 @@ def _publish_train_summary(result: dict[str, Any]) -> None:
     create_markdown_artifact("\n".join(lines), key="train-result", description=f"train: {result['version']}")
 
 
-@flow(name="volume-trigger")
+@flow(name="volume-trigger", log_prints=True)
 def volume_trigger(
     n: int | None = None,
     settings: Settings | None = None,
@@ -106,15 +108,18 @@ def volume_trigger(
     new = tasks.count_new_ratings(settings)
     if new < threshold:
         return {"fired": False, "new_ratings": new, "threshold": threshold}
+    print(f"trigger: {new} new usable ratings (threshold {threshold}): curating")
     snap = curate(settings=settings, config=config)  # fresh: it excludes every deleted user, never retired
+    print(f"curate: snapshot {snap['snapshot_id']} {snap['counts']}")
     out = {"fired": True, "new_ratings": new, "threshold": threshold, "snapshot": snap, "train": None}
     if train_after:
         queued = tasks.submit_train(snap["snapshot_id"], settings)
-        out["train"] = (
-            {"queued": queued}
-            if queued
-            else train(snapshot_id=snap["snapshot_id"], overrides=train_overrides, settings=settings)
-        )
+        if queued:
+            print(f"train: queued run {queued} on {TRAIN_DEPLOYMENT} (snapshot {snap['snapshot_id']})")
+            out["train"] = {"queued": queued}
+        else:
+            print(f"train: no {TRAIN_DEPLOYMENT} deployment; training here on snapshot {snap['snapshot_id']}")
+            out["train"] = train(snapshot_id=snap["snapshot_id"], overrides=train_overrides, settings=settings)
     return out
 
 

@@ -31,12 +31,14 @@ import sys
 from pathlib import Path
 
 from feedback.settings import Settings
+from pipelines.config import (  # noqa: F401 - TRAIN_DEPLOYMENT re-exported for callers that name it from here
+    CPU_DEPLOYMENT,
+    GPU_DEPLOYMENT,
+    TRAIN_DEPLOYMENT,
+    TRAIN_FLOW,
+)
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN_FLOW = "train"
-CPU_DEPLOYMENT = "train"
-GPU_DEPLOYMENT = "train-gpu"
-TRAIN_DEPLOYMENT = f"{TRAIN_FLOW}/{CPU_DEPLOYMENT}"
 GPU_JOB_ENV = {"FLYWHEEL_TRAIN_CONFIG": "gpu", "FLYWHEEL_TRAIN_LAUNCHER": '["accelerate", "launch"]'}
 
 

@@ -14,7 +14,7 @@ from feedback.settings import Settings
 from pipelines import curate as cur
 from pipelines import health, snapshots, triggers
 from pipelines import training as trn
-from pipelines.config import CurateConfig
+from pipelines.config import TRAIN_DEPLOYMENT, CurateConfig
 from pipelines.pii import PiiScrubber
 
 _OPTS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
@@ -114,6 +114,19 @@ def train_config(
     cfg = trn.TrainConfig(**{k: v for k, v in given.items() if v is not None})
     if cfg.recipe not in METHODS:
         raise TrainRefused(f"unknown recipe {cfg.recipe!r}: choose one of {', '.join(METHODS)}")
+    if cfg.gate:  # FLYWHEEL_TRAIN_GATE: a typo stops here, not after the judge and the recipe trained
+        from pydantic import ValidationError
+
+        from training.evaluate import GateConfig
+
+        try:
+            GateConfig(**cfg.gate)
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise TrainRefused(
+                f"FLYWHEEL_TRAIN_GATE: {'.'.join(map(str, err['loc']))}: {err['msg']} "
+                "(see training.evaluate.GateConfig for the fields)"
+            ) from None
     return cfg
 
 
@@ -171,11 +184,13 @@ def check_training_inputs(settings: Settings, snapshot_id: str | None, cfg: trn.
 def train_and_gate(
     settings: Settings, snapshot_id: str | None, cfg: trn.TrainConfig, gate: dict[str, Any] | None = None
 ) -> dict:
-    """Judge(s), recipe, evaluation, gate (``pipelines.training.train_and_gate``), progress into the run's log."""
+    """Judge(s), recipe, evaluation, gate (``pipelines.training.train_and_gate``), progress into the run's log.
+    The gate's settings: ``FLYWHEEL_TRAIN_GATE`` (``cfg.gate``), then the flow's ``gate`` argument, key by key."""
     from training.evaluate import GateConfig
 
     logger = get_run_logger()
-    return trn.train_and_gate(settings, snapshot_id, cfg, say=logger.info, gate_cfg=GateConfig(**(gate or {})))
+    gate_cfg = GateConfig(**{**cfg.gate, **(gate or {})})
+    return trn.train_and_gate(settings, snapshot_id, cfg, say=logger.info, gate_cfg=gate_cfg)
 
 
 @task(retries=3, retry_delay_seconds=2, retry_condition_fn=_busy, **_OPTS)
@@ -195,8 +210,6 @@ def submit_train(snapshot_id: str, settings: Settings) -> str | None:
     such deployment (no Prefect server with ``pipelines.serve``: test harness, ephemeral mode)."""
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
-
-    from pipelines.serve import TRAIN_DEPLOYMENT
 
     try:
         run = run_deployment(TRAIN_DEPLOYMENT, parameters={"snapshot_id": snapshot_id}, timeout=0)

@@ -5,10 +5,10 @@ out-of-memory kill of one training run cannot take the flow runner (or the worke
 model is returned to the system at the end, and the same command runs under ``accelerate launch`` on a GPU
 machine. Its progress lines (steps, loss, ETA) are passed through to the flow's log as they come.
 
-Which recipe runs is configuration (``TrainConfig.recipe``, ``FLYWHEEL_TRAIN_RECIPE``). The default is ``dpo``:
-on the local loop (simulated users with consistent tastes, ``flywheel demo``) preference pairs carry the
-clearest signal per example and DPO needs no separate reward model or generation during training, so it is the
-cheapest method that moves the policy on 2 CPU cores; see README "Measured" for the comparison.
+Which recipe runs, and with which overrides, is configuration (``TrainConfig``, ``FLYWHEEL_TRAIN_*``). Left
+unset, both come from the one table of training defaults, ``training.defaults`` (the recipe and overrides the
+demo measured to pass the gate), so the train flow, the volume trigger that queues it and ``flywheel demo``
+train the same thing.
 """
 
 from __future__ import annotations
@@ -21,23 +21,27 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from feedback.settings import Settings
+from training.defaults import DEFAULT_RECIPE, recipe_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 Say = Callable[[str], None]
 
 
 class TrainConfig(BaseSettings):
-    """What the train flow runs; ``FLYWHEEL_TRAIN_*`` environment variables override."""
+    """What the train flow runs; ``FLYWHEEL_TRAIN_*`` environment variables override ``training.defaults``."""
 
     model_config = SettingsConfigDict(env_prefix="FLYWHEEL_TRAIN_", frozen=True, extra="ignore")
-    recipe: str = Field("dpo", description="pretrain, sft, reward, rlhf, dpo or kto.")
+    recipe: str = Field(DEFAULT_RECIPE, description="pretrain, sft, reward, rlhf, dpo or kto.")
     config: str = Field("tiny", description="Config size under training/configs/<recipe>/ (tiny, gpu) or a path.")
     parent: str = Field("production", description="Version to start from (name, number or alias).")
-    overrides: list[str] = Field(default_factory=list, description="key=value config overrides.")
+    overrides: list[str] = Field(
+        default_factory=list,
+        description="key=value config overrides; left unset, the recipe's row of training.defaults.RECIPE_DEFAULTS.",
+    )
     judge_overrides: list[str] = Field(
         default_factory=list, description="Overrides for the reward model trained as judge/RM when none exists."
     )
@@ -45,6 +49,19 @@ class TrainConfig(BaseSettings):
         default_factory=list, description="Command prefix, e.g. ['accelerate', 'launch'] on a GPU machine."
     )
     timeout_s: float = Field(6 * 3600, description="A recipe running longer than this is stopped.")
+    gate: dict[str, Any] = Field(
+        default_factory=dict,
+        description="training.evaluate.GateConfig fields for the gate of runs this process starts (e.g. a shorter "
+        "max_new_tokens on a slow machine); a flow's own ``gate`` argument takes precedence, key by key.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _table_defaults(cls, data: Any) -> Any:
+        """No overrides given (argument or ``FLYWHEEL_TRAIN_OVERRIDES``): the measured row for the recipe."""
+        if isinstance(data, dict) and data.get("overrides") is None:
+            data = {**data, "overrides": list(recipe_overrides(data.get("recipe") or DEFAULT_RECIPE))}
+        return data
 
 
 class RecipeFailed(RuntimeError):
