@@ -2,52 +2,46 @@
 
 ``ChatService.start_turn`` picks the user's release, starts the backend's stream and waits for the first
 chunk, so ``Busy`` and input errors surface before a response has begun (a 429 or a polite message, never a
-half-open stream). Iterating the returned ``TurnStream`` yields text deltas; when it ends -- finished,
-cut at the length limit, or cancelled by a client that went away -- it records who was served the turn and
-emits exactly one ``ChatTurn`` through the process's producer.
+half-open stream). Iterating the returned ``TurnStream`` (``app/turn_stream.py``) yields text deltas; when it
+ends -- finished, cut at the length limit, or cancelled by a client that went away -- ``finish_turn`` records
+who was served the turn and emits exactly one ``ChatTurn`` through the process's producer.
 
 A started answer holds a generation slot in its backend, and no path may keep it: ``start_turn`` closes the
-backend stream on any failure before it returns, ``TurnStream.aclose`` (or ``async with``) frees a turn whose
-deltas were never read, and a turn nobody starts reading within ``app_turn_claim_s`` is closed by a timer, so
-even a caller that drops a turn on the floor cannot leak the slot. ``ChatService.rate`` is the one way in for a
-rating, and it checks that the turns were served to the rater itself.
+backend stream on any failure before it returns, and the ``TurnStream`` frees its slot however its caller leaves
+it. ``ChatService.rate`` is the one way in for a rating, and it checks that the turns were served to the rater
+itself.
 
-Model versions come and go without a restart: a version a release plan names is loaded in the background (its
-users are served by the default version until it is ready), and so is a vetted registered version that a request
-names (its lineage says it passed its gate and is not tainted). At most ``app_max_loaded_versions`` stay loaded:
-past the bound the least recently used one is unloaded and its backend closed, never the default version, one
-the plan names, or one with answers in flight (every turn pins its version until it completes).
+Which versions are loaded, and when one is loaded or unloaded without a restart, is ``app/versions.py``
+(``LoadedVersions``); this service asks it for a version's backend and pins it for the length of a turn.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 
 from app.admission import FairGate
 from app.backends.base import Backend, Busy, Chunk
 from app.metrics import Metrics
-from app.router import ReleasePlan, ReleaseRouter, servable_dir
+from app.router import ReleaseRouter
 from app.sessions import Sessions, TurnRecord
+from app.turn_stream import TurnStream
 from app.validation import InputError, Limits, check_conversation
+from app.versions import LoadedVersions
 from feedback.events import (
     THUMBS_VALUES,
     ChatTurn,
     Feedback,
-    FinishReason,
     Message,
     Origin,
     RatingValue,
     Sampling,
     UserAction,
-    new_id,
 )
 from feedback.producer import EventProducer, SpoolFull
 from feedback.settings import Settings
@@ -65,120 +59,6 @@ class NotYours(PermissionError):
     message = "You can rate only answers that were given to you."
 
 
-@dataclass
-class TurnStream:
-    """A started answer. Iterate it for text deltas; the fields are final once iteration ends."""
-
-    service: ChatService
-    backend: Backend
-    agen: AsyncIterator[Chunk]
-    first: Chunk | None
-    user_id: str
-    conversation_id: str
-    model_version: str
-    messages: list[dict[str, str]]
-    sampling: Sampling
-    origin: Origin
-    surface: str
-    consent: bool
-    parent_turn_id: str | None
-    t0: float
-    turn_id: str = field(default_factory=new_id)
-    text: str = ""
-    finish_reason: FinishReason = "stop"
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    cached_tokens: int | None = None  # prompt tokens served from a cached prefix, where the engine says
-    ttft_ms: float | None = None
-    latency_ms: float | None = None
-    done: bool = False
-    unrecorded: bool = False  # its ChatTurn could not be recorded (outbox full): the API says so
-    claimed: bool = False
-    claim_timer: asyncio.TimerHandle | None = None
-    on_complete: list[Callable[[], None]] = field(default_factory=list)  # run once, when the slot is free
-
-    async def __aenter__(self) -> TurnStream:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Free the slot and record the turn now (as ``cancelled`` if it never finished). Idempotent."""
-        self._claim()
-        if self.done:
-            return
-        try:
-            await self.agen.aclose()  # type: ignore[attr-defined]
-        except Exception:  # noqa: BLE001 - closing is best effort; the turn is recorded either way
-            log.exception("closing the backend stream of turn %s failed", self.turn_id)
-        finally:
-            if self.finish_reason == "stop" and not self.text:
-                self.finish_reason = "cancelled"
-            self.service._complete(self)
-
-    def _claim(self) -> None:
-        self.claimed = True
-        if self.claim_timer is not None:
-            self.claim_timer.cancel()
-            self.claim_timer = None
-
-    def _expire(self) -> None:
-        """Timer callback: nobody read this turn in time, so close it (the reader went away before starting)."""
-        if not self.claimed and not self.done:
-            log.warning("turn %s was never read; closing it to free its slot", self.turn_id)
-            asyncio.ensure_future(self.aclose())
-
-    async def deltas(self) -> AsyncIterator[str]:
-        """Text deltas. Consume with ``contextlib.aclosing`` so a client that leaves ends the turn at once."""
-        self._claim()
-        finish = "cancelled"
-        if self.done:
-            return
-        try:
-            chunk = self.first
-            self.first = None
-            while chunk is not None:
-                if chunk.text:
-                    if self.ttft_ms is None:
-                        self.ttft_ms = (time.perf_counter() - self.t0) * 1000
-                    self.text += chunk.text
-                    yield chunk.text
-                if chunk.prompt_tokens is not None:
-                    self.prompt_tokens = chunk.prompt_tokens
-                if chunk.completion_tokens is not None:
-                    self.completion_tokens = chunk.completion_tokens
-                if chunk.cached_tokens is not None:
-                    self.cached_tokens = chunk.cached_tokens
-                if chunk.finish_reason is not None:
-                    finish = chunk.finish_reason
-                    break
-                try:
-                    chunk = await self.agen.__anext__()
-                except StopAsyncIteration:
-                    finish = "stop"
-                    break
-        except Exception:
-            finish = "error"
-            log.exception("generation failed for turn %s (%s)", self.turn_id, self.model_version)
-            raise
-        finally:
-            self.finish_reason = finish  # type: ignore[assignment]
-            try:
-                await self.agen.aclose()  # type: ignore[attr-defined]  # frees the backend slot at once
-            except Exception:  # noqa: BLE001 - freeing the slot is best effort
-                log.exception("closing the backend stream of turn %s failed", self.turn_id)
-            self.service._complete(self)
-
-
-def _close_backend(version: str, backend: Backend) -> None:
-    """Close an unloaded backend on its own thread (a decode thread may take a moment to stop)."""
-    try:
-        asyncio.run(backend.aclose())
-    except Exception:  # noqa: BLE001 - the version is unloaded either way; its memory goes with the last reference
-        log.exception("closing the unloaded backend of %s failed", version)
-
-
 class ChatService:
     def __init__(
         self,
@@ -189,186 +69,45 @@ class ChatService:
         producer: EventProducer,
         metrics: Metrics,
     ):
-        if not backends:
-            raise ValueError("at least one backend is needed")
+        self.versions = LoadedVersions(settings, backends, router, metrics)  # refuses an empty ``backends``
         self.settings = settings
-        self.backends = backends
         self.router = router
         self.sessions = sessions
         self.producer = producer
         self.metrics = metrics
         self.fallbacks: set[str] = set()
         self._gates: weakref.WeakKeyDictionary[Backend, FairGate] = weakref.WeakKeyDictionary()
+        self._gates_mu = threading.Lock()
         self.open_turns = 0  # started and not yet completed: every one holds a backend slot
-        self.loaded: dict[str, Backend] = {}  # loaded here (plan or request); closed when unloaded or at shutdown
-        self.load_errors: dict[str, str] = {}
-        self.unloaded: list[str] = []  # versions unloaded past app_max_loaded_versions, in order
-        self._loading: set[str] = set()
-        self._requested_load: str | None = None  # the one version being loaded because a request named it
-        self._load_mu = threading.RLock()
-        self._in_use: dict[str, int] = {}  # turns in flight per version (never unloaded while > 0)
-        self._last_used: dict[str, float] = {}
-        for version, backend in backends.items():
-            metrics.watch_backend(version, backend.load)
-        router.listeners.append(self.prepare)
+        router.listeners.append(self.versions.prepare)
         if router.published:  # a cached plan (Kafka may be down): load what it names now
-            self.prepare(router.plan)
+            self.versions.prepare(router.plan)
 
-    # ---- backends for new releases ---------------------------------------------------------------
-    def _spec_for(self, version: str) -> dict | None:
-        """How to serve a version: its entry in ``backends.yaml``, else a model directory of that name."""
-        from app.backends.registry import backend_config
+    # ---- the loaded versions (``app/versions.py``), as the API, the server and the tests read them -------
+    @property
+    def backends(self) -> dict[str, Backend]:
+        return self.versions.backends
 
-        try:
-            spec = backend_config(self.settings).get(version)
-        except ValueError as e:
-            log.warning("cannot read the backend config: %s", e)
-            spec = None
-        if spec is None and (path := servable_dir(self.settings, version)) is not None:
-            spec = {"kind": "embedded", "path": str(path)}
-        return spec
+    @property
+    def loaded(self) -> dict[str, Backend]:
+        return self.versions.loaded
 
-    def prepare(self, plan: ReleasePlan) -> None:
-        """Start loading a backend for every version the plan names that none serves yet (in the background:
-        until it is ready, its users are served by the fallback); versions the plan dropped may now be unloaded."""
-        for version in plan.versions():
-            with self._load_mu:
-                if version in self.backends or version in self._loading:
-                    continue
-                spec = self._spec_for(version)
-                if spec is None:
-                    continue
-                self._loading.add(version)
-            self._start_load(version, spec)
-        self._evict()
+    @property
+    def load_errors(self) -> dict[str, str]:
+        return self.versions.load_errors
 
-    def _start_load(self, version: str, spec: dict) -> None:
-        threading.Thread(target=self._load, args=(version, spec), name=f"load-{version}", daemon=True).start()
-
-    def _load_on_request(self, version: str) -> None:
-        """A request named a version nobody serves: load it in the background if it may be served on request
-        (one such load at a time, so requests cannot make the app churn through models; none while the default
-        and the plan's versions fill ``app_max_loaded_versions``, as it would be unloaded as soon as it loaded)."""
-        keep = {*self.router.plan.versions(), self.default_version}
-        with self._load_mu:
-            if version in self.backends or version in self._loading or self._requested_load is not None:
-                return
-            if len(keep & set(self.backends)) >= self.settings.app_max_loaded_versions:
-                return
-            spec = self._requestable_spec(version)
-            if spec is None:
-                return
-            self._loading.add(version)
-            self._requested_load = version
-        log.info("loading model version %s because a request named it", version)
-        self._start_load(version, spec)
-
-    def _requestable_spec(self, version: str) -> dict | None:
-        """How to serve ``version`` on request: an operator's ``backends.yaml`` entry, or a registered chat model
-        whose ``lineage.json`` says it passed its gate and is not tainted (a plan may name any servable version;
-        a request may not bring an unvetted, tainted or reward model online)."""
-        spec = self._spec_for(version)
-        if spec is None or spec.get("kind") != "embedded" or version == self.settings.model_version:
-            return spec
-        path = servable_dir(self.settings, version)
-        if path is None:
-            return spec  # a backends.yaml entry of the operator's own
-        try:
-            lineage = json.loads((path / "lineage.json").read_text())
-        except (OSError, ValueError):
-            return None
-        if not isinstance(lineage, dict):
-            return None
-        vetted = lineage.get("kind", "policy") == "policy" and lineage.get("gate") == "passed"
-        return spec if vetted and lineage.get("tainted") is False else None
-
-    def _load(self, version: str, spec: dict) -> None:
-        from app.backends.registry import build_backend
-
-        try:
-            backend = build_backend(spec, base_dir=self.settings.home, settings=self.settings)
-        except Exception as e:  # noqa: BLE001 - reported in /healthz; the fallback keeps serving
-            log.exception("could not load a backend for %s", version)
-            self.load_errors[version] = f"{type(e).__name__}: {e}"
-        else:
-            with self._load_mu:
-                self.loaded[version] = backend
-                self._last_used[version] = time.monotonic()
-                self.metrics.watch_backend(version, backend.load)
-                self.backends = {**self.backends, version: backend}  # copy-on-write: readers never see a half dict
-                self.load_errors.pop(version, None)
-            log.info("model version %s is now served by %s", version, backend.name)
-        finally:
-            with self._load_mu:
-                self._loading.discard(version)
-                if self._requested_load == version:
-                    self._requested_load = None
-        self._evict()
-
-    # ---- unloading past the bound ----------------------------------------------------------------
-    def _evict(self) -> None:
-        """Past ``app_max_loaded_versions``, unload the least recently used versions this service loaded (never the
-        default or one the plan names) and close their backends. "Used" is loaded or given a turn; a victim with a
-        turn in flight stays until that turn completes (its completion calls this again), so a busy old version
-        never makes a freshly loaded one go instead."""
-        keep = {*self.router.plan.versions(), self.default_version}
-        with self._load_mu:
-            excess = len(self.backends) - self.settings.app_max_loaded_versions
-            if excess <= 0:
-                return
-            oldest = sorted((v for v in self.loaded if v not in keep), key=lambda v: self._last_used.get(v, 0.0))
-            victims = {v: self.loaded.pop(v) for v in oldest[:excess] if not self._in_use.get(v)}
-            if not victims:
-                return
-            self.backends = {v: b for v, b in self.backends.items() if v not in victims}  # copy-on-write
-            for version in victims:
-                self.metrics.unwatch_backend(version)
-                self._last_used.pop(version, None)
-                self.unloaded.append(version)
-        for version, backend in victims.items():
-            log.info(
-                "unloading model version %s (least recently used past %d loaded versions)",
-                version,
-                self.settings.app_max_loaded_versions,
-            )
-            threading.Thread(
-                target=_close_backend, args=(version, backend), name=f"unload-{version}", daemon=True
-            ).start()
+    @property
+    def unloaded(self) -> list[str]:
+        return self.versions.unloaded
 
     def forget_cached_prompts(self, user_id: str) -> int:
         """Every loaded version drops the prompt prefixes it cached for ``user_id``; returns the slots cleared."""
-        return sum(
-            forget(user_id)
-            for backend in list(self.backends.values())
-            if (forget := getattr(backend, "forget_scope", None)) is not None
-        )
-
-    def _pin(self, version: str) -> tuple[str, Backend]:
-        """Mark one more turn in flight on ``version`` (the default if it was unloaded a moment ago)."""
-        with self._load_mu:
-            backend = self.backends.get(version)
-            if backend is None:
-                version = self.default_version
-                backend = self.backends[version]
-            self._in_use[version] = self._in_use.get(version, 0) + 1
-            self._last_used[version] = time.monotonic()
-            return version, backend
-
-    def _unpin(self, version: str) -> None:
-        with self._load_mu:
-            left = self._in_use.get(version, 0) - 1
-            if left > 0:
-                self._in_use[version] = left
-            else:
-                self._in_use.pop(version, None)
-        if left <= 0:
-            self._evict()
+        return self.versions.forget_cached_prompts(user_id)
 
     # ---- routing ---------------------------------------------------------------------------------
     @property
     def default_version(self) -> str:
-        base = self.settings.model_version
-        return base if base in self.backends else next(iter(self.backends))
+        return self.versions.default_version
 
     def missing_backends(self) -> list[str]:
         return [v for v in self.router.plan.versions() if v not in self.backends]
@@ -379,7 +118,7 @@ class ChatService:
         if requested and requested in self.backends:
             return requested
         if requested:
-            self._load_on_request(requested)
+            self.versions.load_on_request(requested)
         version = self.router.assign(user_id)
         if version not in self.backends:
             if version not in self.fallbacks:
@@ -436,20 +175,20 @@ class ChatService:
             raise InputError(f"max_tokens must be between 1 and {limits.max_new_tokens}.", "max_tokens")
         if consent is None:
             consent = self.sessions.consent(user_id)
-        version, backend = self._pin(version)  # released in _complete, or below on failure
+        version, backend = self.versions.pin(version)  # released in finish_turn, or below on failure
         bucket = bucket or user_id
         gate = self._gate(backend)
         t0 = time.perf_counter()  # time to first token includes the wait for a fair turn
         try:
             await self._admit(gate, bucket, surface, version)
         except BaseException:
-            self._unpin(version)
+            self.versions.unpin(version)
             raise
         try:
             agen = backend.stream(messages, sampling, cache_scope=user_id)
         except BaseException:
             gate.release(bucket)
-            self._unpin(version)
+            self.versions.unpin(version)
             raise
         try:
             first = await self._first_chunk(agen, surface, version)
@@ -475,7 +214,7 @@ class ChatService:
                 await agen.aclose()  # type: ignore[attr-defined]  # whatever failed, the slot is free again
             finally:
                 gate.release(bucket)
-                self._unpin(version)
+                self.versions.unpin(version)
             raise
         turn.on_complete.append(functools.partial(gate.release, bucket))
         self.metrics.in_flight.labels(version).inc()
@@ -484,7 +223,7 @@ class ChatService:
 
     def _gate(self, backend: Backend) -> FairGate:
         """The fair admission gate in front of ``backend`` (one per backend object, sized by its bounds)."""
-        with self._load_mu:
+        with self._gates_mu:
             gate = self._gates.get(backend)
             if gate is None:
                 gate = FairGate(getattr(backend, "max_concurrency", 8), getattr(backend, "max_queue", 16))
@@ -513,14 +252,15 @@ class ChatService:
             self.metrics.requests.labels(surface, version, "error").inc()
             raise
 
-    def _complete(self, t: TurnStream) -> None:
-        """Once per turn: free its accounting, record it, emit its event, then run its completion callbacks."""
+    def finish_turn(self, t: TurnStream) -> None:
+        """Once per turn (``TurnStream`` calls it as it ends): free its accounting, record it, emit its event, then
+        run its completion callbacks."""
         if t.done:
             return
         t.done = True
         t._claim()
         self.open_turns -= 1
-        self._unpin(t.model_version)
+        self.versions.unpin(t.model_version)
         t.latency_ms = (time.perf_counter() - t.t0) * 1000
         try:
             self._observe(t)

@@ -80,6 +80,6 @@ def test_a_new_plan_loads_its_version_and_unloads_the_least_recently_used_one(se
         assert "v-a" not in models and "v-b" in models
         assert served() == "v-b" and served("base") == "base"  # the app keeps answering
         # base + the plan's v-b fill the bound: a request for v-a is answered by the plan and loads nothing
-        assert served("v-a") == "v-b" and "v-a" not in service._loading and "v-a" not in service.backends
+        assert served("v-a") == "v-b" and "v-a" not in service.versions.loading and "v-a" not in service.backends
     finally:
         app.stop()
