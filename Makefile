@@ -10,24 +10,15 @@ export FLYWHEEL_HOME
 STAMP := $(VENV)/.installed
 MODEL := $(FLYWHEEL_HOME)/models/base/model.safetensors
 JARS := infra/kafka/lib/.complete
-LLAMA_CPP := $(shell sed -n 's/^llama_cpp_python==//p' constraints.txt)
 
 .PHONY: setup run up test test-fast lint format bench clean-state chromium
 
 setup: $(STAMP) $(JARS) $(MODEL) chromium  ## install deps, fetch Kafka, prepare the default model; starts nothing
 	@echo "setup: done (venv $(VENV), Kafka jars infra/kafka/lib, model $(FLYWHEEL_HOME)/models/base)"
 
-$(STAMP): pyproject.toml constraints.txt
-	@echo "setup: creating $(VENV) and installing pinned dependencies (torch is a few GB on first install) ..."
-	@test -x $(PY) || $(PY_SYS) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade "pip==26.3"
-	@echo "setup: llama-cpp-python (the CPU serving engine) builds from its sdist: ~6 min on 2 idle cores ..."
-	$(PY) -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$(LLAMA_CPP)" -d $(VENV)/src
-	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PY) -m pip install -c constraints.txt $(VENV)/src/llama_cpp_python-$(LLAMA_CPP).tar.gz
-	rm -rf $(VENV)/share/llama.cpp && mkdir -p $(VENV)/share/llama.cpp  # its GGUF converter, for app/backends/gguf.py
-	tar -xzf $(VENV)/src/llama_cpp_python-$(LLAMA_CPP).tar.gz -C $(VENV)/share/llama.cpp --strip-components=3 \
-	  $(addprefix llama_cpp_python-$(LLAMA_CPP)/vendor/llama.cpp/,convert_hf_to_gguf.py conversion gguf-py)
-	$(PY) -m pip install --progress-bar on -c constraints.txt -e ".[dev]"
+$(STAMP): pyproject.toml constraints.txt infra/setup.sh
+	@echo "setup: creating $(VENV) and installing pinned dependencies (uv; the llama.cpp wheel builds once per CPU) ..."
+	VENV=$(VENV) PY_SYS=$(PY_SYS) bash infra/setup.sh
 	@touch $@
 
 $(JARS): infra/kafka/pom.xml | $(STAMP)

@@ -172,6 +172,9 @@ def trl_args(cls: type, cfg: RecipeConfig, output_dir: Path, precision: str, **f
         "fp16": precision == "fp16",
         "seed": cfg.seed,
     }
+    if precision == "bf16" and not _cuda_available():
+        # transformers refuses bf16 on a CPU unless told the run is meant for the CPU
+        kwargs["use_cpu"] = True
     kwargs.setdefault("save_strategy", "no")
     kwargs.setdefault("logging_steps", 1)
     # a NaN loss must reach the progress callback, not be averaged away (HF filters it by default)
@@ -183,24 +186,51 @@ def trl_args(cls: type, cfg: RecipeConfig, output_dir: Path, precision: str, **f
         raise ConfigError(f"train section rejected by {cls.__name__}: {e}") from e
 
 
-def resolve_precision(requested: str = "auto") -> str:
-    """The one place that decides training and evaluation precision from the hardware.
-
-    ``auto``: bf16 on a CUDA device that supports it (else fp16), bf16 on a CPU with native bf16 (AVX512-BF16 or
-    AMX), fp32 everywhere else -- on AVX2-only CPUs bf16 autocast made every matmul ~20x slower (DESIGN.md)."""
+def _cuda_available() -> bool:
     import torch
 
-    if requested != "auto":
-        if requested == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-            raise ConfigError("precision bf16 asked for, but this GPU has no bf16: use precision: fp16 or auto")
-        if requested == "fp16" and not torch.cuda.is_available():
-            raise ConfigError("precision fp16 needs a CUDA device: use precision: auto or fp32 on CPU")
-        return requested
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return torch.cuda.is_available()
+
+
+# What ``auto`` picks on a CPU, whatever its bf16 support. Measured with ``python -m benchmarks.train --json``
+# (its ``precision`` section times one real step in each precision the CPU supports): bf16 autocast was ~20x
+# slower than fp32 on the AVX2-only EPYC, and not faster on the AVX512-BF16 CPUs (the Intel Xeon: 65 against
+# 86 GFLOP/s for 1024x1024 matmuls; the EPYC Zen 4 here: see benchmarks/results/train.json). Change it only
+# with a benchmark run that shows bf16 ahead.
+CPU_AUTO_PRECISION = "fp32"
+
+
+def cpu_bf16_supported() -> bool:
+    """Native bf16 on this CPU (AVX512-BF16 or AMX): the only CPUs where a bf16 run is allowed at all."""
+    import torch
+
     cpu = torch.cpu
-    native_bf16 = (
+    return bool(
         getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
         or getattr(cpu, "_is_amx_tile_supported", lambda: False)()
     )
-    return "bf16" if native_bf16 else "fp32"
+
+
+def resolve_precision(requested: str = "auto") -> str:
+    """The one place that decides training and evaluation precision from the hardware.
+
+    ``auto``: bf16 on a CUDA device that supports it (else fp16); on a CPU, ``CPU_AUTO_PRECISION`` (fp32: the
+    faster one on every CPU measured, see above). An explicit ``bf16`` on a CPU needs native bf16; the trainer
+    then runs with ``use_cpu`` (``trl_args``), without which transformers refuses bf16 on a CPU."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if requested != "auto":
+        if requested == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+            raise ConfigError("precision bf16 asked for, but this GPU has no bf16: use precision: fp16 or auto")
+        if requested == "bf16" and not cuda and not cpu_bf16_supported():
+            raise ConfigError(
+                "precision bf16 asked for, but this CPU has no native bf16 (AVX512-BF16 or AMX): "
+                "use precision: auto or fp32"
+            )
+        if requested == "fp16" and not cuda:
+            raise ConfigError("precision fp16 needs a CUDA device: use precision: auto or fp32 on CPU")
+        return requested
+    if cuda:
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return CPU_AUTO_PRECISION
