@@ -28,12 +28,9 @@ from feedback.settings import Settings, get_settings
 from training import registry
 from training.config import CONFIG_DIR, ConfigError, RecipeConfig, config_dict, config_hash, load_config
 from training.config import resolve_precision as _resolve_precision
+from training.errors import TrainingError
 
 log = logging.getLogger("flywheel.training")
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot start or finish; the message is one sentence saying what to do."""
 
 
 # ---------------------------------------------------------------------------------------------------------

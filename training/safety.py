@@ -20,13 +20,13 @@ import random
 from pathlib import Path
 from typing import Any
 
+from training.suites import load_suite
+
 SAFETY_FILE = Path(__file__).resolve().parent / "data" / "safety.jsonl"
 TABLES = ("sft", "kto", "pairs")  # the snapshot tables a safety row can be written as
 
 
 def load() -> list[dict[str, Any]]:
-    from training.evaluate import load_suite  # the one JSONL reader of training/data/
-
     return load_suite(SAFETY_FILE.stem)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from feedback.settings import Settings
+from training.errors import TrainingError
 
 RETIRED = "RETIRED.json"
 CONTRIBUTORS = "contributors.sha256"
@@ -48,8 +49,6 @@ def newest_snapshot(settings: Settings) -> dict[str, Any] | None:
 
 
 def load_snapshot(settings: Settings, ref: str) -> dict[str, Any]:
-    from training.runner import TrainingError
-
     d = settings.datasets_dir
     matches = [p for p in d.glob(f"{ref}*") if p.is_dir() and (p / "manifest.json").exists()] if d.exists() else []
     if len(matches) != 1:
