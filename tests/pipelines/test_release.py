@@ -32,14 +32,14 @@ def make_version(
     recipe: str,
     system: str = CONCISE,
     *,
-    gate: bool = True,
+    gate: bool | None = True,
     snapshot_id: str | None = None,
     answer_prefix: str = "",
 ) -> str:
     """A real, servable, registered version: the base weights (linked) with its own chat template (a different
-    default system prompt), registered in MLflow with lineage.json, its gate recorded. ``answer_prefix`` is
-    written into the template after the assistant header, as a broken template would: every answer continues
-    it (the prefix itself is prompt, never shown)."""
+    default system prompt), registered in MLflow with lineage.json, its gate recorded (``gate=None``: no gate
+    decision, as when its evaluation crashed). ``answer_prefix`` is written into the template after the assistant
+    header, as a broken template would: every answer continues it (the prefix itself is prompt, never shown)."""
     from training import registry
 
     base = need_model(settings.base_model_path)
@@ -69,9 +69,14 @@ def make_version(
             snapshot={"snapshot_id": snapshot_id} if snapshot_id else None,
             config_hash="test",
         )
-    registry.record_evaluation(
-        settings, info.name, {"test": True}, passed=gate, reasons=[] if gate else ["failed on purpose"]
-    )
+    if gate is not None:
+        registry.record_evaluation(
+            settings,
+            info.name,
+            {"test": True},
+            passed=gate,
+            reasons=["passed on purpose"] if gate else ["failed on purpose"],
+        )
     return info.name
 
 
