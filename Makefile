@@ -41,11 +41,25 @@ run: setup  ## start the whole stack in the foreground
 
 up: run
 
-test: setup  ## the full suite (starts its own broker, Prefect harness, model, Chromium)
-	$(PY) -m pytest -q --durations=25  # the slowest tests, so the suite's budget stays visible
+# The suite runs on TEST_WORKERS pytest-xdist workers (each starts its own broker on free ports; a test file, or a
+# group of files that share state, stays on one worker; the longest groups start first): mostly waiting on brokers,
+# servers and subprocesses, so 3 workers on 2 cores. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 3
+PYTEST_PAR = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
 
-test-fast: $(STAMP)  ## unit tests only (no services)
+test: setup  ## the full suite (starts its own brokers, Prefect harness, model, Chromium); total time, 25 slowest
+	@s=$$(date +%s); $(PY) -m pytest -q $(PYTEST_PAR) --durations=25; rc=$$?; \
+	  echo "make test: $$(( $$(date +%s) - s )) s in all, exit $$rc (the 25 slowest are listed above)"; exit $$rc
+
+test-fast: $(STAMP)  ## unit tests only (no services), under a minute
 	$(PY) -m pytest -q -m "not integration and not browser and not slow"
+
+.PHONY: test-changed
+test-changed: setup  ## the tests that import a package changed since origin/main or HEAD~1 (BASE=rev; tests/changed.py)
+	@files=$$($(PY) -m tests.changed $(BASE)) || exit $$?; \
+	  if [ -z "$$files" ]; then echo "test-changed: no test imports what changed"; exit 0; fi; \
+	  s=$$(date +%s); $(PY) -m pytest -q $(PYTEST_PAR) --durations=10 $$files; rc=$$?; \
+	  echo "make test-changed: $$(( $$(date +%s) - s )) s, exit $$rc"; exit $$rc
 
 lint:
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -4,15 +4,23 @@
 - ``settings``: per test, a fresh ``FLYWHEEL_HOME``, a unique topic prefix (fresh topics) and consumer group,
   topics created. ``settings_env(settings)`` gives the same world to a subprocess.
 - ``own_broker``: a broker of the test's own, for tests that stop, kill or restart it.
+
+Parallel runs (``make test``: pytest-xdist, ``--dist loadgroup``): each worker has its own session broker on free
+ports. Each test file is one xdist group (its module fixtures are built once and its tests keep their order); files
+that share state form one group (``SHARED_GROUPS``). Groups start longest first, by the durations the previous run
+recorded in pytest's cache. Every process checks at the end that nothing it started is still running
+(``_leaves_nothing_behind``), and the trained fixtures that ``tests/fixture_cache.py`` built are listed.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import time
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 
 from feedback.settings import Settings
@@ -37,11 +45,161 @@ SERVICE_FIXTURES = frozenset(
 )
 
 
-@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+# Files whose tests share session state and must run in one process, in this order (the deletion test at the end of
+# test_release_gate.py retires the snapshot the recipe tests trained on, and checks their versions are tainted).
+SHARED_GROUPS = {
+    "tests/training/test_recipes.py": "training",
+    "tests/training/test_release_gate.py": "training",
+}
+DURATIONS_KEY = "flywheel/group_seconds"  # pytest's cache: seconds each group took in the last run that ran it
+
+
+def xdist_group(item: pytest.Item) -> str:
+    mark = item.get_closest_marker("xdist_group")
+    if mark is not None:
+        return mark.args[0] if mark.args else mark.kwargs.get("name", "default")
+    path = item.nodeid.split("::", 1)[0]
+    return SHARED_GROUPS.get(path, path)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects, and before xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("integration"):
             item.add_marker(pytest.mark.integration)
+        if not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(xdist_group(item)))
+    seconds = getattr(config, "workerinput", {}).get("flywheel_group_seconds")
+    if seconds:  # a parallel run: longest groups first (one worker's long group is the run's critical path)
+        first = {}
+        for i, item in enumerate(items):
+            first.setdefault(xdist_group(item), i)
+        items.sort(key=lambda it: (-seconds.get(xdist_group(it), 0.0), first[xdist_group(it)]))
+
+
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: every worker gets the controller's view of the durations
+def pytest_configure_node(node) -> None:
+    cache = getattr(node.config, "cache", None)
+    node.workerinput["flywheel_group_seconds"] = (cache.get(DURATIONS_KEY, {}) if cache else {}) or {"": 0.0}
+
+
+_GROUP_SECONDS: dict[str, float] = {}  # this run's seconds per group (setup + call + teardown of its tests)
+
+
+def pytest_configure(config) -> None:
+    config._flywheel_started = time.time()
+    # every process this session starts inherits the mark, so one still running at the end is found by it
+    os.environ["FLYWHEEL_TEST_SESSION"] = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def _group_of_nodeid(nodeid: str) -> str:
+    if nodeid.rfind("@") > nodeid.rfind("]"):  # a report from an xdist worker: ``path::test@group``
+        return nodeid.rsplit("@", 1)[1]
+    path = nodeid.split("::", 1)[0]
+    return SHARED_GROUPS.get(path, path)
+
+
+def pytest_runtest_logreport(report) -> None:
+    group = _group_of_nodeid(report.nodeid)
+    _GROUP_SECONDS[group] = _GROUP_SECONDS.get(group, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    config = session.config
+    if hasattr(config, "workerinput") or not _GROUP_SECONDS or getattr(config, "cache", None) is None:
+        return  # workers report to the controller; the controller (or a plain run) records the durations
+    known = dict(config.cache.get(DURATIONS_KEY, {}) or {})
+    known.update({k: round(v, 1) for k, v in _GROUP_SECONDS.items()})
+    config.cache.set(DURATIONS_KEY, known)
+
+
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    """The trained fixtures built during this run (a cache miss: code or config changed), from every worker."""
+    from tests.fixture_cache import LOG, cache_root
+
+    log = cache_root() / LOG
+    if hasattr(config, "workerinput") or not log.exists():
+        return
+    built = []
+    for line in log.read_text().splitlines():
+        stamp, _, text = line.partition(" ")
+        try:
+            if float(stamp) >= config._flywheel_started:
+                built.append(text)
+        except ValueError:
+            continue
+    if built:
+        terminalreporter.section("trained fixtures built in this run (tests/fixture_cache.py)")
+        for text in built:
+            terminalreporter.write_line(text)
+
+
+def _session_leftovers() -> tuple[list[psutil.Process], list[str]]:
+    """Processes this session started that still run (its descendants, and any process carrying its
+    ``FLYWHEEL_TEST_SESSION`` mark, which finds daemons whose parent already exited), and ports this process
+    still listens on."""
+    me = psutil.Process()
+    mark = os.environ.get("FLYWHEEL_TEST_SESSION")
+    found = {p.pid: p for p in me.children(recursive=True)}
+    if mark:
+        for p in psutil.process_iter():
+            if p.pid == me.pid or p.pid in found:
+                continue
+            try:
+                if p.environ().get("FLYWHEEL_TEST_SESSION") == mark:
+                    found[p.pid] = p
+            except (psutil.Error, OSError):
+                continue
+    procs = []
+    for p in found.values():
+        try:
+            if p.status() == psutil.STATUS_ZOMBIE:
+                if p.ppid() == me.pid:
+                    os.waitpid(p.pid, os.WNOHANG)  # reap a child that already exited
+                continue
+            if "multiprocessing.resource_tracker" in " ".join(p.cmdline()):  # exits with its parent
+                continue
+        except (psutil.Error, ChildProcessError):
+            continue
+        procs.append(p)
+    ports = [f"{c.laddr.ip}:{c.laddr.port}" for c in me.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    return procs, ports
+
+
+def _describe(p: psutil.Process) -> str:
+    """Enough to find the test that started it: the command line and when it started."""
+    try:
+        started = time.strftime("%H:%M:%S", time.localtime(p.create_time()))
+        return f"pid {p.pid} started {started}: {' '.join(p.cmdline())[:160]}"
+    except psutil.Error:
+        return f"pid {p.pid} (gone)"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _leaves_nothing_behind():
+    """Set up first, so torn down last: after every other session fixture (brokers, Prefect, models) has stopped
+    what it started, nothing this session started may still run or listen. Leftovers are listed, killed, and
+    fail the run (a test or fixture that does not clean up is a bug: the next run would find its ports taken)."""
+    yield
+    deadline = time.monotonic() + 20  # a stopped service may take a moment to exit
+    procs, ports = _session_leftovers()
+    while (procs or ports) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        procs, ports = _session_leftovers()
+    if not procs and not ports:
+        return
+    listed = [_describe(p) for p in procs]
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+    pytest.fail(
+        "this test session left processes or ports behind (killed now; the test that started one did not stop it, "
+        "see when it started): " + "; ".join(listed + [f"port {x} still listening in the test process" for x in ports]),
+        pytrace=False,
+    )
 
 
 def need_model(path: Path) -> Path:
