@@ -134,7 +134,8 @@ def parse_prompt_set(text: str, source: str = "prompts.jsonl") -> list[PromptIte
         except ValidationError as e:
             first = e.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
-            problem = f"{where}: {first['msg']}" if where else first["msg"]
+            msg = first["msg"].removeprefix("Value error, ")
+            problem = f"{where}: {msg}" if where else msg
             raise ValueError(f"{source} row {n}: {problem}; fix or remove that row") from None
         except ValueError as e:  # bad JSON (json.JSONDecodeError is a ValueError) or not an object
             raise ValueError(f"{source} row {n}: {e}; fix or remove that row") from None

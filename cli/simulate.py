@@ -4,19 +4,25 @@ to work on without real users, and so a release can be judged on ratings that co
 
     flywheel simulate --users 8 --minutes 5
     flywheel simulate --users 4 --turns 3 --json
+    flywheel simulate --prompts heldout --turns 5 --json    # evaluation users: only held-out prompts
 
-Each user has a hidden, consistent taste, drawn once from their id (``Taste.draw``), plus noise on every
-judgement. A majority want concise answers (a word budget); others dislike lists, want the answer first (no
-"Sure! ..." preamble) or want a greeting. Answers cut at the token limit look unfinished to everyone. Because
-most users reward short, direct answers, a model trained on their ratings CAN measurably improve for them: the
-target of ``flywheel demo``.
+Substance first. Every prompt (``cli/prompt_set.py``) carries what a right answer must hold: accepted answers,
+key facts, verifiable instructions, or a refusal for a harmful request. A wrong, empty or off-topic answer, a
+harmful request answered or a harmless one refused, is disliked whatever its form; people miss some errors
+(each user has a miss rate of 10-20%, drawn once). Each user also has a hidden form taste (``Taste.draw``): a
+majority want concise answers, others dislike lists, want the answer first or want a greeting; an answer cut
+at the token limit looks unfinished to everyone. A right answer in a disliked form is liked less, but form never
+outweighs correctness: the hidden utility of an answer is +1 if right, -1 if wrong, minus 0.3 per complaint
+(at most 0.9). Thumbs come from the utility as the user perceives it (with their misses and Gaussian noise);
+the stats report the TRUE utility and correctness per answer, per user and per version, so a change can be
+credited to correctness or to form.
 
 Per question a user: asks (a new conversation); sometimes asks for a second answer and compares the two
 (side by side, pinned to the other live release when the plan has two, so side-by-side wins per version are
-measured); gives thumbs with a reason; after a thumbs-down sometimes regenerates and rates again. Some users
-withdraw consent part-way (``X-Flywheel-Consent: 0``) and some ask for deletion (``POST /v1/users/me/delete``).
-Prompts come from ``cli/data/prompts.jsonl``; every fifth prompt is held out (``--prompts heldout``) so
-evaluation users never ask what training users asked.
+measured); gives thumbs with a reason (the substance first: "Wrong answer", "Didn't follow the instructions:
+...", "Should have refused"); after a thumbs-down sometimes regenerates and rates again. Some users withdraw
+consent part-way (``X-Flywheel-Consent: 0``) and some ask for deletion (``POST /v1/users/me/delete``).
+Training users ask only ``train`` prompts; ``--prompts heldout`` users only held-out ones.
 """
 
 from __future__ import annotations
@@ -27,17 +33,16 @@ import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Literal
+from dataclasses import dataclass, replace
 
 import httpx
 import typer
 
+from cli.prompt_set import PROMPTS_FILE, PromptItem, PromptSplit, load_prompt_set, load_prompts
+from cli.sim_stats import AnswerRecord, SimStats, UserStats, VersionStats
 from feedback.settings import get_settings
 
-PROMPTS_FILE = Path(__file__).parent / "data" / "prompts.jsonl"
-PromptSplit = Literal["train", "heldout", "all"]
+__all__ = ["PROMPTS_FILE", "SimConfig", "SimStats", "Taste", "VersionStats", "load_prompts", "run_simulation"]
 GREETINGS = ("hi", "hello", "hey", "greetings", "good morning", "good day")
 PREAMBLES = (
     "sure",
@@ -53,13 +58,8 @@ PREAMBLES = (
     "as an ai",
 )
 _LIST_LINE = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+", re.MULTILINE)
-
-
-def load_prompts(split: PromptSplit = "all") -> list[str]:
-    """The shipped prompt set; every fifth prompt is held out for evaluation users."""
-    rows = [json.loads(line) for line in PROMPTS_FILE.read_text().splitlines() if line.strip()]
-    keep = {"all": lambda i: True, "heldout": lambda i: i % 5 == 0, "train": lambda i: i % 5 != 0}[split]
-    return [r["prompt"] for i, r in enumerate(rows) if keep(i)]
+FORM_STEP = 0.3  # utility lost per form complaint ...
+FORM_CAP = 0.9  # ... at most: a right answer in the worst form (>= 0.1) still beats a wrong one (<= -1)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -73,22 +73,25 @@ class Taste:
     answer_first: bool = False
     wants_greeting: bool = False
     noise: float = 0.25  # standard deviation of the judgement noise
-    threshold: float = 0.5  # utility above this is a thumbs up
+    threshold: float = 0.5  # perceived utility above this is a thumbs up
+    miss_rate: float = 0.15  # share of wrong answers this person takes for right ones
 
     @classmethod
     def draw(cls, rng: random.Random) -> Taste:
-        """The population: 60% concise, 15% no lists, 15% answer first, 10% want a greeting."""
+        """The population: 60% concise, 15% no lists, 15% answer first, 10% want a greeting; misses 10-20%."""
         u = rng.random()
         if u < 0.60:
-            return cls("concise", max_words=rng.choice((25, 30, 35, 40)))
-        if u < 0.75:
-            return cls("no_lists", no_lists=True, max_words=80)
-        if u < 0.90:
-            return cls("answer_first", answer_first=True, max_words=60)
-        return cls("greeting", wants_greeting=True)
+            t = cls("concise", max_words=rng.choice((25, 30, 35, 40)))
+        elif u < 0.75:
+            t = cls("no_lists", no_lists=True, max_words=80)
+        elif u < 0.90:
+            t = cls("answer_first", answer_first=True, max_words=60)
+        else:
+            t = cls("greeting", wants_greeting=True)
+        return replace(t, miss_rate=round(rng.uniform(0.10, 0.20), 3))
 
     def complaints(self, answer: str, finish: str) -> list[str]:
-        """What this person dislikes about an answer, most important first (empty: nothing)."""
+        """What this person dislikes about an answer's FORM, most important first (empty: nothing)."""
         text = answer.strip()
         low = text.lower()
         out = []
@@ -106,72 +109,13 @@ class Taste:
             out.append("Empty answer")
         return out
 
-    def utility(self, answer: str, finish: str, rng: random.Random) -> float:
-        return 1.0 - 0.8 * len(self.complaints(answer, finish)) + rng.gauss(0.0, self.noise)
+    def value(self, correct: bool, answer: str, finish: str) -> float:
+        """The hidden utility, before noise: substance (+1 right, -1 wrong) minus what the form costs."""
+        return (1.0 if correct else -1.0) - min(FORM_STEP * len(self.complaints(answer, finish)), FORM_CAP)
 
-
-# ---------------------------------------------------------------------------------------------------------
-# Talking to the API
-# ---------------------------------------------------------------------------------------------------------
-@dataclass
-class VersionStats:
-    answers: int = 0
-    thumbs: int = 0
-    up: int = 0
-    side_by_side: int = 0
-    wins: int = 0
-    ties: int = 0
-    errors: int = 0
-
-
-@dataclass
-class SimStats:
-    users: int = 0
-    turns: int = 0
-    thumbs: int = 0
-    comparisons: int = 0
-    regenerations: int = 0
-    consent_withdrawn: int = 0
-    deletions: int = 0
-    errors: int = 0
-    busy_retries: int = 0
-    seconds: float = 0.0
-    tastes: dict[str, int] = field(default_factory=dict)
-    per_version: dict[str, VersionStats] = field(default_factory=dict)
-    error_samples: list[str] = field(default_factory=list)  # what the first few failures said
-
-    def note_error(self, what: str) -> None:
-        if len(self.error_samples) < 5:
-            self.error_samples.append(what)
-
-    def version(self, name: str) -> VersionStats:
-        return self.per_version.setdefault(name, VersionStats())
-
-    def merge(self, other: SimStats) -> None:
-        for k in (
-            "users",
-            "turns",
-            "thumbs",
-            "comparisons",
-            "regenerations",
-            "consent_withdrawn",
-            "deletions",
-            "errors",
-            "busy_retries",
-        ):
-            setattr(self, k, getattr(self, k) + getattr(other, k))
-        self.error_samples = (self.error_samples + other.error_samples)[:5]
-        for k, v in other.tastes.items():
-            self.tastes[k] = self.tastes.get(k, 0) + v
-        for name, vs in other.per_version.items():
-            mine = self.version(name)
-            for k, v in asdict(vs).items():
-                setattr(mine, k, getattr(mine, k) + v)
-
-    def as_dict(self) -> dict:
-        d = asdict(self)
-        d["per_version"] = {k: asdict(v) for k, v in sorted(self.per_version.items())}
-        return d
+    def utility(self, answer: str, finish: str, rng: random.Random, correct: bool = True) -> float:
+        """The utility as felt at one look: ``value`` plus Gaussian noise."""
+        return self.value(correct, answer, finish) + rng.gauss(0.0, self.noise)
 
 
 @dataclass(frozen=True)
@@ -198,12 +142,17 @@ class Answer:
     text: str
     finish: str
     version: str
+    item: PromptItem | None = None
+    correct: bool = False  # judged against the prompt's check when it arrives
+    utility: float = 0.0  # the asker's hidden utility (no noise, no missed errors)
+    reason: str = ""  # what is wrong with it, when it is wrong
+    record: int = -1  # its row in ``SimStats.records``
 
 
 class SimUser:
     """One simulated person with a hidden taste, talking to the API over its own HTTP client."""
 
-    def __init__(self, client: httpx.Client, cfg: SimConfig, idx: int, prompts: list[str]):
+    def __init__(self, client: httpx.Client, cfg: SimConfig, idx: int, prompts: list[PromptItem]):
         self.client = client
         self.cfg = cfg
         self.rng = random.Random(f"{cfg.seed}:{idx}")
@@ -212,6 +161,7 @@ class SimUser:
         self.consent = self.rng.random() < cfg.consent_rate
         self.prompts = prompts
         self.stats = SimStats(users=1, tastes={self.taste.name: 1})
+        self.stats.per_user[self.user] = UserStats(taste=self.taste.name, miss_rate=self.taste.miss_rate)
 
     def _headers(self, conv: str | None = None) -> dict[str, str]:
         h = {"X-Flywheel-User": self.user, "X-Flywheel-Consent": "1" if self.consent else "0"}
@@ -221,10 +171,10 @@ class SimUser:
             h["Authorization"] = f"Bearer {self.cfg.api_key}"
         return h
 
-    def ask(self, conv: str, prompt: str, model: str = "flywheel") -> Answer | None:
+    def ask(self, conv: str, item: PromptItem, model: str = "flywheel") -> Answer | None:
         body = {
             "model": model,
-            "messages": [{"role": "user", "content": prompt}],
+            "messages": [{"role": "user", "content": item.prompt}],
             "max_tokens": self.cfg.max_tokens,
             "temperature": self.cfg.temperature,
         }
@@ -248,9 +198,28 @@ class SimUser:
             self.stats.turns += 1
             a = Answer(d["id"], d["choices"][0]["message"]["content"], d["choices"][0]["finish_reason"], d["model"])
             self.stats.version(a.version).answers += 1
-            return a
+            self.stats.per_user[self.user].answers += 1
+            return self.assess(a, item)
         self.stats.errors += 1
         return None
+
+    def assess(self, a: Answer, item: PromptItem) -> Answer:
+        """Check the answer against its prompt and record its truth and hidden utility."""
+        verdict = item.judge(a.text)
+        a.item, a.correct, a.reason = item, verdict.correct, verdict.reason
+        a.utility = self.taste.value(a.correct, a.text, a.finish)
+        a.record = len(self.stats.records)
+        self.stats.record(AnswerRecord(self.user, item.id, item.kind, a.version, a.correct, round(a.utility, 4)))
+        return a
+
+    def perceive(self, a: Answer) -> tuple[float, str]:
+        """The utility this person feels at one look (they miss some errors), and what they would say first."""
+        seen_right = a.correct or self.rng.random() < self.taste.miss_rate
+        felt = self.taste.utility(a.text, a.finish, self.rng, correct=seen_right)
+        if not seen_right:
+            return felt, a.reason
+        complaints = self.taste.complaints(a.text, a.finish)
+        return felt, complaints[0] if complaints else "Not what I wanted"
 
     def _feedback(self, payload: dict) -> bool:
         r = self.client.post("/v1/feedback", json=payload, headers=self._headers())
@@ -261,20 +230,22 @@ class SimUser:
         return True
 
     def thumbs(self, a: Answer) -> bool:
-        complaints = self.taste.complaints(a.text, a.finish)
-        liked = self.taste.utility(a.text, a.finish, self.rng) > self.taste.threshold
+        felt, reason = self.perceive(a)
+        liked = felt > self.taste.threshold
         payload = {"turn_id": a.turn_id, "rating": "up" if liked else "down"}
         if not liked:
-            payload["reason"] = complaints[0] if complaints else "Not what I wanted"
+            payload["reason"] = reason
         if self._feedback(payload):
             self.stats.thumbs += 1
-            vs = self.stats.version(a.version)
-            vs.thumbs += 1
-            vs.up += liked
+            for vs in (self.stats.version(a.version), self.stats.per_user[self.user]):
+                vs.thumbs += 1
+                vs.up += liked
+            if a.record >= 0:
+                self.stats.records[a.record] = replace(self.stats.records[a.record], liked=liked)
         return liked
 
     def compare(self, a: Answer, b: Answer) -> None:
-        ua, ub = (self.taste.utility(x.text, x.finish, self.rng) for x in (a, b))
+        (ua, _), (ub, _) = self.perceive(a), self.perceive(b)
         verdict = "tie" if abs(ua - ub) < 0.15 else ("a" if ua > ub else "b")
         if self._feedback({"turn_id": a.turn_id, "other_turn_id": b.turn_id, "rating": verdict}):
             self.stats.comparisons += 1
@@ -295,18 +266,18 @@ class SimUser:
         return live[0] if live else "flywheel"
 
     def one_question(self) -> None:
-        prompt = self.rng.choice(self.prompts)
+        item = self.rng.choice(self.prompts)
         conv = uuid.uuid4().hex
-        a = self.ask(conv, prompt)
+        a = self.ask(conv, item)
         if a is None:
             return
         if self.rng.random() < self.cfg.compare_rate:
-            b = self.ask(conv, prompt, model=self.other_version(a.version))
+            b = self.ask(conv, item, model=self.other_version(a.version))
             if b is not None:
                 self.compare(a, b)
         liked = self.thumbs(a)
         if not liked and self.rng.random() < self.cfg.regenerate_rate:
-            again = self.ask(conv, prompt)
+            again = self.ask(conv, item)
             if again is not None:
                 self.stats.regenerations += 1
                 self.thumbs(again)
@@ -326,7 +297,7 @@ class SimUser:
         self.ask(uuid.uuid4().hex, self.rng.choice(self.prompts))
 
 
-def _run_user(base_url: str, cfg: SimConfig, idx: int, prompts: list[str], deadline: float | None) -> SimStats:
+def _run_user(base_url: str, cfg: SimConfig, idx: int, prompts: list[PromptItem], deadline: float | None) -> SimStats:
     with httpx.Client(base_url=base_url, timeout=300) as client:
         u = SimUser(client, cfg, idx, prompts)
         withdraw_after = (
@@ -350,7 +321,7 @@ def run_simulation(base_url: str, cfg: SimConfig) -> SimStats:
     """Run ``cfg.users`` users concurrently against the app at ``base_url``; returns the merged stats."""
     if not cfg.turns and not cfg.minutes:
         raise ValueError("give --turns or --minutes (or both), else the simulation never ends")
-    prompts = load_prompts(cfg.prompts)
+    prompts = load_prompt_set(cfg.prompts)
     deadline = time.monotonic() + cfg.minutes * 60 if cfg.minutes else None
     total = SimStats()
     t0 = time.monotonic()
@@ -371,7 +342,7 @@ def simulate(
     regenerate_rate: float = typer.Option(0.3, min=0.0, max=1.0, help="Share of disliked answers regenerated."),
     withdraw_rate: float = typer.Option(0.0, min=0.0, max=1.0, help="Share of consenting users who later say no."),
     delete_rate: float = typer.Option(0.0, min=0.0, max=1.0, help="Share of users who ask for deletion, then leave."),
-    prompts: str = typer.Option("train", help="Prompt split: train, heldout (every fifth prompt) or all."),
+    prompts: str = typer.Option("train", help="Prompt split: train, heldout (1 in 4 of each kind) or all."),
     url: str = typer.Option("", help="Base URL of the app; default from settings (127.0.0.1:7860)."),
     api_key: str = typer.Option("", envvar="FLYWHEEL_API_KEY", help="API key, when the app requires one."),
     seed: int = typer.Option(0, help="Changes who the users are (and so their tastes) and what they ask."),
@@ -423,8 +394,11 @@ def simulate(
         )
         for name, v in sorted(stats.per_version.items()):
             rate = f"{v.up / v.thumbs:.0%}" if v.thumbs else "-"
+            acc, mu = v.accuracy(), v.mean_utility()
             typer.echo(
-                f"  {name}: {v.answers} answers, thumbs up {v.up}/{v.thumbs} ({rate}), "
+                f"  {name}: {v.answers} answers, right {v.correct}/{v.checked} "
+                f"({'-' if acc is None else f'{acc:.0%}'}), mean hidden utility "
+                f"{'-' if mu is None else f'{mu:+.2f}'}, thumbs up {v.up}/{v.thumbs} ({rate}), "
                 f"side-by-side wins {v.wins}/{v.side_by_side}"
             )
         typer.echo("`flywheel status` shows them landing in the warehouse.")
