@@ -7,34 +7,44 @@ VENV := .venv
 PY := $(VENV)/bin/python
 FLYWHEEL_HOME ?= .flywheel
 export FLYWHEEL_HOME
+DEPS := $(VENV)/.deps
 STAMP := $(VENV)/.installed
 MODEL := $(FLYWHEEL_HOME)/models/base/model.safetensors
 JARS := infra/kafka/lib/.complete
 
 .PHONY: setup run up test test-fast lint format bench clean-state chromium
 
-setup: $(STAMP) $(JARS) $(MODEL) chromium  ## install deps, fetch Kafka, prepare the default model; starts nothing
+setup:  ## install deps, fetch Kafka, prepare the default model; starts nothing (steps overlap: make -j)
+	@$(MAKE) --no-print-directory -j4 $(STAMP) $(JARS) $(MODEL) chromium
 	@echo "setup: done (venv $(VENV), Kafka jars infra/kafka/lib, model $(FLYWHEEL_HOME)/models/base)"
 
-$(STAMP): pyproject.toml constraints.txt infra/setup.sh
-	@echo "setup: creating $(VENV) and installing pinned dependencies (uv; the llama.cpp wheel builds once per CPU) ..."
-	VENV=$(VENV) PY_SYS=$(PY_SYS) bash infra/setup.sh
+# The Python tree first (~30 s with uv); then the llama.cpp engine (a wheel built once per CPU, minutes the first
+# time) runs beside the Kafka jars, the model and Chromium, which need only the Python tree.
+$(DEPS): pyproject.toml constraints.txt infra/setup.sh
+	@mkdir -p $(VENV) && echo "# setup $$(date -u +%FT%TZ)" >> $(VENV)/setup-times.txt
+	VENV=$(VENV) PY_SYS=$(PY_SYS) bash infra/setup.sh deps
 	@touch $@
 
-$(JARS): infra/kafka/pom.xml | $(STAMP)
+$(STAMP): $(DEPS)
+	VENV=$(VENV) PY_SYS=$(PY_SYS) bash infra/setup.sh llama
+	@touch $@
+
+$(JARS): infra/kafka/pom.xml | $(DEPS)
 	@command -v java >/dev/null || { echo "setup: Java 17+ is missing: apt-get install -y openjdk-17-jre-headless"; exit 1; }
 	@command -v mvn >/dev/null || { echo "setup: installing Maven ..."; apt-get update -qq && apt-get install -y -qq maven; }
-	rm -rf infra/kafka/lib
-	$(PY) -c "from infra.kafka_local import ensure_jars; ensure_jars()"
+	@s=$$(date +%s); rm -rf infra/kafka/lib && $(PY) -c "from infra.kafka_local import ensure_jars; ensure_jars()" \
+	  && echo "jars $$(( $$(date +%s) - s ))" >> $(VENV)/setup-times.txt
 	@touch $@
 
-$(MODEL): | $(STAMP)
-	$(PY) -m infra.prepare_model
-	$(PY) -m app.backends.gguf $(FLYWHEEL_HOME)/models/base  # llama.cpp's export at the serving precision
+$(MODEL): | $(DEPS)
+	@s=$$(date +%s); $(PY) -m infra.prepare_model && echo "model $$(( $$(date +%s) - s ))" >> $(VENV)/setup-times.txt
+	@s=$$(date +%s); $(PY) -m app.backends.gguf $(FLYWHEEL_HOME)/models/base \
+	  && echo "gguf-export $$(( $$(date +%s) - s ))" >> $(VENV)/setup-times.txt  # llama.cpp's export, serving precision
 
 chromium:  ## Debian's Chromium for the browser tests (Playwright drives /usr/bin/chromium)
-	@test -x /usr/bin/chromium || { echo "setup: installing Debian chromium ..."; \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null; }
+	@test -x /usr/bin/chromium || { s=$$(date +%s); echo "setup: installing Debian chromium ..."; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null \
+	  && mkdir -p $(VENV) && echo "chromium $$(( $$(date +%s) - s ))" >> $(VENV)/setup-times.txt; }
 
 run: setup  ## start the whole stack in the foreground
 	$(VENV)/bin/flywheel up
