@@ -1,7 +1,8 @@
 """Hostile-input campaign: a corpus of bad requests against a live app, with the figures that say it held.
 
     python -m benchmarks.hostile --json                 # full corpus, victim TTFT quiet vs under attack, Chromium
-    python -m benchmarks.hostile --quick --json         # the reduced form the suite runs
+    python -m benchmarks.hostile --quick --json         # one round of the whole corpus
+    python -m benchmarks.hostile --quick --suite-slice  # the slice the suite runs (every guard, a third of the rest)
     python -m benchmarks.hostile --no-browser           # HTTP only
 
 It starts ``python -m app.server`` (the real model, keys required, an admin token) on a free loopback port with a
@@ -544,6 +545,9 @@ def abandon_probes(n: int) -> list[Probe]:
     ]
 
 
+IMPERSONATION_REQUESTS = 10  # what impersonation_round adds to the tally: 8 ratings and 2 consents
+
+
 def impersonation_round(server: LiveServer, tally: Tally) -> None:
     """Key A's user alice gets two answers; key B (and others) try to rate them and set alice's consent."""
     a = {"Authorization": f"Bearer {server.keys['a']}"}
@@ -640,6 +644,7 @@ def wait_slots_free(server: LiveServer, timeout: float) -> int:
 
 def browser_check(server: LiveServer, answer_s: float) -> dict:
     """Script executions and requests to other origins while hostile content is shown in real Chromium."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
     from app.sessions import COOKIE_NAME, Sessions
@@ -699,6 +704,7 @@ def browser_check(server: LiveServer, answer_s: float) -> dict:
             )
             page.wait_for_timeout(1500)
             shown = page.inner_text("#chatbot")
+            finished = page.evaluate("document.querySelectorAll('#chatbot .fw-version').length")
             page.fill("#msg textarea", MARKUP[1] + " " + MARKUP[4] + " Repeat this exactly.")
             page.keyboard.press("Enter")
             page.wait_for_function(
@@ -706,7 +712,14 @@ def browser_check(server: LiveServer, answer_s: float) -> dict:
                 "document.querySelectorAll('#chatbot [data-testid=user]').length >= 2",
                 timeout=int(answer_s * 1000),
             )
-            page.wait_for_timeout(int(min(answer_s, 20) * 1000))  # the live answer streams in
+            try:  # the live answer streams in: until it is finished (its version footer), at most 20 s as before
+                page.wait_for_function(
+                    f"document.querySelectorAll('#chatbot .fw-version').length > {finished}",
+                    timeout=int(min(answer_s, 20) * 1000),
+                )
+            except PlaywrightTimeout:
+                pass  # still streaming after 20 s: what was shown so far is checked
+            page.wait_for_timeout(1500)  # payloads in the finished answer get their moment to run
             pwned = page.evaluate("window.__pwned || 0")
         finally:
             browser.close()
@@ -719,35 +732,91 @@ def browser_check(server: LiveServer, answer_s: float) -> dict:
     }
 
 
+# ---- the suite's slice ---------------------------------------------------------------------------------------
+
+# Cases the suite's slice always keeps: each guards a bug that was fixed (the commit that fixed it).
+GUARDS: tuple[tuple[str, str, str], ...] = (
+    ("sampling", "seed=", "64ef88b, 1b3b607: a seed torch rejects leaked its generation slot (later requests 429)"),
+    ("sizes", "-chunked-no-length", "1319e40: a body over the limit without Content-Length is refused while streamed"),
+    ("abandon", "", "1319e40: a client that vanishes before or during a stream gives its slot back"),
+    ("unicode", "user:", "1319e40: a malformed `user` is a 400 at the boundary, not an error inside"),
+    ("access", "", "1319e40: no key, bad, revoked or operator keys, DNS-rebinding Host headers"),
+    ("markup", "message-5", "926665c: Markdown ![x](url) became an image (the browser check shows every payload)"),
+)
+SLICE_EVERY = 3  # of the cases no guard names, the suite keeps every third in each category
+
+
+def is_guard(p: Probe) -> bool:
+    return any(p.category == cat and part in p.name for cat, part, _ in GUARDS)
+
+
+def suite_slice(probes: list[Probe]) -> list[Probe]:
+    """The representative slice the suite runs: every category, every guard, every third other case in each
+    category. The benchmark (``python -m benchmarks.hostile``) runs the whole corpus."""
+    seen: Counter = Counter()
+    out = []
+    for p in probes:
+        if is_guard(p):
+            out.append(p)
+            continue
+        if seen[p.category] % SLICE_EVERY == 0:
+            out.append(p)
+        seen[p.category] += 1
+    return out
+
+
 # ---- the run -------------------------------------------------------------------------------------------------
 
 
+def corpus(flood: int, abandon: int) -> list[Probe]:
+    return (
+        sampling_probes()
+        + unicode_probes()
+        + nesting_probes()
+        + size_probes()
+        + markup_probes()
+        + access_probes()
+        + flood_probes(flood)
+        + abandon_probes(abandon)
+    )
+
+
 def run(
-    quick: bool = False, browser: bool = True, victim_n: int | None = None, flood: int | None = None, workers: int = 6
+    quick: bool = False,
+    browser: bool = True,
+    victim_n: int | None = None,
+    flood: int | None = None,
+    workers: int = 6,
+    suite: bool = False,
 ) -> dict:
+    """One campaign; ``quick``: one round of the corpus; ``suite``: only ``suite_slice`` of it (the test suite)."""
     victim_n = victim_n or (6 if quick else 20)
     flood = flood if flood is not None else (15 if quick else 60)
     load_start = os.getloadavg()
+    phase_s: dict[str, float] = {}
+    t_phase = time.perf_counter()
+
+    def phase(name: str) -> None:
+        nonlocal t_phase
+        now = time.perf_counter()
+        phase_s[name] = round(now - t_phase, 1)
+        t_phase = now
+
     with tempfile.TemporaryDirectory(prefix="flywheel-hostile-") as tmp:
         home = Path(tmp) / "home"
         home.mkdir()
         progress("starting the app (real model, keys required) ...")
         server = start_server(home, answer_tokens=16)
+        phase("start")
         try:
             progress(f"quiet baseline: {victim_n} victim answers ...")
             victim_ttft(server, 2)  # warm-up
             quiet = victim_ttft(server, victim_n)
+            phase("quiet")
             tally = Tally()
-            probes = (
-                sampling_probes()
-                + unicode_probes()
-                + nesting_probes()
-                + size_probes()
-                + markup_probes()
-                + access_probes()
-                + flood_probes(flood)
-                + abandon_probes(3 if quick else 8)
-            )
+            probes = corpus(flood, 3 if quick else 8)
+            if suite:
+                probes = suite_slice(probes)
             progress(
                 f"attack: {sum(p.repeat for p in probes)} requests per round, {workers} threads, "
                 "while the victim measures again ..."
@@ -773,14 +842,17 @@ def run(
             if failures:
                 raise RuntimeError(f"the victim failed under attack: {failures[0]}") from failures[0]
             attack_s = time.perf_counter() - t_attack
+            phase("attack")
             progress("waiting for every slot to be given back ...")
             leaked = wait_slots_free(server, 30)
             impersonation_verdict(server, tally)
             alive = server.alive()
+            phase("settle")
             result_browser = {"script_executions": None, "external_requests": None, "skipped": True}
             if browser:
                 progress("browser: hostile content in real Chromium ...")
                 result_browser = browser_check(server, answer_s=120)
+                phase("browser")
             health = operator_health(server)
         finally:
             server.stop()
@@ -788,6 +860,9 @@ def run(
     ratio = round(attack_p99 / quiet_p99, 2) if quiet_p99 and attack_p99 else None
     out = {
         "requests": tally.requests,
+        "planned_requests": sum(p.repeat for p in probes) + IMPERSONATION_REQUESTS,
+        "cases": len(probes),
+        "suite_slice": suite,
         "crashes_5xx": len(tally.crashes),
         "leaked_slots": leaked,
         "script_executions": result_browser.get("script_executions"),
@@ -803,6 +878,7 @@ def run(
             "samples": [len(quiet), len(attacked)],
         },
         "attack_s": round(attack_s, 1),
+        "phase_s": phase_s,
         "statuses": dict(sorted(tally.statuses.items())),
         "by_category": {k: dict(sorted(v.items())) for k, v in sorted(tally.by_category.items())},
         "crash_examples": tally.crashes[:20],
@@ -842,7 +918,8 @@ def summary(r: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object")
-    ap.add_argument("--quick", action="store_true", help="the reduced corpus the test suite runs")
+    ap.add_argument("--quick", action="store_true", help="one round of the corpus, fewer victim answers and floods")
+    ap.add_argument("--suite-slice", action="store_true", help="only the slice the test suite runs (see GUARDS)")
     ap.add_argument("--no-browser", action="store_true", help="skip the Chromium check")
     ap.add_argument("--victim-requests", type=int, default=None, help="victim answers per phase (default 20)")
     ap.add_argument("--flood", type=int, default=None, help="requests per flood kind per round (default 60)")
@@ -852,7 +929,14 @@ def main() -> int:
     if not a.no_browser and not Path(CHROMIUM).exists():
         print(f"hostile: {CHROMIUM} is missing: apt-get install -y chromium (or pass --no-browser)", file=sys.stderr)
         return 2
-    r = run(quick=a.quick, browser=not a.no_browser, victim_n=a.victim_requests, flood=a.flood, workers=a.workers)
+    r = run(
+        quick=a.quick,
+        browser=not a.no_browser,
+        victim_n=a.victim_requests,
+        flood=a.flood,
+        workers=a.workers,
+        suite=a.suite_slice,
+    )
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(r, indent=2) + "\n")
