@@ -165,7 +165,9 @@ def build_dashboard(settings: Settings) -> gr.Blocks:
             elem_id="ops-waiting",
         )
         with gr.Row():
-            to_approve = gr.Dropdown(label="Approve a waiting candidate", choices=[], elem_id="ops-approve-pick")
+            to_approve = gr.Dropdown(  # custom values too: the handler checks the autopilot's list itself
+                label="Approve a waiting candidate", choices=[], allow_custom_value=True, elem_id="ops-approve-pick"
+            )
             approve = gr.Button("Approve", variant="primary", elem_id="ops-approve")
         approve_msg = gr.Markdown(elem_id="ops-approve-msg")
         with gr.Row():
