@@ -1,62 +1,92 @@
-"""``flywheel demo``: one measured turn of the loop on this machine, from simulated thumbs to a better model.
+"""``flywheel demo``: the product at a faster clock. It starts the same stack ``flywheel up`` starts, lets simulated
+users chat, and waits while the STACK curates, trains, gates and releases by itself; then it prints what the
+stack did and what changed for held-out users.
 
-    flywheel demo                 # progress on stderr, a summary at the end
-    flywheel demo --json          # one JSON object (benchmarks/results/demo.json holds a measured one)
+    flywheel demo                      # progress on stderr, a summary at the end
+    flywheel demo --json               # one JSON object (benchmarks/results/demo.json holds a measured one)
+    flywheel demo --recipe rlhf        # the stack trains a reward model from the users' pairs, then RLOO (beta > 0)
 
-Stages, each timed: start a private stack (Kafka broker, the app server, all under a fresh FLYWHEEL_HOME that
-reuses the base model read-only) -> simulate (training users with hidden tastes chat and rate through the public
-API) -> ingest (Kafka -> DuckDB, exactly once) -> curate (the ``curate`` flow) -> train + evaluate + gate (the
-lead's ``train`` flow, recipe configurable) -> canary (the release controller publishes a plan; held-out users,
-who never asked the training prompts, chat through the same API while the controller decides on their ratings)
--> promote or rollback.
+What happens: ``flywheel up`` runs as a child (``cli/demo_stack.py``) in a private FLYWHEEL_HOME with its own
+ports, with small thresholds set through its settings (``stack_env``: the volume trigger's threshold and check
+interval, the release steps, ratings per arm and timeout, release policy ``auto``, the training recipe). Training
+users (train prompts) chat through the public API until the stack's volume trigger fires; the stack curates,
+queues the ``train`` deployment, its worker trains and gates; the autopilot starts a canary of a gate-passed
+candidate; held-out users (held-out prompts, no consent: their ratings never train and never count toward the
+trigger) chat through the same API concurrently until the autopilot decides full or rollback. Then the demo stops
+everything (``flywheel up``'s own shutdown, then ``flywheel down``) and checks that no process or port is left.
+The demo calls no stage: it reads Prefect's flow runs, the release log and the registry. ``autonomous`` is true
+only when each stage that applies (trigger, curate, train, gate, and for a passed gate canary and decision) is
+on record as done by the stack.
 
-What it prints: the held-out users' thumbs-up rate on production (before) and on the candidate (after) over the
-same, concurrent canary traffic, Wilson 95% intervals, and the two-sided p-value of the difference (a single
-look after the fact; the controller itself decided with the always-valid sequential test of
-``pipelines.analysis``).
+Default sizes (for a quiet 2-core CPU; about 15-20 minutes in all): 12 training users at 40 tokens give ~60-70
+usable ratings a minute (measured: 543 in 8 minutes), so the trigger at 360 fires after ~6 minutes with enough
+liked answers, comparisons and regenerations for SFT rows, judge pairs and >= 4 held-out prompts (a quarter of
+conversations held out); 40 tokens keeps a turn near 2 s and most answers inside the concise users' 25-40 word
+limit. The check interval of 15 s adds at most that to the trigger. The canary gives the candidate half of 10
+held-out users; 20 ratings per arm is the least the controller decides on (measured: decided ~1-2 minutes into the
+canary); 5 minutes is its timeout, after which the autopilot rolls back. Training uses the one table of defaults
+(``training.defaults``) unless ``--set`` replaces its row, and the gate its own defaults unless ``--gate`` changes
+them. ``--timeout-minutes`` bounds the whole run.
 """
 
 from __future__ import annotations
 
 import json
-import secrets
-import subprocess
+import signal
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import typer
 
-from cli.simulate import SimConfig, SimStats, run_simulation
+from cli.demo_stack import (  # noqa: F401 - BackgroundIngest: tests/pipelines/test_release_e2e.py imports it here
+    BackgroundIngest,
+    FlowRuns,
+    StackError,
+    UpProcess,
+    describe_run,
+    final,
+    private_settings,
+)
+from cli.demo_users import Crowd
+from cli.simulate import SimConfig
 from feedback.settings import Settings, get_settings
-from training.defaults import RECIPE_DEFAULTS  # what each recipe runs with when no --set is given (measured)
 
 REPO = Path(__file__).resolve().parents[1]
-SET_OPTION = typer.Option(
-    None, "--set", help="Recipe config override key=value (repeatable; replaces the recipe's demo defaults)."
-)
+RECIPES = ("sft", "dpo", "kto", "rlhf")
+POLL_S = 5.0
+FIELDS = (  # every key of the --json object, present (None where it does not apply) whatever happened
+    "home recipe config autonomous stages timeline simulate heldout ingested snapshot train gate release_decision "
+    "release_reason thumbs_up_before thumbs_up_after thumbs_up_before_ci thumbs_up_after_ci n_before n_after p_value "
+    "p_value_sequential diff_always_valid_ci production candidate decided accuracy_before accuracy_after "
+    "accuracy_before_ci accuracy_after_ci accuracy_diff_ci accuracy_p_value accuracy_n_before accuracy_n_after "
+    "utility_before utility_after utility_diff_ci utility_p_value mean_words_before mean_words_after "
+    "mean_words_diff_ci length_controlled_win_rate judge_length_corr parent_path candidate_path stop seconds cycle_s "
+    "error"
+).split()
 
 
 @dataclass(frozen=True)
 class DemoConfig:
     train_users: int = 12
-    train_minutes: float = 8.0
-    eval_users: int = 8
+    train_minutes: float = 10.0  # at most: they stop as soon as the stack's trigger fires
+    trigger_ratings: int = 360
+    check_interval_s: int = 15
+    eval_users: int = 10
     eval_minutes: float = 5.0
     max_tokens: int = 40
     recipe: str = "sft"
-    overrides: tuple[str, ...] = RECIPE_DEFAULTS["sft"]
+    overrides: tuple[str, ...] = ()  # empty: the recipe's row of training.defaults (what `flywheel up` trains)
+    judge_overrides: tuple[str, ...] = ()
+    gate: dict[str, Any] = field(default_factory=dict)  # training.gate_config.GateConfig fields
     canary_share: float = 0.5
     min_thumbs: int = 20
     seed: int = 1
-    eval_fraction: float = 0.25  # of conversations held out: the gate needs >= 4 held-out prompts from one demo
+    eval_fraction: float = 0.25  # of conversations held out: the gate needs >= 4 held-out prompts
+    timeout_minutes: float = 45.0
 
 
 @dataclass
@@ -66,308 +96,327 @@ class Run:
     quiet: bool
     seconds: dict[str, float] = field(default_factory=dict)
     t0: float = field(default_factory=time.monotonic)
+    wall0: float = field(default_factory=time.time)
 
     def say(self, msg: str) -> None:
         if not self.quiet:
             print(f"[demo {time.monotonic() - self.t0:6.0f}s] {msg}", file=sys.stderr, flush=True)
 
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        self.say(f"{name} ...")
-        t = time.monotonic()
-        try:
-            yield
-        finally:
-            self.seconds[name] = round(time.monotonic() - t, 1)
-            self.say(f"{name} done in {self.seconds[name]:.0f}s")
+    def since(self, epoch: float | None) -> float | None:
+        return None if epoch is None else round(epoch - self.wall0, 1)
+
+    def left(self, cfg: DemoConfig) -> float:
+        return cfg.timeout_minutes * 60 - (time.monotonic() - self.t0)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# A private stack
+# The stack's world and settings
 # ---------------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    import socket
+def release_settings(cfg: DemoConfig) -> dict[str, Any]:
+    """The autopilot's release settings at the demo's clock (``pipelines.config.ReleaseConfig`` fields)."""
+    return {
+        "policy": "auto",
+        "steps": (cfg.canary_share, 1.0),
+        "min_thumbs": cfg.min_thumbs,
+        "min_step_s": 0.0,
+        "max_step_s": cfg.eval_minutes * 60,
+        "on_timeout": "rollback",
+        "poll_s": POLL_S,
+    }
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def private_settings(home: Path, parent: Settings) -> Settings:
-    """A world of its own: fresh home, broker and app ports, MLflow store; the parent's base model, read-only."""
-    from pydantic import SecretStr
-
-    return Settings(
-        home=home,
-        kafka_bootstrap=f"127.0.0.1:{_free_port()}",
-        kafka_controller_port=_free_port(),
-        app_port=_free_port(),
-        mlflow_port=_free_port(),
-        prefect_port=_free_port(),
-        base_model=str(parent.base_model_path.resolve()),
-        admin_token=SecretStr(secrets.token_urlsafe(24)),
-        model_version=parent.model_version,
+def stack_env(settings: Settings, cfg: DemoConfig) -> dict[str, str]:
+    """``flywheel up``'s environment: the private settings plus the demo's thresholds, all as FLYWHEEL_* variables
+    (inherited FLYWHEEL_CURATE_/RELEASE_/TRAIN_ ones are dropped, so a run depends on its options only, and
+    PREFECT_* ones, so the stack's services talk to the stack's own Prefect server)."""
+    env = {
+        k: v
+        for k, v in settings.child_env(REPO).items()
+        if not k.startswith(("FLYWHEEL_CURATE_", "FLYWHEEL_RELEASE_", "FLYWHEEL_TRAIN_", "PREFECT_"))
+    }
+    env.update(
+        {
+            "FLYWHEEL_CURATE_VOLUME_TRIGGER_N": str(cfg.trigger_ratings),
+            "FLYWHEEL_CURATE_VOLUME_CHECK_INTERVAL_S": str(cfg.check_interval_s),
+            "FLYWHEEL_CURATE_EVAL_FRACTION": str(cfg.eval_fraction),
+            "FLYWHEEL_TRAIN_RECIPE": cfg.recipe,
+        }
     )
-
-
-class Stack:
-    """The broker and the app server as child processes of the demo; stopped at the end, whatever happens."""
-
-    def __init__(self, settings: Settings, run: Run):
-        self.s = settings
-        self.run = run
-        self.app: subprocess.Popen | None = None
-        self.url = f"http://{settings.app_host}:{settings.app_port}"
-
-    def __enter__(self) -> Stack:
-        from infra import kafka_local
-
-        kafka_local.start(self.s, quiet=True)
-        self.run.say(f"broker on {self.s.kafka_bootstrap}")
-        log = open(self.s.home / "app.log", "ab")  # noqa: SIM115 - handed to the child
-        self.app = subprocess.Popen(
-            [sys.executable, "-m", "app.server"],
-            cwd=REPO,
-            env=self.s.child_env(REPO),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        # A real Prefect server for the flows (the ephemeral one gives up after 20 s on a busy machine).
-        from infra import prefect_server
-
-        prefect_server.start(self.s, timeout_s=600)
-        self.run.say(f"prefect on {prefect_server.api_url(self.s)}")
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.app.poll() is not None:
-                raise RuntimeError(f"the app server exited ({self.app.returncode}); see {self.s.home / 'app.log'}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    self.run.say(f"app on {self.url}")
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise RuntimeError(f"the app server did not answer within 300 s; see {self.s.home / 'app.log'}")
-
-    def __exit__(self, *exc) -> None:
-        from infra import kafka_local, prefect_server
-
-        prefect_server.stop(self.s)
-        if self.app is not None and self.app.poll() is None:
-            self.app.terminate()
-            try:
-                self.app.wait(30)
-            except subprocess.TimeoutExpired:
-                self.app.kill()
-        kafka_local.stop(self.s)
+    for k, v in release_settings(cfg).items():
+        env[f"FLYWHEEL_RELEASE_{k.upper()}"] = json.dumps(list(v)) if isinstance(v, tuple) else str(v)
+    if cfg.overrides:
+        env["FLYWHEEL_TRAIN_OVERRIDES"] = json.dumps(list(cfg.overrides))
+    if cfg.judge_overrides:
+        env["FLYWHEEL_TRAIN_JUDGE_OVERRIDES"] = json.dumps(list(cfg.judge_overrides))
+    if cfg.gate:
+        env["FLYWHEEL_TRAIN_GATE"] = json.dumps(cfg.gate)
+    return env
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Stages
+# Phases: each waits for the stack, none does a stage
 # ---------------------------------------------------------------------------------------------------------
-def ingest_until(settings: Settings, turns: int, feedback: int, max_s: float = 300.0) -> dict[str, int]:
-    from feedback.ingest import IngestConsumer
-
-    st = IngestConsumer(settings).run(  # run() closes the consumer and the warehouse when it returns
-        max_seconds=max_s,
-        stop_when=lambda s: s.inserted.get("turns", 0) >= turns and s.inserted.get("feedback", 0) >= feedback,
-    )
-    return dict(st.inserted)
+def _wait(run: Run, cfg: DemoConfig, up: UpProcess, what: str) -> None:
+    if not up.alive():
+        raise StackError(f"`flywheel up` stopped while {what}: {up.tail()}")
+    if run.left(cfg) <= 0:
+        raise StackError(f"timed out after {cfg.timeout_minutes:g} minutes while {what} (--timeout-minutes)")
+    time.sleep(POLL_S)
 
 
-class BackgroundIngest:
-    """The continuous consumer in a thread while the canary runs (the controller reads what it lands)."""
+def until_trigger(run: Run, cfg: DemoConfig, up: UpProcess, runs: FlowRuns, settings: Settings) -> tuple[Any, Any]:
+    """Training users chat until the stack's volume trigger starts a curation; (their crowd, the curate run)."""
+    from pipelines.triggers import new_usable_ratings
 
-    def __init__(self, settings: Settings):
-        from feedback.ingest import IngestConsumer
-
-        self.consumer = IngestConsumer(settings)
-        self.thread = threading.Thread(target=self.consumer.run, name="demo-ingest", daemon=True)
-
-    def __enter__(self) -> BackgroundIngest:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.consumer.stop()  # run() returns after a final commit and closes everything itself
-        self.thread.join(60)
-
-
-def canary(settings: Settings, url: str, version: str, cfg: DemoConfig, run: Run) -> dict[str, Any]:
-    """Start the release, drive held-out users through the API, let the controller decide on their ratings."""
-    from pipelines import analysis
-    from pipelines.config import ReleaseConfig
-    from pipelines.release import Controller
-
-    rcfg = ReleaseConfig(
-        steps=(cfg.canary_share, 1.0),
-        min_thumbs=cfg.min_thumbs,
-        min_step_s=0,
-        poll_s=5,
-        max_step_s=cfg.eval_minutes * 60,
-        on_timeout="hold",
-    )
-    ctl = Controller(settings, rcfg)
-    st = ctl.start(version, "controller:demo", "gate passed; flywheel demo")
-    run.say(
-        f"canary: {version} serves {cfg.canary_share:.0%} of users (salt {st.salt[:8]}), production {st.production}"
-    )
-    sim_cfg = SimConfig(
-        users=cfg.eval_users,
-        minutes=cfg.eval_minutes,
+    users = SimConfig(
+        users=cfg.train_users,
         max_tokens=cfg.max_tokens,
-        consent_rate=1.0,
+        consent_rate=0.95,
+        compare_rate=0.5,
+        regenerate_rate=0.5,
+        withdraw_rate=0.05,
+        prompts="train",
+        seed=cfg.seed,
+        minutes=cfg.train_minutes,
+    )
+    crowd = Crowd(up.url, users, cfg.train_minutes * 60).start()
+    run.say(f"{cfg.train_users} training users chat; the stack curates at {cfg.trigger_ratings} usable ratings")
+    last_note, idle_since = time.monotonic(), None
+    try:
+        while not (curate := runs.runs("curate")):
+            if time.monotonic() - last_note >= 30:
+                last_note = time.monotonic()
+                run.say(f"usable ratings in the warehouse: {new_usable_ratings(settings.warehouse_path)}")
+            if crowd.done():
+                idle_since = idle_since or time.monotonic()
+                if time.monotonic() - idle_since > cfg.check_interval_s * 2 + 60:
+                    n = new_usable_ratings(settings.warehouse_path)
+                    raise StackError(
+                        f"the stack's volume trigger did not fire: {n} usable ratings after {cfg.train_minutes:g} "
+                        f"minutes, threshold {cfg.trigger_ratings}: give more --train-minutes or lower "
+                        "--trigger-ratings"
+                    )
+            _wait(run, cfg, up, "waiting for the volume trigger")
+    except BaseException:
+        crowd.finish()
+        raise
+    run.say(f"the stack's volume trigger fired: curate run {curate[0].name}; training users stop")
+    return crowd, curate[0]
+
+
+def until_trained(run: Run, cfg: DemoConfig, up: UpProcess, runs: FlowRuns, curate: Any) -> tuple[Any, Any]:
+    """Wait for the curate run, then the ``train`` run the trigger queued on the worker; its log lines are shown
+    as they come. Returns (curate run, train run), both final."""
+    while not final(curate := runs.client.read_flow_run(curate.id)):
+        _wait(run, cfg, up, "the stack curates")
+    if curate.state_type.value != "COMPLETED":
+        raise StackError(f"the stack's curate run {curate.name} ended {curate.state_name}: see {up.s.home}/logs")
+    run.say(f"curated ({describe_run(curate)['seconds']}s); waiting for the train run the trigger queues")
+    train, shown = None, 0
+    while True:
+        if train is None:
+            queued = [r for r in runs.runs("train") if r.deployment_id is not None]
+            train = queued[0] if queued else None
+        if train is not None:
+            train = runs.client.read_flow_run(train.id)
+            for line in runs.logs(train.id, shown):
+                shown += 1
+                run.say(f"  train | {line[:200]}")
+            if final(train):
+                break
+        _wait(run, cfg, up, "the stack trains and gates")
+    if train.state_type.value != "COMPLETED":
+        raise StackError(f"the stack's train run {train.name} ended {train.state_name}: see the lines above")
+    return curate, train
+
+
+def until_decided(run: Run, cfg: DemoConfig, up: UpProcess, settings: Settings, version: str) -> dict[str, Any]:
+    """Wait for the autopilot's canary of ``version``, drive held-out users through the API meanwhile, and stop them
+    once it decided (full or rollback). Returns the release state and the held-out users' measurements."""
+    from pipelines.autopilot import read_status
+    from pipelines.release_log import ReleaseLog
+
+    log = ReleaseLog(settings)
+    t = time.monotonic()
+    while (st := log.current()) is None or st.candidate != version:
+        if time.monotonic() - t > 120 + 4 * POLL_S:
+            held = (read_status(settings) or {}).get("held")
+            raise StackError(f"the autopilot did not start a canary of {version} within 2 minutes (held: {held})")
+        _wait(run, cfg, up, "waiting for the autopilot's canary")
+    run.say(f"autopilot: canary of {version}, {st.share:.0%} of users (production {st.production}); held-out users")
+    users = SimConfig(
+        users=cfg.eval_users,
+        max_tokens=cfg.max_tokens,
+        consent_rate=0.0,
         compare_rate=0.0,
         regenerate_rate=0.0,
         prompts="heldout",
         seed=cfg.seed + 1000,
         user_prefix="heldout",
+        minutes=cfg.eval_minutes,
     )
-    box: dict[str, SimStats] = {}
-    sim = threading.Thread(target=lambda: box.setdefault("stats", run_simulation(url, sim_cfg)), daemon=True)
-    decided: dict[str, Any] = {}
-    with BackgroundIngest(settings):
-        sim.start()
-        while sim.is_alive():
-            st, a = ctl.tick()
-            if a is not None:
-                c, p = a.candidate.thumbs, a.production.thumbs
-                run.say(
-                    f"look: {st.candidate} {c.k}/{c.n} up vs {st.production} {p.k}/{p.n}: {a.decision} "
-                    f"({'; '.join(a.reasons)[:140]})"
-                )
-            if st is not None and not st.active and not decided:
-                decided = {"status": st.status, "reason": st.last.reason, "at_s": round(time.monotonic() - run.t0)}
-                run.say(f"release decided: {st.status} ({st.last.reason[:160]})")
-            sim.join(rcfg.poll_s)
-        time.sleep(3)  # the last ratings reach Kafka and the warehouse
-    st = ctl.log.current()
-    if st.active:  # undecided when the held-out traffic ended: one final look decides or holds
-        st, _ = ctl.tick()
-    cand, prod = analysis.read_arms(settings.warehouse_path, version, st.production, st.started_at)
-    final = analysis.analyse(cand, prod, rcfg, 0)
-    return {
-        "state": st,
-        "sim": box.get("stats"),
-        "candidate": cand,
-        "production": prod,
-        "analysis": final,
-        "decided": decided,
-    }
-
-
-def _ci(r) -> list[float] | None:
-    return [round(r.lo, 4), round(r.hi, 4)] if r.n else None
+    crowd = Crowd(up.url, users, cfg.eval_minutes * 60 + 120).start()
+    seen = len(log.records())
+    try:
+        while (st := log.current()).active:
+            for r in log.records()[seen:]:
+                seen += 1
+                if r.action != "applied":
+                    run.say(f"  release | {r.action} by {r.actor}: {r.candidate} at {r.share:.0%}: {r.reason[:160]}")
+            _wait(run, cfg, up, "the autopilot decides")
+    finally:
+        heldout, words = crowd.finish()
+    run.say(f"release decided: {st.status} ({st.last.reason[:160]})")
+    time.sleep(3)  # the last ratings reach Kafka and the warehouse
+    return {"state": st, "heldout": heldout, "words": words}
 
 
 def run_demo(cfg: DemoConfig, home: Path, quiet: bool = False) -> dict[str, Any]:
-    from pipelines import flows
+    from cli.demo_report import report
+    from infra.prefect_server import api_url
+    from pipelines.config import ReleaseConfig
 
     run = Run(quiet)
     settings = private_settings(home, get_settings())
-    out: dict[str, Any] = {
-        "home": str(home),
-        "recipe": cfg.recipe,
-        "config": cfg.__dict__ | {"overrides": list(cfg.overrides)},
-    }
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    out: dict[str, Any] = dict.fromkeys(FIELDS)
+    out |= {"home": str(settings.home), "recipe": cfg.recipe, "config": asdict(cfg), "autonomous": False}
+    up = UpProcess(settings, stack_env(settings, cfg), run.say)
+    runs: FlowRuns | None = None
+    t = time.monotonic()
+    try:
+        run.say(f"starting the stack (`flywheel up`) in {settings.home}")
+        up.start(timeout_s=max(60.0, min(900.0, run.left(cfg))))
+        run.seconds["start"] = round(time.monotonic() - t, 1)
+        run.say(f"stack up in {run.seconds['start']:.0f}s: app {up.url}, Prefect {api_url(settings)}")
+        runs = FlowRuns(api_url(settings))
+        t = time.monotonic()
+        crowd, curate = until_trigger(run, cfg, up, runs, settings)
+        sim, _ = crowd.finish()
+        out["simulate"] = {k: v for k, v in sim.as_dict().items() if k not in ("per_version", "per_user")}
+        run.seconds["simulate"] = round(time.monotonic() - t, 1)
+        t = time.monotonic()
+        curate, train = until_trained(run, cfg, up, runs, curate)
+        run.seconds["curate"] = describe_run(curate)["seconds"] or 0.0
+        run.seconds["train"] = describe_run(train)["seconds"] or 0.0
+        run.seconds["trigger_to_gate"] = round(time.monotonic() - t, 1)
+        from training import registry
 
-    from infra.prefect_server import api_url
-
-    with Stack(settings, run) as stack, temporary_settings(updates={PREFECT_API_URL: api_url(settings)}):
-        with run.stage("simulate"):
-            sim = run_simulation(
-                stack.url,
-                SimConfig(
-                    users=cfg.train_users,
-                    minutes=cfg.train_minutes,
-                    max_tokens=cfg.max_tokens,
-                    consent_rate=0.95,
-                    compare_rate=0.5,
-                    regenerate_rate=0.5,
-                    withdraw_rate=0.05,
-                    prompts="train",
-                    seed=cfg.seed,
-                ),
-            )
-            out["simulate"] = {k: v for k, v in sim.as_dict().items() if k != "per_version"}
-        with run.stage("ingest"):
-            out["ingested"] = ingest_until(settings, sim.turns, sim.thumbs + sim.comparisons)
-        with run.stage("curate"):
-            from pipelines.config import CurateConfig
-
-            snap = flows.curate(settings=settings, config=CurateConfig(eval_fraction=cfg.eval_fraction))
-            from pipelines.snapshots import find_snapshot, load_manifest
-
-            out["snapshot"] = {
-                "snapshot_id": snap["snapshot_id"],
-                "counts": snap["counts"],
-                "yield": load_manifest(find_snapshot(settings.datasets_dir, snap["snapshot_id"])).get("yield"),
-            }
-            run.say(f"snapshot {snap['snapshot_id']}: {snap['counts']}")
-        with run.stage("train"):
-            trained = flows.train(
-                snapshot_id=snap["snapshot_id"], recipe=cfg.recipe, overrides=list(cfg.overrides), settings=settings
-            )
-            out["train"] = {k: trained.get(k) for k in ("version", "gate", "eval", "seconds")}
-            run.say(f"trained {trained.get('version')}: gate {trained.get('gate')}")
-        gate = trained.get("gate") or {}
-        if not gate.get("passed"):
-            out["release_decision"] = f"not released: gate failed ({'; '.join(gate.get('reasons') or [])})"
-        else:
-            with run.stage("canary"):
-                res = canary(settings, stack.url, trained["version"], cfg, run)
-            st, cand, prod, a = res["state"], res["candidate"], res["production"], res["analysis"]
-            out.update(
-                {
-                    "release_decision": st.status if not st.active else f"undecided ({st.status} {st.share:.0%})",
-                    "release_reason": st.last.reason,
-                    "thumbs_up_before": prod.thumbs.rate,
-                    "thumbs_up_after": cand.thumbs.rate,
-                    "thumbs_up_before_ci": _ci(prod.thumbs),
-                    "thumbs_up_after_ci": _ci(cand.thumbs),
-                    "n_before": prod.thumbs.n,
-                    "n_after": cand.thumbs.n,
-                    "p_value": a.p_value_fixed,
-                    "p_value_sequential": a.p_value_sequential,
-                    "diff_always_valid_ci": [a.diff_lo, a.diff_hi],
-                    "production": prod.version,
-                    "candidate": cand.version,
-                    "decided": res["decided"],
-                }
-            )
+        mine = [v for v in registry.list_versions(settings) if v.kind == "policy" and v.name != registry.BASE]
+        rel = None
+        if mine and mine[-1].gate == "passed":
+            t = time.monotonic()
+            rel = until_decided(run, cfg, up, settings, mine[-1].name)
+            run.seconds["canary"] = round(time.monotonic() - t, 1)
+        elif mine:
+            run.say(f"gate FAILED for {mine[-1].name}: the autopilot holds it: {'; '.join(mine[-1].gate_reasons)}")
+        out |= report(run.since, ReleaseConfig(**release_settings(cfg)), settings, runs, curate, train, rel)
+    except StackError as e:  # the stack did not do its part: say what, stop it all, report what was done
+        out["error"] = str(e)
+        run.say(f"FAILED: {e}")
+    finally:
+        if runs is not None:
+            runs.close()
+        t = time.monotonic()
+        run.say("stopping the stack")
+        out["stop"] = up.stop()
+        run.seconds["stop"] = round(time.monotonic() - t, 1)
+        if out["stop"]["leftovers"]:
+            run.say(f"LEFT RUNNING: {out['stop']['leftovers']}")
     out["seconds"] = run.seconds
     out["cycle_s"] = round(time.monotonic() - run.t0, 1)
     return out
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------------------
+def _gate_options(pairs: list[str]) -> dict[str, Any]:
+    from pydantic import ValidationError
+
+    from training.gate_config import GateConfig
+
+    out: dict[str, Any] = {}
+    for p in pairs:
+        key, eq, raw = p.partition("=")
+        if not eq:
+            raise typer.BadParameter(f"--gate {p!r}: write key=value, e.g. --gate max_refqa_items=40")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except ValueError:
+            out[key.strip()] = raw
+    try:
+        GateConfig(**out)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise typer.BadParameter(f"--gate {'.'.join(map(str, err['loc']))}: {err['msg']} (see GateConfig)") from None
+    return out
+
+
+def _check_overrides(recipe: str, overrides: list[str]) -> None:
+    from training.config import CONFIG_DIR, load_config
+
+    try:
+        load_config(CONFIG_DIR / recipe / "tiny.yaml", overrides, method=recipe)
+    except ValueError as e:
+        raise typer.BadParameter(f"--set: {e}") from None
+
+
+SET_OPTION = typer.Option(
+    None, "--set", help="Recipe override key=value (repeatable; replaces the recipe's row of training.defaults)."
+)
+JUDGE_SET_OPTION = typer.Option(None, "--judge-set", help="Override for the judge/RM's training (repeatable).")
+GATE_OPTION = typer.Option(None, "--gate", help="Gate setting key=value (training GateConfig; repeatable).")
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
 def demo(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (progress still goes to stderr)."),
     train_users: int = typer.Option(12, min=1, max=64, help="Simulated users whose ratings train the model."),
-    train_minutes: float = typer.Option(8.0, min=0.1, help="How long they chat."),
-    eval_users: int = typer.Option(8, min=1, max=64, help="Held-out simulated users during the canary."),
-    eval_minutes: float = typer.Option(5.0, min=0.1, help="How long the canary traffic runs (at most)."),
+    train_minutes: float = typer.Option(10.0, min=0.1, help="At most this long; they stop when the trigger fires."),
+    trigger_ratings: int = typer.Option(360, min=1, help="The stack's volume trigger: curate + train at N ratings."),
+    check_interval: int = typer.Option(15, min=5, help="How often the stack's volume trigger looks (seconds)."),
+    eval_users: int = typer.Option(10, min=1, max=64, help="Held-out simulated users during the canary."),
+    eval_minutes: float = typer.Option(5.0, min=0.1, help="The canary's timeout (the autopilot then rolls back)."),
     max_tokens: int = typer.Option(40, min=8, max=512, help="Answer length cap."),
-    recipe: str = typer.Option("sft", help="Training recipe: sft, dpo, kto, rlhf."),
+    recipe: str = typer.Option("sft", help="Training recipe the stack uses: sft, dpo, kto, rlhf."),
     overrides: list[str] | None = SET_OPTION,
-    canary_share: float = typer.Option(0.5, min=0.01, max=1.0, help="Candidate's share of users at canary."),
-    min_thumbs: int = typer.Option(20, min=5, help="Ratings per version before the controller may promote."),
+    judge_set: list[str] | None = JUDGE_SET_OPTION,
+    gate: list[str] | None = GATE_OPTION,
+    canary_share: float = typer.Option(0.5, min=0.01, max=0.99, help="Candidate's share of users at canary."),
+    min_thumbs: int = typer.Option(20, min=1, help="Ratings per version before the controller may promote."),
+    timeout_minutes: float = typer.Option(45.0, min=1.0, help="Stop the whole demo after this long."),
     home: str = typer.Option("", help="Where the demo's world lives (default: a new temporary directory)."),
     seed: int = typer.Option(1, help="Who the simulated users are."),
 ) -> None:
-    """simulate -> ingest -> curate -> train -> evaluate -> canary -> promote/rollback, measured, on this machine."""
+    """The product at a faster clock: the stack triggers, curates, trains, gates and releases by itself."""
+    if recipe not in RECIPES:
+        typer.echo(f"demo: --recipe must be one of {', '.join(RECIPES)}, not {recipe!r}", err=True)
+        raise typer.Exit(2)
+    try:
+        _check_overrides(recipe, list(overrides or []))
+        gate_cfg = _gate_options(list(gate or []))
+    except typer.BadParameter as e:
+        typer.echo(f"demo: {e}", err=True)
+        raise typer.Exit(2) from None
     cfg = DemoConfig(
         train_users=train_users,
         train_minutes=train_minutes,
+        trigger_ratings=trigger_ratings,
+        check_interval_s=check_interval,
         eval_users=eval_users,
         eval_minutes=eval_minutes,
         max_tokens=max_tokens,
         recipe=recipe,
-        overrides=tuple(overrides) if overrides else RECIPE_DEFAULTS.get(recipe, ()),
+        overrides=tuple(overrides or ()),
+        judge_overrides=tuple(judge_set or ()),
+        gate=gate_cfg,
         canary_share=canary_share,
         min_thumbs=min_thumbs,
         seed=seed,
+        timeout_minutes=timeout_minutes,
     )
     where = Path(home) if home else Path(tempfile.mkdtemp(prefix="flywheel-demo-"))
     where.mkdir(parents=True, exist_ok=True)
@@ -375,9 +424,10 @@ def demo(
     if not (base / "config.json").exists():
         typer.echo(f"demo: the base model is missing at {base}: run `make setup`", err=True)
         raise typer.Exit(1)
+    signal.signal(signal.SIGTERM, _interrupt)  # a terminated demo still stops its stack
     try:
         out = run_demo(cfg, where, quiet=False)
-    except Exception as e:  # noqa: BLE001 - one sentence and where to look, not a stack trace
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - one sentence and where to look, not a stack trace
         msg = f"demo failed: {type(e).__name__}: {e} (its world, logs included, is in {where})"
         if as_json:
             print(json.dumps({"ok": False, "error": msg}))
@@ -386,13 +436,12 @@ def demo(
         raise typer.Exit(1) from None
     if as_json:
         print(json.dumps(out, indent=2, default=str))
-        return
-    typer.echo(f"demo: {out['cycle_s']:.0f}s; stages {out['seconds']}")
-    typer.echo(f"  recipe {out['recipe']}: {out.get('train', {}).get('version')} -> {out['release_decision']}")
-    if "thumbs_up_before" in out:
-        b, a = out["thumbs_up_before"], out["thumbs_up_after"]
-        typer.echo(
-            f"  held-out users' thumbs-up: before {b and f'{b:.1%}'} {out['thumbs_up_before_ci']} "
-            f"(n={out['n_before']}), after {a and f'{a:.1%}'} {out['thumbs_up_after_ci']} (n={out['n_after']}),"
-            f" p={out['p_value']}"
-        )
+    else:
+        from cli.demo_report import summary_lines
+
+        for line in summary_lines(out):
+            typer.echo(line)
+        if out["error"]:
+            typer.echo(f"demo failed: {out['error']} (its world, logs included, is in {where})", err=True)
+    if out["error"] or out["stop"]["leftovers"]:
+        raise typer.Exit(1)
