@@ -133,25 +133,34 @@ def test_candidates_go_in_registered_order_and_unreleasable_ones_never(world):
     assert any(line.startswith(f"full: {first}") for line in said), said
 
 
-def _cli(settings: Settings, *args: str, admin: str | None = TOKEN, **env: str) -> tuple[int, dict]:
-    e = {**settings_env(settings), "FLYWHEEL_MLFLOW_PORT": "1", **env}
-    e.pop("FLYWHEEL_ADMIN_TOKEN", None)
-    e.pop("FLYWHEEL_OPERATOR_TOKEN", None)
+def _cli(settings: Settings, monkeypatch, *args: str, admin: str | None = TOKEN) -> tuple[int, dict]:
+    """``flywheel releases ...`` as an operator runs it (in this process: each new interpreter costs ~30 s here)."""
+    from typer.testing import CliRunner
+
+    from cli.main import _mount_parts, app
+    from feedback.settings import get_settings
+
+    if not any(g.name == "releases" for g in app.registered_groups):
+        _mount_parts()
+    for k, v in {**settings_env(settings), "FLYWHEEL_MLFLOW_PORT": "1"}.items():
+        if k.startswith("FLYWHEEL_"):
+            monkeypatch.setenv(k, v)
+    monkeypatch.delenv("FLYWHEEL_OPERATOR_TOKEN", raising=False)
+    monkeypatch.delenv("FLYWHEEL_RELEASE_POLICY", raising=False)  # the policy shown is the running autopilot's
     if admin:
-        e["FLYWHEEL_ADMIN_TOKEN"] = admin
-    r = subprocess.run(
-        [sys.executable, "-m", "cli.main", "releases", *args, "--json"],
-        cwd=REPO,
-        env=e,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert "Traceback" not in r.stderr, r.stderr[-2000:]
-    return r.returncode, json.loads(r.stdout)
+        monkeypatch.setenv("FLYWHEEL_ADMIN_TOKEN", admin)
+    else:
+        monkeypatch.delenv("FLYWHEEL_ADMIN_TOKEN", raising=False)
+    get_settings.cache_clear()
+    try:
+        r = CliRunner().invoke(app, ["releases", *args, "--json"], prog_name="flywheel")
+    finally:
+        get_settings.cache_clear()
+    assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
+    return r.exit_code, json.loads(r.stdout)
 
 
-def test_approve_mode_waits_for_the_operator_and_approve_needs_the_token(world):
+def test_approve_mode_waits_for_the_operator_and_approve_needs_the_token(world, monkeypatch):
     said: list[str] = []
     ap = Autopilot(world, ReleaseConfig(policy="approve", **FAST), say=said.append)
     cand = make_version(world, "candidate")
@@ -161,30 +170,30 @@ def test_approve_mode_waits_for_the_operator_and_approve_needs_the_token(world):
     assert ReleaseLog(world).records() == []
     assert f"gate PASSED: {cand} (candidate from base on snapshot None): waiting for approval" in said
 
-    rc, listed = _cli(world, "list")
+    rc, listed = _cli(world, monkeypatch, "list")
     assert rc == 0 and listed["releases"] == []
     assert listed["candidates"]["policy"] == "approve"  # the running autopilot's policy, from its status file
     assert [(c["version"], c["approval"]) for c in listed["candidates"]["waiting"]] == [(cand, None)]
     assert listed["candidates"]["next"] is None
 
-    rc, out = _cli(world, "approve", cand, admin=None)
+    rc, out = _cli(world, monkeypatch, "approve", cand, admin=None)
     assert rc == 1 and out == {"ok": False, "error": out["error"]} and "no admin token is configured" in out["error"]
-    rc, out = _cli(world, "approve", cand, "--token", "wrong")
+    rc, out = _cli(world, monkeypatch, "approve", cand, "--token", "wrong")
     assert rc == 1 and out["error"] == (
         "refused: operator actions need the admin token (--token or FLYWHEEL_OPERATOR_TOKEN)"
     )
-    rc, out = _cli(world, "approve", failed, "--token", TOKEN)
+    rc, out = _cli(world, monkeypatch, "approve", failed, "--token", TOKEN)
     assert rc == 1 and out["error"].startswith(f"refused: {failed} is not releasable: gate failed")
-    rc, out = _cli(world, "approve", "nope-0099", "--token", TOKEN)
+    rc, out = _cli(world, monkeypatch, "approve", "nope-0099", "--token", TOKEN)
     assert rc == 1 and "is not a candidate waiting for release" in out["error"]
     assert ap.step() is None and ReleaseLog(world).records() == []  # refusals approved nothing
 
-    rc, out = _cli(world, "approve", cand, "--token", TOKEN, "--reason", "read the eval")
+    rc, out = _cli(world, monkeypatch, "approve", cand, "--token", TOKEN, "--reason", "read the eval")
     assert rc == 0 and out["candidate"]["approval"]["actor"].startswith("operator:")
     st = ap.step()
     assert (st.candidate, st.status, st.last.actor) == (cand, "canary", ACTOR)
     assert "approved by operator:" in st.last.reason and "read the eval" in st.last.reason
-    rc, out = _cli(world, "approve", cand, "--token", TOKEN)
+    rc, out = _cli(world, monkeypatch, "approve", cand, "--token", TOKEN)
     assert rc == 1 and "has been released already" in out["error"]
 
 
