@@ -3,8 +3,9 @@
 Thumbs alone let the loop call "short" quality (issue 17). So every answer a simulated user receives is also
 checked against its prompt (``PromptItem.judge``) and valued with that user's hidden utility (``Taste.value``):
 ``checked`` answers, how many were ``correct``, and the ``utility_sum``. Per version this says how much a
-release gained in correctness and how much in form (the utility minus the correctness part); per user it shows
-whose taste a change served. ``records`` keeps every judged answer for paired analyses (not in ``as_dict``).
+release gained in correctness and how much in form: ``form_cost`` is the mean utility lost to form complaints
+(0 to 0.9), so ``mean_utility == 2 * accuracy - 1 - form_cost``. Per user it shows whose taste a change served.
+``records`` keeps every judged answer for paired analyses (not in ``as_dict``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 
-# ---------------------------------------------------------------------------------------------------------
+def _r(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
+
+
 @dataclass
 class VersionStats:
     answers: int = 0
@@ -32,12 +36,17 @@ class VersionStats:
     def mean_utility(self) -> float | None:
         return self.utility_sum / self.checked if self.checked else None
 
-    def as_dict(self) -> dict:
+    def form_cost(self) -> float | None:
+        """Mean utility lost to form (the rest of the mean utility is correctness: +1 right, -1 wrong)."""
         acc, mu = self.accuracy(), self.mean_utility()
+        return None if acc is None or mu is None else 2 * acc - 1 - mu
+
+    def as_dict(self) -> dict:
         return asdict(self) | {
             "utility_sum": round(self.utility_sum, 4),
-            "accuracy": None if acc is None else round(acc, 4),
-            "mean_utility": None if mu is None else round(mu, 4),
+            "accuracy": _r(self.accuracy()),
+            "mean_utility": _r(self.mean_utility()),
+            "form_cost": _r(self.form_cost()),
         }
 
 
@@ -120,20 +129,21 @@ class SimStats:
             for k, v in asdict(vs).items():
                 setattr(mine, k, getattr(mine, k) + v)
 
+    def totals(self) -> VersionStats:
+        """Every version together: ``accuracy()``, ``mean_utility()``, ``form_cost()`` of the whole run."""
+        hidden = {"checked": self.checked, "correct": self.correct, "utility_sum": self.utility_sum}
+        return VersionStats(answers=self.turns, thumbs=self.thumbs, **hidden)
+
     def accuracy(self) -> float | None:
-        return self.correct / self.checked if self.checked else None
+        return self.totals().accuracy()
 
     def mean_utility(self) -> float | None:
-        return self.utility_sum / self.checked if self.checked else None
+        return self.totals().mean_utility()
 
     def as_dict(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k not in ("records", "per_version", "per_user")}
-        acc, mu = self.accuracy(), self.mean_utility()
-        d |= {
-            "utility_sum": round(self.utility_sum, 4),
-            "accuracy": None if acc is None else round(acc, 4),
-            "mean_utility": None if mu is None else round(mu, 4),
-            "per_version": {k: v.as_dict() for k, v in sorted(self.per_version.items())},
-            "per_user": {k: v.as_dict() for k, v in sorted(self.per_user.items())},
-        }
+        hidden = self.totals().as_dict()
+        d |= {k: hidden[k] for k in ("utility_sum", "accuracy", "mean_utility", "form_cost")}
+        d["per_version"] = {k: v.as_dict() for k, v in sorted(self.per_version.items())}
+        d["per_user"] = {k: v.as_dict() for k, v in sorted(self.per_user.items())}
         return d

@@ -55,6 +55,7 @@ def test_simulated_users_feed_the_warehouse(settings, live):
     assert not others and vs["checked"] == 8 and vs["correct"] == stats["correct"]
     assert vs["accuracy"] == round(stats["correct"] / 8, 4)
     assert vs["mean_utility"] == stats["mean_utility"] and -1.9 <= vs["mean_utility"] <= 1.0
+    assert vs["form_cost"] == pytest.approx(2 * vs["accuracy"] - 1 - vs["mean_utility"], abs=1e-3)
     users = stats["per_user"]
     assert len(users) == 2 and all(u["checked"] == 4 and u["thumbs"] == 2 and u["taste"] for u in users.values())
     assert all(0.1 <= u["miss_rate"] <= 0.2 for u in users.values())

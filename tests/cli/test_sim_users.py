@@ -55,6 +55,10 @@ def test_hidden_utility_ranks_any_right_answer_above_any_wrong_one():
     assert (s.checked, s.correct, s.utility_sum) == (2, 1, 0.0)
     assert s.per_version["v1"].accuracy() == 1.0 and s.per_version["v2"].mean_utility() == -1.0
     assert s.per_user[u.user].checked == 2 and [r.prompt_id for r in s.records] == ["fact-001", "fact-001"]
+    u.assess(Answer("t3", "Amsterdam, " + "a city of canals and bikes " * 5, "length", "v1"), ITEMS["fact-001"])
+    v1 = s.per_version["v1"]  # right twice, once in a form this user dislikes twice over (too long, cut off)
+    assert v1.accuracy() == 1.0 and v1.mean_utility() == pytest.approx(0.7) and v1.form_cost() == pytest.approx(0.3)
+    assert s.as_dict()["form_cost"] == pytest.approx(2 * 2 / 3 - 1 - (1.0 - 1.0 + 0.4) / 3, abs=1e-4)
 
 
 @pytest.mark.parametrize(
