@@ -43,14 +43,19 @@ GPU_JOB_ENV = {"FLYWHEEL_TRAIN_CONFIG": "gpu", "FLYWHEEL_TRAIN_LAUNCHER": '["acc
 
 
 def deployments():
+    from prefect.deployments.runner import EntrypointType
+
     from pipelines.config import CurateConfig
     from pipelines.flows import curate, ingest_health, volume_trigger
 
     cfg = CurateConfig()
+    # By module path: loaded as the script pipelines/flows.py, Prefect puts pipelines/ first on sys.path, where
+    # pipelines/training.py then shadows the training package and every served run crashes on import.
+    by_module = {"tags": ["flywheel"], "entrypoint_type": EntrypointType.MODULE_PATH}
     return [
-        curate.to_deployment("curate-nightly", cron=cfg.nightly_cron, tags=["flywheel"]),
-        volume_trigger.to_deployment("volume-trigger", interval=cfg.volume_check_interval_s, tags=["flywheel"]),
-        ingest_health.to_deployment("ingest-health", interval=cfg.ingest_health_interval_s, tags=["flywheel"]),
+        curate.to_deployment("curate-nightly", cron=cfg.nightly_cron, **by_module),
+        volume_trigger.to_deployment("volume-trigger", interval=cfg.volume_check_interval_s, **by_module),
+        ingest_health.to_deployment("ingest-health", interval=cfg.ingest_health_interval_s, **by_module),
     ]
 
 
