@@ -50,6 +50,7 @@ from cli.demo_stack import (  # noqa: F401 - BackgroundIngest: tests/pipelines/t
     describe_run,
     final,
     private_settings,
+    stack_ports,
 )
 from cli.demo_users import Crowd
 from cli.simulate import SimConfig
@@ -65,7 +66,7 @@ FIELDS = (  # every key of the --json object, present (None where it does not ap
     "accuracy_before_ci accuracy_after_ci accuracy_diff_ci accuracy_p_value accuracy_n_before accuracy_n_after "
     "utility_before utility_after utility_diff_ci utility_p_value mean_words_before mean_words_after "
     "mean_words_diff_ci length_controlled_win_rate judge_length_corr parent_path candidate_path stop seconds cycle_s "
-    "error"
+    "ports error"
 ).split()
 
 
@@ -183,7 +184,7 @@ def until_trigger(run: Run, cfg: DemoConfig, up: UpProcess, runs: FlowRuns, sett
     run.say(f"{cfg.train_users} training users chat; the stack curates at {cfg.trigger_ratings} usable ratings")
     last_note, idle_since = time.monotonic(), None
     try:
-        while not (curate := runs.runs("curate")):
+        while not (curate := runs.runs("curate", started_by_a_flow=True)):
             if time.monotonic() - last_note >= 30:
                 last_note = time.monotonic()
                 run.say(f"usable ratings in the warehouse: {new_usable_ratings(settings.warehouse_path)}")
@@ -219,7 +220,7 @@ def until_trained(run: Run, cfg: DemoConfig, up: UpProcess, runs: FlowRuns, cura
             train = queued[0] if queued else None
         if train is not None:
             train = runs.client.read_flow_run(train.id)
-            for line in runs.logs(train.id, shown):
+            for _, line in runs.logs(train.id, shown):
                 shown += 1
                 run.say(f"  train | {line[:200]}")
             if final(train):
@@ -280,6 +281,7 @@ def run_demo(cfg: DemoConfig, home: Path, quiet: bool = False) -> dict[str, Any]
     settings = private_settings(home, get_settings())
     out: dict[str, Any] = dict.fromkeys(FIELDS)
     out |= {"home": str(settings.home), "recipe": cfg.recipe, "config": asdict(cfg), "autonomous": False}
+    out["ports"] = stack_ports(settings)
     up = UpProcess(settings, stack_env(settings, cfg), run.say)
     runs: FlowRuns | None = None
     t = time.monotonic()
@@ -428,7 +430,8 @@ def demo(
     try:
         out = run_demo(cfg, where, quiet=False)
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - one sentence and where to look, not a stack trace
-        msg = f"demo failed: {type(e).__name__}: {e} (its world, logs included, is in {where})"
+        why = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
+        msg = f"demo failed: {why} (its world, logs included, is in {where}; the stack was stopped)"
         if as_json:
             print(json.dumps({"ok": False, "error": msg}))
         else:

@@ -116,6 +116,9 @@ def gate_block(info: Any, eval_: dict[str, Any]) -> dict[str, Any]:
     for key, value in eval_.items():
         if key in ("capability", "samples", "timing") or key in flat_capability:
             continue
+        if key in ("candidate", "production"):  # the version names
+            out[f"{key}_version"] = value
+            continue
         for who in ("candidate", "production", "parent"):
             if key.startswith(f"{who}_"):
                 out[who][key[len(who) + 1 :]] = value
@@ -144,7 +147,7 @@ def timeline(since: Since, runs: FlowRuns, curate: Any, train: Any, info: Any, s
 
     trigger = runs.parent_run(curate)
     if trigger is not None:
-        said = [x for x in runs.logs(trigger.id) if x.startswith(("trigger:", "curate:", "train:"))]
+        said = [x for _, x in runs.logs(trigger.id) if x.startswith(("trigger:", "curate:", "train:"))]
         add("trigger", describe_run(trigger)["start"], f"volume-trigger run {trigger.name}", "; ".join(said) or "fired")
     add(
         "curate",
@@ -155,8 +158,10 @@ def timeline(since: Since, runs: FlowRuns, curate: Any, train: Any, info: Any, s
     tr = describe_run(train)
     where = f"train run {train.name} on the worker ({train.work_pool_name})"
     add("train", tr["start"], where, f"{info.recipe} from {info.parent} -> {info.name}" if info else "no version")
-    if info is not None:
-        add("gate", tr["end"], "the train run's gate", f"{info.name} {info.gate}: " + "; ".join(info.gate_reasons))
+    if info is not None:  # when the train run logged its verdict (the autopilot may act before the run ends)
+        said_at = [t for t, x in runs.logs(train.id) if f"{info.name} gate " in x and x.startswith("[train]")]
+        verdict = f"{info.name} {info.gate}: " + "; ".join(info.gate_reasons)
+        add("gate", said_at[-1] if said_at else tr["end"], "the train run's gate", verdict)
         for r in ReleaseLog(settings).records():
             if r.candidate == info.name and r.action not in ("applied", "alias"):
                 stage = {"start": "canary", "rollback": "rollback", "pause": "hold"}.get(r.action, r.action)

@@ -227,15 +227,16 @@ class FlowRuns:
     def close(self) -> None:
         self.client.__exit__(None, None, None)
 
-    def runs(self, flow: str) -> list[Any]:
-        """Every run of ``flow`` (oldest first); empty before the flow was ever run."""
+    def runs(self, flow: str, started_by_a_flow: bool = False) -> list[Any]:
+        """Runs of ``flow`` that were created to run now (oldest first), not the future runs a schedule keeps
+        (``curate-nightly``'s next 03:00); ``started_by_a_flow``: only subflows and ``run_deployment`` runs."""
         from prefect.client.schemas.filters import FlowFilter, FlowFilterName
         from prefect.client.schemas.sorting import FlowRunSort
 
         runs = self.client.read_flow_runs(
             flow_filter=FlowFilter(name=FlowFilterName(any_=[flow])), sort=FlowRunSort.EXPECTED_START_TIME_ASC
         )
-        return list(runs)
+        return [r for r in runs if not r.auto_scheduled and (r.parent_task_run_id is not None or not started_by_a_flow)]
 
     def parent_run(self, run: Any) -> Any | None:
         """The flow run that started ``run`` as a subflow (or through ``run_deployment``), if any."""
@@ -244,17 +245,22 @@ class FlowRuns:
         task = self.client.read_task_run(run.parent_task_run_id)
         return self.client.read_flow_run(task.flow_run_id) if task.flow_run_id else None
 
-    def logs(self, run_id: Any, offset: int = 0) -> list[str]:
+    def logs(self, run_id: Any, offset: int = 0) -> list[tuple[float, str]]:
+        """The run's log lines from the ``offset``-th on, as (epoch time, message)."""
         from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
         from prefect.client.schemas.sorting import LogSort
 
-        got = self.client.read_logs(
-            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])),
-            offset=offset,
-            limit=200,
-            sort=LogSort.TIMESTAMP_ASC,
-        )
-        return [g.message for g in got]
+        out: list[tuple[float, str]] = []
+        while True:
+            got = self.client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])),
+                offset=offset + len(out),
+                limit=200,
+                sort=LogSort.TIMESTAMP_ASC,
+            )
+            out += [(g.timestamp.timestamp(), g.message) for g in got]
+            if len(got) < 200:
+                return out
 
 
 def describe_run(run: Any) -> dict[str, Any]:
