@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     from feedback.settings import get_settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
+    for noisy in ("httpx", "httpcore", "urllib3", "kafka"):  # every registry look and publish is not news
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if argv if argv is not None else sys.argv[1:]:
         print("usage: python -m pipelines.autopilot   (settings: FLYWHEEL_RELEASE_*)", file=sys.stderr)
         return 2

@@ -25,7 +25,6 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from feedback.settings import Settings
-from training.defaults import DEFAULT_RECIPE, recipe_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 Say = Callable[[str], None]
@@ -35,7 +34,7 @@ class TrainConfig(BaseSettings):
     """What the train flow runs; ``FLYWHEEL_TRAIN_*`` environment variables override ``training.defaults``."""
 
     model_config = SettingsConfigDict(env_prefix="FLYWHEEL_TRAIN_", frozen=True, extra="ignore")
-    recipe: str = Field(DEFAULT_RECIPE, description="pretrain, sft, reward, rlhf, dpo or kto.")
+    recipe: str = Field(description="pretrain, sft, reward, rlhf, dpo or kto; unset: training.defaults.DEFAULT_RECIPE.")
     config: str = Field("tiny", description="Config size under training/configs/<recipe>/ (tiny, gpu) or a path.")
     parent: str = Field("production", description="Version to start from (name, number or alias).")
     overrides: list[str] = Field(
@@ -58,9 +57,15 @@ class TrainConfig(BaseSettings):
     @model_validator(mode="before")
     @classmethod
     def _table_defaults(cls, data: Any) -> Any:
-        """No overrides given (argument or ``FLYWHEEL_TRAIN_OVERRIDES``): the measured row for the recipe."""
-        if isinstance(data, dict) and data.get("overrides") is None:
-            data = {**data, "overrides": list(recipe_overrides(data.get("recipe") or DEFAULT_RECIPE))}
+        """Unset recipe: the table's; no overrides given (argument or ``FLYWHEEL_TRAIN_OVERRIDES``): the recipe's
+        measured row. Imported here, not at the top: Prefect loads a served flow file with ``pipelines/`` on
+        ``sys.path``, where ``training`` would name this module instead of the package."""
+        from training.defaults import DEFAULT_RECIPE, recipe_overrides
+
+        if isinstance(data, dict):
+            data = {**data, "recipe": data.get("recipe") or DEFAULT_RECIPE}
+            if data.get("overrides") is None:
+                data["overrides"] = list(recipe_overrides(data["recipe"]))
         return data
 
 
