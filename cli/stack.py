@@ -173,7 +173,7 @@ def run_stack(s: Settings, app_server: bool = True, prefect: bool = True, vllm: 
             children.append(Child("flows", [py, "-m", "pipelines.serve"], env))
             children.append(Child("worker", [py, "-m", "pipelines.serve", "worker"], env))  # `train` runs here
         # Releases gate-passed candidates (canary -> full or rollback) by itself; resumes from the release log.
-        children.append(Child("autopilot", [py, "-m", "pipelines.autopilot"], env))
+        children.append(Child("autopilot", [py, "-m", "pipelines.autopilot", "--wait-for-mlflow", "300"], env))
         if vllm:  # the GPU path: vLLM serves the base version, the app reaches it through backends.yaml
             from app.backends.vllm import stack_child_argv
 

@@ -211,15 +211,38 @@ def hold_lock(settings: Settings, stop: threading.Event) -> int | None:
     return None
 
 
+def wait_for_mlflow(settings: Settings, stop: threading.Event, timeout_s: float) -> None:
+    """Under ``flywheel up`` the MLflow server starts beside us, and its first start creates and migrates the
+    store: a direct SQLite client migrating the same file at the same time breaks both. Wait for the server (or
+    ``timeout_s``; after that the registry falls back to the store file, as everywhere else)."""
+    from training import registry
+
+    deadline = time.monotonic() + timeout_s
+    said = False
+    while not stop.is_set() and time.monotonic() < deadline:
+        if registry.tracking_uri(settings) == registry.server_url(settings):
+            return
+        if not said:
+            log.info("autopilot: waiting for the MLflow server at %s", registry.server_url(settings))
+            said = True
+        stop.wait(1.0)
+    if not stop.is_set():
+        log.warning("autopilot: no MLflow server after %.0f s; reading the registry's store file directly", timeout_s)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import argparse
+
     from feedback.settings import get_settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
     for noisy in ("httpx", "httpcore", "urllib3", "kafka"):  # every registry look and publish is not news
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if argv if argv is not None else sys.argv[1:]:
-        print("usage: python -m pipelines.autopilot   (settings: FLYWHEEL_RELEASE_*)", file=sys.stderr)
-        return 2
+    parser = argparse.ArgumentParser(prog="python -m pipelines.autopilot", description="settings: FLYWHEEL_RELEASE_*")
+    parser.add_argument(
+        "--wait-for-mlflow", type=float, default=0.0, metavar="S", help="wait up to S s for the MLflow server first"
+    )
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = ReleaseConfig()
     except ValidationError as e:
@@ -235,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     if fd is None:
         return 0
     try:
+        if args.wait_for_mlflow > 0:
+            wait_for_mlflow(settings, stop, args.wait_for_mlflow)
         log.info(
             "autopilot: policy %s, steps %s, a look every %.0f s (home %s)",
             cfg.policy,

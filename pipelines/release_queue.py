@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 from datetime import UTC, datetime
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -84,7 +85,7 @@ class Queue(BaseModel):
 # ---------------------------------------------------------------------------------------------------------
 # Approvals
 # ---------------------------------------------------------------------------------------------------------
-def approvals_path(settings: Settings):
+def approvals_path(settings: Settings) -> Path:
     return settings.home / "releases" / APPROVALS
 
 
@@ -121,11 +122,23 @@ def append_approval(settings: Settings, approval: Approval) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # The queue
 # ---------------------------------------------------------------------------------------------------------
+def registry_exists(settings: Settings) -> bool:
+    """A registry to read: a configured tracking server, or the store file. On a fresh home there is none, and
+    opening it would create and migrate it, racing the MLflow server ``flywheel up`` is starting on that file."""
+    from training import registry
+
+    if settings.mlflow_tracking_uri:
+        return True
+    return Path(registry.store_uri(settings).removeprefix("sqlite:///")).exists()
+
+
 def build_queue(settings: Settings, policy: str, log_: ReleaseLog | None = None) -> Queue:
     """The waiting and held candidates now (reads the registry, the release log and the approvals)."""
     from training import registry
 
     log_ = log_ or ReleaseLog(settings)
+    if not registry_exists(settings):  # nothing was ever registered: nothing waits
+        return Queue(policy=policy, production=settings.model_version, waiting=[], held=[])
     versions = registry.list_versions(settings, include_base=True)
     number = {v.name: v.number for v in versions}
     released = {r.candidate for r in log_.releases()}
