@@ -22,7 +22,8 @@ Default sizes (for a quiet 2-core CPU; about 15-20 minutes in all): 12 training 
 usable ratings a minute (measured: 543 in 8 minutes), so the trigger at 360 fires after ~6 minutes with enough
 liked answers, comparisons and regenerations for SFT rows, judge pairs and >= 4 held-out prompts (a quarter of
 conversations held out); 40 tokens keeps a turn near 2 s and most answers inside the concise users' 25-40 word
-limit. The check interval of 15 s adds at most that to the trigger. The canary gives the candidate half of 10
+limit. The trigger looks every 30 s: each look is a served flow run, a Python process that imports the pipelines
+(5-10 s of CPU), so looking every 5 s would take a core from the users it waits for. The canary gives the candidate half of 10
 held-out users; 20 ratings per arm is the least the controller decides on (measured: decided ~1-2 minutes into the
 canary); 5 minutes is its timeout, after which the autopilot rolls back. Training uses the one table of defaults
 (``training.defaults``) unless ``--set`` replaces its row, and the gate its own defaults unless ``--gate`` changes
@@ -75,7 +76,7 @@ class DemoConfig:
     train_users: int = 12
     train_minutes: float = 10.0  # at most: they stop as soon as the stack's trigger fires
     trigger_ratings: int = 360
-    check_interval_s: int = 15
+    check_interval_s: int = 30
     eval_users: int = 10
     eval_minutes: float = 5.0
     max_tokens: int = 40
@@ -379,7 +380,7 @@ def demo(
     train_users: int = typer.Option(12, min=1, max=64, help="Simulated users whose ratings train the model."),
     train_minutes: float = typer.Option(10.0, min=0.1, help="At most this long; they stop when the trigger fires."),
     trigger_ratings: int = typer.Option(360, min=1, help="The stack's volume trigger: curate + train at N ratings."),
-    check_interval: int = typer.Option(15, min=5, help="How often the stack's volume trigger looks (seconds)."),
+    check_interval: int = typer.Option(30, min=5, help="How often the stack's volume trigger looks (seconds)."),
     eval_users: int = typer.Option(10, min=1, max=64, help="Held-out simulated users during the canary."),
     eval_minutes: float = typer.Option(5.0, min=0.1, help="The canary's timeout (the autopilot then rolls back)."),
     max_tokens: int = typer.Option(40, min=8, max=512, help="Answer length cap."),
@@ -389,6 +390,7 @@ def demo(
     gate: list[str] | None = GATE_OPTION,
     canary_share: float = typer.Option(0.5, min=0.01, max=0.99, help="Candidate's share of users at canary."),
     min_thumbs: int = typer.Option(20, min=1, help="Ratings per version before the controller may promote."),
+    eval_fraction: float = typer.Option(0.25, min=0.05, max=0.9, help="Share of conversations curation holds out."),
     timeout_minutes: float = typer.Option(45.0, min=1.0, help="Stop the whole demo after this long."),
     home: str = typer.Option("", help="Where the demo's world lives (default: a new temporary directory)."),
     seed: int = typer.Option(1, help="Who the simulated users are."),
@@ -417,6 +419,7 @@ def demo(
         gate=gate_cfg,
         canary_share=canary_share,
         min_thumbs=min_thumbs,
+        eval_fraction=eval_fraction,
         seed=seed,
         timeout_minutes=timeout_minutes,
     )
