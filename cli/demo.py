@@ -18,16 +18,18 @@ The demo calls no stage: it reads Prefect's flow runs, the release log and the r
 only when each stage that applies (trigger, curate, train, gate, and for a passed gate canary and decision) is
 on record as done by the stack.
 
-Default sizes (for a quiet 2-core CPU; about 15-20 minutes in all): 12 training users at 40 tokens give ~60-70
-usable ratings a minute (measured: 543 in 8 minutes), so the trigger at 360 fires after ~6 minutes with enough
-liked answers, comparisons and regenerations for SFT rows, judge pairs and >= 4 held-out prompts (a quarter of
-conversations held out); 40 tokens keeps a turn near 2 s and most answers inside the concise users' 25-40 word
-limit. The trigger looks every 30 s: each look is a served flow run, a Python process that imports the pipelines
-(5-10 s of CPU), so looking every 5 s would take a core from the users it waits for. The canary gives the candidate half of 10
-held-out users; 20 ratings per arm is the least the controller decides on (measured: decided ~1-2 minutes into the
-canary); 5 minutes is its timeout, after which the autopilot rolls back. Training uses the one table of defaults
-(``training.defaults``) unless ``--set`` replaces its row, and the gate its own defaults unless ``--gate`` changes
-them. ``--timeout-minutes`` bounds the whole run.
+Default sizes (for a quiet 2-core CPU; about 15-20 minutes in all):
+- 12 training users at 40 tokens gave ~60-70 usable ratings a minute (543 in 8 minutes, the previous demo), so
+  the trigger at 360 fires after ~6 minutes, with enough liked answers, comparisons and regenerations for SFT
+  rows, judge pairs and >= 4 held-out prompts (a quarter of conversations held out). 40 tokens keeps a turn near
+  2 s and most answers inside the concise users' 25-40 word limit.
+- The trigger looks every 30 s: each look is a served flow run, a Python process that imports the pipelines
+  (5-10 s of CPU), so looking every 5 s would take a core from the users it waits for.
+- The canary gives the candidate half of 10 held-out users; 20 ratings per arm is the least the controller
+  decides on (the previous demo decided ~1-2 minutes into the canary); 5 minutes is its timeout, after which the
+  autopilot rolls back.
+- Training uses the one table of defaults (``training.defaults``) unless ``--set`` replaces its row; the gate its
+  own defaults unless ``--gate`` changes them. ``--timeout-minutes`` bounds the whole run.
 """
 
 from __future__ import annotations
