@@ -43,6 +43,7 @@ GPU_JOB_ENV = {"FLYWHEEL_TRAIN_CONFIG": "gpu", "FLYWHEEL_TRAIN_LAUNCHER": '["acc
 
 
 def deployments():
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.deployments.runner import EntrypointType
 
     from pipelines.config import CurateConfig
@@ -51,7 +52,10 @@ def deployments():
     cfg = CurateConfig()
     # By module path: loaded as the script pipelines/flows.py, Prefect puts pipelines/ first on sys.path, where
     # pipelines/training.py then shadows the training package and every served run crashes on import.
-    by_module = {"tags": ["flywheel"], "entrypoint_type": EntrypointType.MODULE_PATH}
+    # One run of each at a time, a scheduled run that would overlap is cancelled: two volume-trigger runs that both
+    # counted N new ratings curated the same snapshot and queued two trainings of it.
+    one = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
+    by_module = {"tags": ["flywheel"], "entrypoint_type": EntrypointType.MODULE_PATH, "concurrency_limit": one}
     return [
         curate.to_deployment("curate-nightly", cron=cfg.nightly_cron, **by_module),
         volume_trigger.to_deployment("volume-trigger", interval=cfg.volume_check_interval_s, **by_module),
