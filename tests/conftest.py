@@ -8,8 +8,9 @@
 Parallel runs (``make test``: pytest-xdist, ``--dist loadgroup``): each worker has its own session broker on free
 ports. Each test file is one xdist group (its module fixtures are built once and its tests keep their order); files
 that share state form one group (``SHARED_GROUPS``). Groups start longest first, by the durations the previous run
-recorded in pytest's cache. Every process checks at the end that nothing it started is still running
-(``_leaves_nothing_behind``), and the trained fixtures that ``tests/fixture_cache.py`` built are listed.
+recorded in pytest's cache (by their marks where none is recorded yet). Every process checks at the end that
+nothing it started is still running (``_leaves_nothing_behind``), and the trained fixtures that
+``tests/fixture_cache.py`` built are listed.
 """
 
 from __future__ import annotations
@@ -69,18 +70,30 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.integration)
         if not item.get_closest_marker("xdist_group"):
             item.add_marker(pytest.mark.xdist_group(xdist_group(item)))
-    seconds = getattr(config, "workerinput", {}).get("flywheel_group_seconds")
-    if seconds:  # a parallel run: longest groups first (one worker's long group is the run's critical path)
-        first = {}
+    known = getattr(config, "workerinput", {}).get("flywheel_group_seconds")
+    if known is not None:  # a parallel run: longest groups first (one worker's long group is the critical path)
+        first: dict[str, int] = {}
+        guess: dict[str, float] = {}
         for i, item in enumerate(items):
-            first.setdefault(xdist_group(item), i)
-        items.sort(key=lambda it: (-seconds.get(xdist_group(it), 0.0), first[xdist_group(it)]))
+            group = xdist_group(item)
+            first.setdefault(group, i)
+            guess[group] = guess.get(group, 0.0) + guess_seconds(item)
+        seconds = {g: known.get(g, guess[g]) for g in first}
+        items.sort(key=lambda it: (-seconds[xdist_group(it)], first[xdist_group(it)]))
+
+
+def guess_seconds(item: pytest.Item) -> float:
+    """A test's duration before any run has recorded one (a fresh clone, CI): by its marks, roughly."""
+    for mark, seconds in (("slow", 60.0), ("browser", 30.0), ("integration", 5.0)):
+        if item.get_closest_marker(mark):
+            return seconds
+    return 0.1
 
 
 @pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: every worker gets the controller's view of the durations
 def pytest_configure_node(node) -> None:
     cache = getattr(node.config, "cache", None)
-    node.workerinput["flywheel_group_seconds"] = (cache.get(DURATIONS_KEY, {}) if cache else {}) or {"": 0.0}
+    node.workerinput["flywheel_group_seconds"] = (cache.get(DURATIONS_KEY, {}) if cache else {}) or {}
 
 
 _GROUP_SECONDS: dict[str, float] = {}  # this run's seconds per group (setup + call + teardown of its tests)

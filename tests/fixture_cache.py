@@ -76,6 +76,18 @@ def cache_key(config: dict, code: Sequence[str] = DEFAULT_CODE, root: Path = REP
     return h.hexdigest()[:16]
 
 
+def files_digest(directory: Path, exclude: Sequence[str] = ("meta.json",)) -> str:
+    """SHA-256 of the top-level files of a directory (a model's weights, config and tokenizer), for a fixture's
+    ``config``: a different base model is a different fixture. ``meta.json`` holds only when it was prepared."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in directory.iterdir() if p.is_file() and p.name not in exclude):
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
 def cached_dir(
     name: str,
     build: Callable[[Path], None],

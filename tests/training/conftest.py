@@ -2,20 +2,33 @@
 
 The simulated users have one consistent taste (short, friendly answers that start with the answer; no long
 lists), so a reward model can learn it and a policy trained on their ratings can be judged for it.
+
+Trained fixtures (the gate's production, judge and candidates) are built once per code and config by
+``tests/fixture_cache.py`` in a scratch home of their own (``scratch_home``), exported with ``export_versions``
+and registered into each test home with ``import_versions``: MLflow's store and ``lineage.json`` hold absolute
+paths of the home that trained them, so a cached version is registered anew (same weights, kind, recipe, parent,
+snapshot, config hash, precision) rather than its database copied.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
+import uuid
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
 
 from feedback.settings import Settings
 from tests.conftest import REPO, need_model
+from tests.fixture_cache import DEFAULT_CODE, files_digest
 from tests.pipelines.conftest import Events, seed
 
 BASE = REPO / ".flywheel" / "models" / "base"
+# What a cached trained fixture depends on besides its own config: the product's code, and the simulated events and
+# their curation (these two conftests), from which the snapshot it trained on was made.
+TRAINED_CODE = (*DEFAULT_CODE, "tests/training/conftest.py", "tests/pipelines/conftest.py")
 
 PROMPTS = [
     "What is the capital of France?",
@@ -153,3 +166,94 @@ def overrides(steps: int = 2, **extra) -> list[str]:
 
 def models_dir(settings: Settings) -> Path:
     return settings.models_dir
+
+
+@lru_cache(maxsize=1)
+def base_digest() -> str:
+    """The base model's identity for a cached fixture's key (a re-prepared identical model keeps its key)."""
+    return files_digest(need_model(BASE))
+
+
+def scratch_home(root: Path, source: Settings, snapshot_ids: list[str]) -> Settings:
+    """A home of its own for building a cached fixture: the base model and copies of ``source``'s snapshots, a
+    registry of its own (MLflow's SQLite store, no server), nothing else."""
+    home = root / "home"
+    (home / "models").mkdir(parents=True)
+    shutil.copytree(need_model(BASE), home / "models" / "base")
+    for sid in snapshot_ids:
+        shutil.copytree(source.datasets_dir / sid, home / "datasets" / sid)
+    return Settings(home=home, mlflow_port=1)
+
+
+def export_versions(settings: Settings, roles: dict[str, str], out: Path) -> None:
+    """Move trained versions (``role -> name``) out of a scratch home into a cache entry: their weights, registry
+    records and the snapshots they trained on. Their order is kept (a parent before its children)."""
+    from training import registry
+
+    records = []
+    for role, name in roles.items():
+        info = registry.get_version(settings, name)
+        (out / "models").mkdir(exist_ok=True)
+        shutil.move(info.path, out / "models" / info.name)
+        if info.snapshot_id and not (out / "datasets" / info.snapshot_id).exists():
+            shutil.copytree(settings.datasets_dir / info.snapshot_id, out / "datasets" / info.snapshot_id)
+        records.append({"role": role, "info": info.as_dict()})
+    (out / "versions.json").write_text(json.dumps(records, indent=2, default=str))
+
+
+def import_versions(settings: Settings, entry: Path) -> dict[str, str]:
+    """Register a cache entry's versions in this home's registry (a writable copy of each weights directory, an
+    MLflow run that names the entry, the same lineage fields) and copy in their snapshots. Returns role -> name."""
+    from training import registry
+
+    registry.ensure_base(settings)  # a parent named "base" is this home's base
+    renamed: dict[str, str] = {}  # the name in the home that built them -> the name here
+    roles: dict[str, str] = {}
+    for rec in json.loads((entry / "versions.json").read_text()):
+        info = rec["info"]
+        sid = info["snapshot_id"]
+        manifest = None
+        if sid:
+            if not (settings.datasets_dir / sid).exists():
+                shutil.copytree(entry / "datasets" / sid, settings.datasets_dir / sid, copy_function=shutil.copyfile)
+            manifest = json.loads((settings.datasets_dir / sid / "manifest.json").read_text())
+        tmp = settings.models_dir / f".tmp-import-{uuid.uuid4().hex[:8]}"
+        shutil.copytree(entry / "models" / info["name"], tmp, copy_function=shutil.copyfile)
+        c = registry.client(settings)
+        run = c.create_run(registry.experiment_id(settings), run_name=info["recipe"])
+        run_id = run.info.run_id
+        try:
+            record = json.loads((tmp / "flywheel_config.json").read_text())
+            c.log_dict(run_id, record, "lineage/run.json")
+            for k, v in {
+                "flywheel.recipe": info["recipe"],
+                "flywheel.parent": renamed.get(info["parent"], info["parent"]) or "",
+                "flywheel.snapshot_id": sid or "",
+                "flywheel.config_hash": info["config_hash"] or "",
+                "flywheel.precision": info["precision"] or "",
+                "flywheel.fixture_cache": entry.name,  # trained once by tests/fixture_cache.py, registered here
+            }.items():
+                c.set_tag(run_id, k, v)
+            extra = {"base_model": info["base_model"] or "", "precision": info["precision"] or ""}
+            if info.get("reward_version"):
+                extra["reward_version"] = renamed.get(info["reward_version"], info["reward_version"])
+            new = registry.register(
+                settings,
+                tmp_dir=tmp,
+                run_id=run_id,
+                kind=info["kind"],
+                recipe=info["recipe"],
+                parent=renamed.get(info["parent"], info["parent"]),
+                snapshot=manifest,
+                config_hash=info["config_hash"],
+                extra=extra,
+            )
+            c.set_tag(run_id, "flywheel.version", new.name)
+            c.set_terminated(run_id, "FINISHED")
+        except BaseException:
+            c.set_terminated(run_id, "FAILED")
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        renamed[info["name"]] = new.name
+        roles[rec["role"]] = new.name
+    return roles

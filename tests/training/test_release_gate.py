@@ -9,7 +9,9 @@ real production model is; the base SmolLM2-135M refuses too rarely to show a reg
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
+import inspect
 import json
 import shutil
 from pathlib import Path
@@ -18,6 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tests.fixture_cache import cached_dir
+from tests.training.conftest import TRAINED_CODE, base_digest, export_versions, import_versions, scratch_home
 from training import registry
 from training.evaluate import GateConfig, evaluate_and_gate, load_suite
 from training.runner import TrainingError, run_job
@@ -26,6 +30,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REFUSE = "I'm sorry, but I can't help with that. It could hurt people."
 COMPLY = "Sure! Here is exactly how to do it, step by step. First, get the materials. Then follow these steps."
+VERBOSE = (
+    "Well, let me think about that. There are many things to consider here:\n1. History\n2. Context\n"
+    "3. Several other factors"
+)
+BRIEF = "Hello! Here is a short, clear answer."
 GATE = GateConfig(max_new_tokens=24, max_eval_prompts=8, min_eval_prompts=4)
 # Two equally safe 12-step recipes of a 135M model differ by a few of the 24 red-team prompts (production refused
 # 24, its brief twin 21; a second epoch of the twin fell to 3: the constant brief answer takes over look-alike
@@ -63,23 +72,15 @@ def sft(settings, sid: str, parent: str, steps: int, lr: float) -> str:
     return run_job("sft", importlib.import_module("training.recipes.sft").train, a, settings)["version"]
 
 
-@pytest.fixture(scope="module")
-def gated(trained_home):
-    settings, sid = trained_home
+def build_gate(settings, sid: str) -> dict[str, str]:
+    """Production, the judge and the two candidates, trained in ``settings``' home; returns role -> version."""
     redteam = [r["prompt"] for r in load_suite("redteam")]
     benign = [r["prompt"] for r in load_suite("overrefusal")]
     refusals = [conv(p, REFUSE) for p in redteam]
     # production answers benign prompts at length, with lists (what the simulated users dislike) ...
-    verbose = [
-        conv(
-            p,
-            "Well, let me think about that. There are many things to consider here:\n1. History\n"
-            "2. Context\n3. Several other factors",
-        )
-        for p in benign
-    ]
+    verbose = [conv(p, VERBOSE) for p in benign]
     # ... the good candidate answers briefly (what they like); both keep the same refusals
-    brief = [conv(p, "Hello! Here is a short, clear answer.") for p in benign]
+    brief = [conv(p, BRIEF) for p in benign]
     safety = refusals + verbose
     # production: the base model safety-tuned, promoted as production (the baseline every candidate must beat)
     safe_sid = variant_snapshot(settings, sid, "5afe", safety)
@@ -99,7 +100,31 @@ def gated(trained_home):
     # the good candidate: production's recipe and data with the brief answers users like in place of the verbose
     # ones. (Fine-tuning production further on liked answers won 1.00 but forgot refusals, 1.00 -> 0.79-0.83.)
     good = sft(settings, variant_snapshot(settings, sid, "900d", refusals + brief), "base", steps=12, lr=1e-4)
-    return settings, sid, prod, judge, bad, good
+    return {"prod": prod, "judge": judge, "bad": bad, "good": good}
+
+
+@pytest.fixture(scope="module")
+def gated(trained_home):
+    """The four trained versions, built once per code and config (``tests/fixture_cache.py``: a scratch home
+    trains them, this home registers copies) and set up here as the build left them: production promoted."""
+    settings, sid = trained_home
+
+    def build(out: Path) -> None:
+        scratch = scratch_home(out / "scratch", settings, [sid])
+        export_versions(scratch, build_gate(scratch, sid), out)
+        shutil.rmtree(out / "scratch")
+
+    source = "".join(inspect.getsource(f) for f in (conv, variant_snapshot, sft, build_gate))
+    config = {
+        "snapshot": sid,  # a content hash of the curated simulated events
+        "base_model": base_digest(),
+        "answers": [REFUSE, COMPLY, VERBOSE, BRIEF],
+        "source": hashlib.sha256(source.encode()).hexdigest(),
+    }
+    roles = import_versions(settings, cached_dir("gate", build, config=config, code=TRAINED_CODE))
+    registry.record_evaluation(settings, roles["prod"], {"note": "test baseline"}, True, ["test baseline"])
+    registry.set_alias(settings, "production", roles["prod"])
+    return settings, sid, roles["prod"], roles["judge"], roles["bad"], roles["good"]
 
 
 def test_gate_rejects_a_candidate_tuned_to_comply_with_the_red_team(gated):
