@@ -397,8 +397,67 @@ def summarise(recipe: str, rec: dict[str, Any], base: dict[str, Any], warmup: in
     }
 
 
+def precision_phase(steps: int = 4, warmup: int = 1) -> dict[str, Any]:
+    """One real training step of the base model in fp32 against the same step under bf16 autocast (what TRL's
+    ``bf16=True`` does on a CPU, with ``use_cpu``), alternated so both see the same machine load.
+
+    Why: ``precision: auto`` must pick the faster one on every CPU this project runs on (issue 19). bf16 is only
+    timed where the CPU has native bf16 (AVX512-BF16 or AMX) or on a GPU; elsewhere the record says why not."""
+    import torch
+
+    from training.config import CPU_AUTO_PRECISION, cpu_bf16_supported, resolve_precision
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16_ok = torch.cuda.is_bf16_supported() if device == "cuda" else cpu_bf16_supported()
+    out: dict[str, Any] = {
+        "device": device,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "bf16_supported": bool(bf16_ok),
+        "auto_picks": resolve_precision("auto"),
+        "cpu_auto_precision": CPU_AUTO_PRECISION,
+        "batch": "2 x 256 tokens, AdamW, fp32 master weights",
+        "load_avg_1m_at_start": _load(),
+    }
+    model = _causal_lm(str(REPO / ".flywheel" / "models" / "base"), train=True).to(device)
+    opt = _optimizer(model, 1e-5)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 256), generator=gen).to(device)
+    precisions = ["fp32", "bf16"] if bf16_ok else ["fp32"]
+    times: dict[str, list[float]] = {p: [] for p in precisions}
+    for i in range(warmup + steps):
+        for prec in precisions:
+            t = time.perf_counter()
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=prec == "bf16"):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[prec].append(time.perf_counter() - t)
+    for prec, ts in times.items():
+        out[f"{prec}_s_per_step"] = round(sorted(ts)[len(ts) // 2], 3)
+        out[f"{prec}_steps"] = [round(t, 3) for t in ts]
+    if bf16_ok:
+        out["faster"] = "bf16" if out["bf16_s_per_step"] < out["fp32_s_per_step"] else "fp32"
+        out["bf16_speedup"] = round(out["fp32_s_per_step"] / out["bf16_s_per_step"], 2)
+    else:
+        out["faster"] = "fp32"
+        out["bf16_not_timed"] = "no native bf16 on this CPU (AVX512-BF16 or AMX) and no GPU"
+    out["auto_is_faster"] = out["auto_picks"] == out["faster"]
+    out["load_avg_1m_at_end"] = _load()
+    return out
+
+
 def run_all(
-    recipes: list[str], steps: int, warmup: int, timeout: float, keep: bool, out_file: Path | None = None
+    recipes: list[str],
+    steps: int,
+    warmup: int,
+    timeout: float,
+    keep: bool,
+    out_file: Path | None = None,
+    precision: bool = True,
 ) -> dict[str, Any]:
     import torch
     import transformers
@@ -419,6 +478,11 @@ def run_all(
     }
     try:
         _say(f"building a home with a curated snapshot under {root} ...")
+        if not recipes:
+            out["recipes"] = {}
+            _say("precision: one real step in fp32 against bf16 autocast, alternated ...")
+            out["precision"] = _child(["--phase", "precision"], root / "precision.json", timeout)
+            return out
         home, snapshot = make_home(root)
         out["snapshot_id"] = snapshot
         if "rlhf" in recipes and "reward" not in recipes:
@@ -431,6 +495,9 @@ def run_all(
                 out_file.write_text(json.dumps({**out, "recipes": results, "complete": False}))
         for name in out.get("setup_only", []):
             results.pop(name, None)
+        if precision:
+            _say("precision: one real step in fp32 against bf16 autocast, alternated ...")
+            out["precision"] = _child(["--phase", "precision"], root / "precision.json", timeout)
         out["recipes"] = results
         ok = {k: v for k, v in results.items() if "ratio" in v}
         out["checks"] = {
@@ -475,6 +542,13 @@ def one_recipe(recipe: str, root: Path, home: Path, snapshot: str, steps: int, w
 
 
 def print_table(out: dict[str, Any]) -> None:
+    pr = out.get("precision")
+    if pr:
+        bf = f"bf16 {pr['bf16_s_per_step']} s/step" if "bf16_s_per_step" in pr else pr.get("bf16_not_timed", "")
+        print(
+            f"precision ({pr['cpu_capability']}): fp32 {pr['fp32_s_per_step']} s/step, {bf}; faster {pr['faster']}, "
+            f"auto picks {pr['auto_picks']} ({'right' if pr['auto_is_faster'] else 'WRONG'})"
+        )
     print(
         f"train benchmark: {out['steps']} steps per recipe, first {out['warmup_steps']} not timed; "
         f"load {out['load_avg_1m_at_start']} -> {out['load_avg_1m_at_end']} on {out['cpu_threads']} threads"
@@ -499,6 +573,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=1800, help="seconds one phase of one recipe may take")
     p.add_argument("--keep", action="store_true", help="keep the temporary home (models, MLflow store, batches)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--precision",
+        choices=("also", "only", "no"),
+        default="also",
+        help="time one step in fp32 against bf16 autocast where the CPU has bf16 (only: nothing else)",
+    )
     p.add_argument("--out", type=Path, help="also write the JSON here, after every recipe (partial until the end)")
     # internal: one phase in a child process
     for flag in ("--phase", "--recipe", "--home", "--snapshot", "--batches", "--result"):
@@ -506,13 +586,13 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.phase:
         return _run_phase(a)
-    recipes = [r.strip() for r in a.recipes.split(",") if r.strip()]
+    recipes = [] if a.precision == "only" else [r.strip() for r in a.recipes.split(",") if r.strip()]
     unknown = [r for r in recipes if r not in RECIPES]
-    if unknown or not recipes:
+    if unknown or (not recipes and a.precision != "only"):
         p.error(f"unknown recipe(s) {', '.join(unknown) or '(none given)'}: choose from {', '.join(RECIPES)}")
     if a.steps <= a.warmup or a.warmup < 0:
         p.error("--steps must be larger than --warmup (at least one timed step), and --warmup at least 0")
-    out = run_all(recipes, a.steps, a.warmup, a.timeout, a.keep, a.out)
+    out = run_all(recipes, a.steps, a.warmup, a.timeout, a.keep, a.out, precision=a.precision != "no")
     if a.out:
         a.out.write_text(json.dumps({**out, "complete": True}))
     if a.json:
@@ -528,6 +608,8 @@ def _run_phase(a: argparse.Namespace) -> int:
             res = recipe_phase(a.recipe, Path(a.home), a.snapshot, a.steps, Path(a.batches))
         elif a.phase == "baseline":
             res = baseline_phase(Path(a.batches), a.warmup)
+        elif a.phase == "precision":
+            res = precision_phase()
         else:
             raise SystemExit(f"unknown phase {a.phase!r}")
     Path(a.result).write_text(json.dumps(res))
