@@ -42,6 +42,7 @@ SERVICE_FIXTURES = frozenset(
         "live",
         "prefect_harness",
         "trained_home",
+        "_model_present",  # tests/app/test_backends.py, test_llamacpp.py: the real model in-process, both engines
     }
 )
 
