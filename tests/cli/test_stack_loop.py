@@ -4,7 +4,8 @@ it. Simulated users' ratings reach the volume trigger, which curates and queues 
 with the table of training defaults and gates the candidate; the autopilot sends it to canary, and the users'
 ratings of both versions take it to full. Nobody calls a stage. Then ``flywheel down`` leaves nothing running.
 
-Tiny settings, all ``FLYWHEEL_*`` variables: a trigger at 30 ratings checked every 20 s, a 50% canary then full,
+Tiny settings, all ``FLYWHEEL_*`` variables: a trigger at 100 ratings checked every 30 s (40% of
+conversations held out: the gate needs held-out prompts), a 50% canary then full,
 few ratings per version, and a gate on fewer evaluation items (``FLYWHEEL_TRAIN_GATE``: every check still runs
 and decides; only its samples are smaller). The recipe is the defaults table's (``training/defaults.py``)."""
 
@@ -27,7 +28,7 @@ from tests.conftest import REPO
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-TRIGGER_N = 30
+TRIGGER_N = 100
 GATE = {
     "max_new_tokens": 32,
     "max_eval_prompts": 12,
@@ -57,8 +58,8 @@ class Stack:
         self.env = {
             **_env(self.home),
             "FLYWHEEL_CURATE_VOLUME_TRIGGER_N": str(TRIGGER_N),
-            "FLYWHEEL_CURATE_VOLUME_CHECK_INTERVAL_S": "20",
-            "FLYWHEEL_CURATE_EVAL_FRACTION": "0.3",
+            "FLYWHEEL_CURATE_VOLUME_CHECK_INTERVAL_S": "30",
+            "FLYWHEEL_CURATE_EVAL_FRACTION": "0.4",
             "FLYWHEEL_TRAIN_GATE": json.dumps(GATE),
             **RELEASE,
         }
@@ -96,8 +97,8 @@ class Stack:
         return time.monotonic() - self.t0
 
     def simulate(self, minutes: float, seed: int) -> dict:
-        """One round of ``flywheel simulate`` (6 users, bounded in time: an answer can take seconds here)."""
-        args = ["--users", "6", "--minutes", str(minutes), "--turns", "0", "--max-tokens", "32", "--seed", str(seed)]
+        """One round of ``flywheel simulate`` (8 users, bounded in time: an answer can take seconds here)."""
+        args = ["--users", "8", "--minutes", str(minutes), "--turns", "0", "--max-tokens", "32", "--seed", str(seed)]
         r = subprocess.run(
             [sys.executable, "-m", "cli.main", "simulate", "--url", self.url, "--json", *args],
             env=self.env,
@@ -175,9 +176,9 @@ def test_flywheel_up_and_the_simulator_alone_change_production(tmp_path):
         seed = 1
         while "trigger:" not in stack.log("flows"):
             assert seed <= 8, f"the volume trigger never fired\n{stack.tails()}"
-            stack.simulate(2, seed)
+            stack.simulate(3, seed)
             seed += 1
-            _until(lambda: "trigger:" in stack.log("flows"), 40)  # ratings land; the trigger looks every 20 s
+            _until(lambda: "trigger:" in stack.log("flows"), 60)  # ratings land; the trigger looks every 30 s
         timeline["trigger fired"] = stack.elapsed()
 
         # 2. The worker trains with the defaults table and gates the candidate; nobody calls a stage.
