@@ -39,6 +39,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -64,7 +65,9 @@ def read_status(settings: Settings) -> dict[str, Any] | None:
 
 
 class Autopilot:
-    def __init__(self, settings: Settings, config: ReleaseConfig | None = None, say=log.info):
+    def __init__(
+        self, settings: Settings, config: ReleaseConfig | None = None, say: Callable[[str], None] = log.info
+    ) -> None:
         self.settings = settings
         self.cfg = config or ReleaseConfig()
         self.ctl = Controller(settings, self.cfg)

@@ -4,10 +4,10 @@ it. Simulated users' ratings reach the volume trigger, which curates and queues 
 with the table of training defaults and gates the candidate; the autopilot sends it to canary, and the users'
 ratings of both versions take it to full. Nobody calls a stage. Then ``flywheel down`` leaves nothing running.
 
-Tiny settings, all ``FLYWHEEL_*`` variables: a trigger at 100 ratings checked every 30 s (40% of
-conversations held out: the gate needs held-out prompts), a 50% canary then full,
-few ratings per version, and a gate on fewer evaluation items (``FLYWHEEL_TRAIN_GATE``: every check still runs
-and decides; only its samples are smaller). The recipe is the defaults table's (``training/defaults.py``)."""
+Tiny settings, all ``FLYWHEEL_*`` variables: a trigger at 100 ratings checked every 30 s (40% of conversations
+held out: the gate needs held-out prompts), a 50% canary then full, few ratings per version, and a gate on fewer
+evaluation items (``FLYWHEEL_TRAIN_GATE``: every check still runs and decides; only its samples are smaller). The
+recipe and its overrides are the defaults table's (``training/defaults.py``)."""
 
 from __future__ import annotations
 
