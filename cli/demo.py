@@ -287,6 +287,8 @@ def run_demo(cfg: DemoConfig, home: Path, quiet: bool = False) -> dict[str, Any]
     out["ports"] = stack_ports(settings)
     up = UpProcess(settings, stack_env(settings, cfg), run.say)
     runs: FlowRuns | None = None
+    train = None
+    release_cfg = ReleaseConfig(**release_settings(cfg))
     t = time.monotonic()
     try:
         run.say(f"starting the stack (`flywheel up`) in {settings.home}")
@@ -314,10 +316,15 @@ def run_demo(cfg: DemoConfig, home: Path, quiet: bool = False) -> dict[str, Any]
             run.seconds["canary"] = round(time.monotonic() - t, 1)
         elif mine:
             run.say(f"gate FAILED for {mine[-1].name}: the autopilot holds it: {'; '.join(mine[-1].gate_reasons)}")
-        out |= report(run.since, ReleaseConfig(**release_settings(cfg)), settings, runs, curate, train, rel)
+        out |= report(run.since, release_cfg, settings, runs, curate, train, rel)
     except StackError as e:  # the stack did not do its part: say what, stop it all, report what was done
         out["error"] = str(e)
         run.say(f"FAILED: {e}")
+        if train is not None and runs is not None:
+            try:
+                out |= report(run.since, release_cfg, settings, runs, curate, train, None)
+            except Exception as e2:  # noqa: BLE001 - the first failure is the one to report
+                run.say(f"(no report of what was done: {type(e2).__name__}: {e2})")
     finally:
         if runs is not None:
             runs.close()
