@@ -3,10 +3,10 @@
 The end-to-end test runs the demo at its tiniest: 3 training users until the stack's volume trigger fires at 16
 ratings (2 in 5 conversations held out), 2 DPO steps, a gate measured on a handful of items, 6 held-out users for
 at most 2 minutes of canary. DPO, because at 16 tokens the base model is rarely right (2 of 22 answers in one run),
-so 16 ratings may hold no liked answer for SFT, while the judge needs the pairs DPO trains on anyway. Its gate thresholds are loosened (``--gate``) so that a 2-step candidate reaches
-the canary and the test sees every stage; the gate's thresholds have their own tests (tests/training/). It asserts
-that the stack did every stage (``autonomous``), that the JSON carries every field, and that nothing of the stack
-runs or listens afterwards.
+so 16 ratings may hold no liked answer for SFT, while the judge needs the pairs DPO trains on anyway. The gate's
+thresholds are loosened (``--gate``) so that a 2-step candidate reaches the canary and the test sees every stage;
+the gate's thresholds have their own tests (tests/training/). It asserts that the stack did every stage
+(``autonomous``), that the JSON carries every field, and that nothing of the stack runs or listens afterwards.
 The unit tests check the demo's own arithmetic and its refusals of bad input without any service.
 """
 
