@@ -55,7 +55,7 @@ up: run
 # group of files that share state, stays on one worker; the longest groups start first): mostly waiting on brokers,
 # servers and subprocesses, so 3 workers on 2 cores. TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 3
-PYTEST_PAR = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
+PYTEST_PAR = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 test: setup  ## the full suite (starts its own brokers, Prefect harness, model, Chromium); total time, 25 slowest
 	@s=$$(date +%s); $(PY) -m pytest -q $(PYTEST_PAR) --durations=25; rc=$$?; \

@@ -5,12 +5,12 @@
   topics created. ``settings_env(settings)`` gives the same world to a subprocess.
 - ``own_broker``: a broker of the test's own, for tests that stop, kill or restart it.
 
-Parallel runs (``make test``: pytest-xdist, ``--dist loadgroup``): each worker has its own session broker on free
-ports. Each test file is one xdist group (its module fixtures are built once and its tests keep their order); files
-that share state form one group (``SHARED_GROUPS``). Groups start longest first, by the durations the previous run
-recorded in pytest's cache (by their marks where none is recorded yet). Every process checks at the end that
-nothing it started is still running (``_leaves_nothing_behind``), and the trained fixtures that
-``tests/fixture_cache.py`` built are listed.
+Parallel runs (``make test``: pytest-xdist, ``--dist loadfile``): each worker has its own session broker on free
+ports. Each test file goes to one worker whole (its module fixtures are built once and its tests keep their order);
+files that share state go together (``SHARED_GROUPS``, by ``pytest_xdist_make_scheduler``). Groups start longest
+first, by the durations the previous run recorded in pytest's cache (by their marks where none is recorded yet).
+Every process checks at the end that nothing it started is still running (``_leaves_nothing_behind``), and the
+trained fixtures that ``tests/fixture_cache.py`` built are listed.
 """
 
 from __future__ import annotations
@@ -56,31 +56,27 @@ SHARED_GROUPS = {
 DURATIONS_KEY = "flywheel/group_seconds"  # pytest's cache: seconds each group took in the last run that ran it
 
 
-def xdist_group(item: pytest.Item) -> str:
-    mark = item.get_closest_marker("xdist_group")
-    if mark is not None:
-        return mark.args[0] if mark.args else mark.kwargs.get("name", "default")
-    path = item.nodeid.split("::", 1)[0]
+def group_of(nodeid: str) -> str:
+    """The unit of parallel work a test belongs to: its file, or its file's shared group."""
+    path = nodeid.split("::", 1)[0]
     return SHARED_GROUPS.get(path, path)
 
 
-@pytest.hookimpl(tryfirst=True)  # before `-m` deselects, and before xdist reads the xdist_group marks
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("integration"):
             item.add_marker(pytest.mark.integration)
-        if not item.get_closest_marker("xdist_group"):
-            item.add_marker(pytest.mark.xdist_group(xdist_group(item)))
     known = getattr(config, "workerinput", {}).get("flywheel_group_seconds")
     if known is not None:  # a parallel run: longest groups first (one worker's long group is the critical path)
         first: dict[str, int] = {}
         guess: dict[str, float] = {}
         for i, item in enumerate(items):
-            group = xdist_group(item)
+            group = group_of(item.nodeid)
             first.setdefault(group, i)
             guess[group] = guess.get(group, 0.0) + guess_seconds(item)
         seconds = {g: known.get(g, guess[g]) for g in first}
-        items.sort(key=lambda it: (-seconds[xdist_group(it)], first[xdist_group(it)]))
+        items.sort(key=lambda it: (-seconds[group_of(it.nodeid)], first[group_of(it.nodeid)]))
 
 
 def guess_seconds(item: pytest.Item) -> float:
@@ -97,6 +93,23 @@ def pytest_configure_node(node) -> None:
     node.workerinput["flywheel_group_seconds"] = (cache.get(DURATIONS_KEY, {}) if cache else {}) or {}
 
 
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile`` with ``SHARED_GROUPS``: a file (or a group of files) goes to one worker whole, groups in
+    the order the workers collected them (longest first). xdist's own ``loadgroup`` cannot do this with pytest 9.2:
+    it renames node ids to carry the group, and pytest 9 no longer lets it."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class FileGroupScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid)
+
+    config.option.loadscopereorder = False  # keep the collection order: longest groups first
+    return FileGroupScheduling(config, log)
+
+
 _GROUP_SECONDS: dict[str, float] = {}  # this run's seconds per group (setup + call + teardown of its tests)
 
 
@@ -106,15 +119,8 @@ def pytest_configure(config) -> None:
     os.environ["FLYWHEEL_TEST_SESSION"] = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
 
-def _group_of_nodeid(nodeid: str) -> str:
-    if nodeid.rfind("@") > nodeid.rfind("]"):  # a report from an xdist worker: ``path::test@group``
-        return nodeid.rsplit("@", 1)[1]
-    path = nodeid.split("::", 1)[0]
-    return SHARED_GROUPS.get(path, path)
-
-
 def pytest_runtest_logreport(report) -> None:
-    group = _group_of_nodeid(report.nodeid)
+    group = group_of(report.nodeid)
     _GROUP_SECONDS[group] = _GROUP_SECONDS.get(group, 0.0) + report.duration
 
 
