@@ -9,7 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO, free_port
+
+pytestmark = pytest.mark.slow  # several `flywheel run train` processes, each importing the training stack
 
 FLYWHEEL = Path(sys.executable).parent / "flywheel"
 

@@ -137,7 +137,24 @@ def cfg() -> CurateConfig:
 
 @pytest.fixture(scope="session")
 def prefect_harness() -> Iterator[None]:
+    """Prefect's test harness (a temporary API server in a subprocess). A server that did not answer in time is
+    left running by Prefect; it is stopped here, so a slow start fails the tests, not the next run's ports."""
+    import psutil
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    before = {p.pid for p in psutil.Process().children()}
+    try:
+        harness = prefect_test_harness(server_startup_timeout=240)  # 3 workers on 2 cores: starts take longer
+        harness.__enter__()
+    except BaseException:
+        for p in psutil.Process().children():
+            try:
+                if p.pid not in before and "prefect.server" in " ".join(p.cmdline()):
+                    p.kill()
+            except psutil.Error:
+                continue
+        raise
+    try:
         yield
+    finally:
+        harness.__exit__(None, None, None)

@@ -17,6 +17,7 @@ from tests.conftest import REPO, need_model
 from training.config import ConfigError, cpu_bf16_supported, load_config, resolve_precision, trl_args
 
 BASE = REPO / ".flywheel" / "models" / "base"
+pytestmark = pytest.mark.slow  # trains the real model once per precision: not for `make test-fast`
 
 
 def _supported(precision: str) -> tuple[bool, str]:
