@@ -4,7 +4,7 @@ it. Simulated users' ratings reach the volume trigger, which curates and queues 
 with the table of training defaults and gates the candidate; the autopilot sends it to canary, and the users'
 ratings of both versions take it to full. Nobody calls a stage. Then ``flywheel down`` leaves nothing running.
 
-Tiny settings, all ``FLYWHEEL_*`` variables: a trigger at 100 ratings checked every 30 s (40% of conversations
+Tiny settings, all ``FLYWHEEL_*`` variables: a trigger at 60 ratings checked every 30 s (40% of conversations
 held out: the gate needs held-out prompts), a 50% canary then full, few ratings per version, and a gate on fewer
 evaluation items (``FLYWHEEL_TRAIN_GATE``: every check still runs and decides; only its samples are smaller). The
 recipe and its overrides are the defaults table's (``training/defaults.py``)."""
@@ -28,7 +28,7 @@ from tests.conftest import REPO
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-TRIGGER_N = 100
+TRIGGER_N = 60
 GATE = {
     "max_new_tokens": 32,
     "max_eval_prompts": 12,
@@ -175,7 +175,7 @@ def test_flywheel_up_and_the_simulator_alone_change_production(tmp_path):
         # 1. Users chat and rate until the volume trigger fires (it curates and queues a training run).
         seed = 1
         while "trigger:" not in stack.log("flows"):
-            assert seed <= 8, f"the volume trigger never fired\n{stack.tails()}"
+            assert stack.elapsed() < 3600, f"the volume trigger never fired\n{stack.tails()}"
             stack.simulate(3, seed)
             seed += 1
             _until(lambda: "trigger:" in stack.log("flows"), 60)  # ratings land; the trigger looks every 30 s
