@@ -195,8 +195,9 @@ def _cuda_available() -> bool:
 # What ``auto`` picks on a CPU, whatever its bf16 support. Measured with ``python -m benchmarks.train --json``
 # (its ``precision`` section times one real step in each precision the CPU supports): bf16 autocast was ~20x
 # slower than fp32 on the AVX2-only EPYC, and not faster on the AVX512-BF16 CPUs (the Intel Xeon: 65 against
-# 86 GFLOP/s for 1024x1024 matmuls; the EPYC Zen 4 here: see benchmarks/results/train.json). Change it only
-# with a benchmark run that shows bf16 ahead.
+# 86 GFLOP/s for 1024x1024 matmuls). On the EPYC Zen 4 (AVX512-BF16) one real step at load 15-25 took fp32
+# 113-169 s against bf16 107-163 s (benchmarks/results/train_precision.json): overlapping, so not yet a reason.
+# Change it only with an idle benchmark run that shows bf16 ahead.
 CPU_AUTO_PRECISION = "fp32"
 
 
