@@ -96,9 +96,15 @@ def heldout_prompts(snapshot: dict[str, Any] | None, cfg: GateConfig) -> list[li
 # ---------------------------------------------------------------------------------------------------------
 # Production's answers and likelihoods, cached per version
 # ---------------------------------------------------------------------------------------------------------
+def _code_digest() -> str:
+    """The measuring code's own hash: a change to how answers or likelihoods are computed invalidates the cache."""
+    here = Path(__file__).resolve().parent
+    return hashlib.sha256(b"".join((here / f).read_bytes() for f in ("measure.py", "capability.py"))).hexdigest()
+
+
 def _cache_file(info: registry.VersionInfo, kind: str, payload: Any) -> Path:
-    key = hashlib.sha256(json.dumps([info.name, info.number, payload], sort_keys=True).encode()).hexdigest()[:16]
-    return Path(info.path) / "eval_cache" / f"{kind}-{key}.json"
+    key = json.dumps([info.name, info.number, _code_digest(), payload], sort_keys=True)
+    return Path(info.path) / "eval_cache" / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
 def _cached(info: registry.VersionInfo, kind: str, payload: Any, compute: Callable[[], Any]) -> Any:

@@ -234,3 +234,37 @@ def test_the_gate_reads_the_length_controlled_rate_and_flags_a_gap():
     assert ok and not any(r.startswith("FLAG") for r in reasons)
     with pytest.raises(ValueError, match="unknown floor metrics"):
         GateConfig(floor_metrics=("win_rate",))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Likelihoods on the real model
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.integration
+def test_batched_likelihoods_equal_one_at_a_time_and_pick_the_likely_choice():
+    """Right padding must not change a sequence's log-probabilities, and the scorer must prefer sense to nonsense."""
+    import torch
+
+    from tests.conftest import need_model
+    from tests.training.conftest import BASE
+    from training.measure import answer_nlls, choice_scores, continuation_logprobs
+    from training.modeling import load_policy, load_tokenizer
+
+    torch.manual_seed(0)
+    tok, model = load_tokenizer(need_model(BASE)), load_policy(BASE).eval()
+    items = [("What is the capital of Japan?", "The capital of Japan is Tokyo."), ("What is 2 plus 2?", "Four.")]
+    batched = answer_nlls(model, tok, items, batch_size=8)
+    alone = [answer_nlls(model, tok, [it], batch_size=1)[0] for it in items]
+    assert batched == pytest.approx(alone, abs=1e-4) and all(0 < x < 20 for x in batched)
+    wrong = answer_nlls(model, tok, [("What is the capital of Japan?", "The capital of Japan is Banana.")])[0]
+    assert wrong > batched[0], "a wrong reference answer must be less likely than the right one"
+    ctx = tok("Question: Is fire hot?\nAnswer:", add_special_tokens=False)["input_ids"]
+    scored = continuation_logprobs(model, tok, [(ctx, tok(" Yes", add_special_tokens=False)["input_ids"])])
+    assert scored[0][1] == 1 and scored[0][0] < 0
+    item = {"question": "Ice is", "choices": ["frozen water.", "a kind of fire."], "label": 0}
+    (mc,) = choice_scores(model, tok, [item])
+    assert mc["correct"], "the summed likelihood prefers sense"
+    ctx = tok("Question: Ice is\nAnswer:", add_special_tokens=False)["input_ids"]
+    each = continuation_logprobs(
+        model, tok, [(ctx, tok(" " + c, add_special_tokens=False)["input_ids"]) for c in item["choices"]]
+    )
+    assert mc["pick_norm"] == max(range(2), key=lambda j: each[j][0] / each[j][1]), "per token: the mean, not the sum"
