@@ -35,6 +35,7 @@ Default sizes (for a quiet 2-core CPU; about 15-20 minutes in all):
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sys
 import tempfile
@@ -62,6 +63,7 @@ from feedback.settings import Settings, get_settings
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = ("sft", "dpo", "kto", "rlhf")
 POLL_S = 5.0
+VERDICT = re.compile(r"\[train\] (\S+) gate (PASSED|FAILED)")  # the line pipelines.training logs with the verdict
 FIELDS = (  # every key of the --json object, present (None where it does not apply) whatever happened
     "home recipe config autonomous stages timeline simulate heldout ingested snapshot train gate release_decision "
     "release_reason thumbs_up_before thumbs_up_after thumbs_up_before_ci thumbs_up_after_ci n_before n_after p_value "
@@ -185,6 +187,9 @@ def until_trigger(run: Run, cfg: DemoConfig, up: UpProcess, runs: FlowRuns, sett
     )
     crowd = Crowd(up.url, users, cfg.train_minutes * 60).start()
     run.say(f"{cfg.train_users} training users chat; the stack curates at {cfg.trigger_ratings} usable ratings")
+    import pipelines.autopilot  # noqa: F401 - imported now (seconds of scipy), not when the canary starts
+    import pipelines.release_log  # noqa: F401
+
     last_note, idle_since = time.monotonic(), None
     try:
         while not (curate := runs.runs("curate", started_by_a_flow=True)):
@@ -208,16 +213,17 @@ def until_trigger(run: Run, cfg: DemoConfig, up: UpProcess, runs: FlowRuns, sett
     return crowd, curate[0]
 
 
-def until_trained(run: Run, cfg: DemoConfig, up: UpProcess, runs: FlowRuns, curate: Any) -> tuple[Any, Any]:
-    """Wait for the curate run, then the ``train`` run the trigger queued on the worker; its log lines are shown
-    as they come. Returns (curate run, train run), both final."""
+def until_gated(run: Run, cfg: DemoConfig, up: UpProcess, runs: FlowRuns, curate: Any) -> tuple[Any, Any, Any]:
+    """Wait for the curate run, then the ``train`` run the trigger queued on the worker, until it logs its gate
+    verdict (the autopilot may start the canary at once); its log lines are shown as they come. Returns the
+    curate run, the train run and the verdict line's match (the candidate's name, PASSED or FAILED)."""
     while not final(curate := runs.client.read_flow_run(curate.id)):
         _wait(run, cfg, up, "the stack curates")
     if curate.state_type.value != "COMPLETED":
         raise StackError(f"the stack's curate run {curate.name} ended {curate.state_name}: see {up.s.home}/logs")
     run.say(f"curated ({describe_run(curate)['seconds']}s); waiting for the train run the trigger queues")
-    train, shown = None, 0
-    while True:
+    train, shown, verdict = None, 0, None
+    while verdict is None:
         if train is None:
             queued = [r for r in runs.runs("train") if r.deployment_id is not None]
             train = queued[0] if queued else None
@@ -226,12 +232,12 @@ def until_trained(run: Run, cfg: DemoConfig, up: UpProcess, runs: FlowRuns, cura
             for _, line in runs.logs(train.id, shown):
                 shown += 1
                 run.say(f"  train | {line[:200]}")
-            if final(train):
-                break
-        _wait(run, cfg, up, "the stack trains and gates")
-    if train.state_type.value != "COMPLETED":
-        raise StackError(f"the stack's train run {train.name} ended {train.state_name}: see the lines above")
-    return curate, train
+                verdict = verdict or VERDICT.match(line)
+            if final(train) and (verdict is None or train.state_type.value != "COMPLETED"):
+                raise StackError(f"the stack's train run {train.name} ended {train.state_name}: see the lines above")
+        if verdict is None:
+            _wait(run, cfg, up, "the stack trains and gates")
+    return curate, train, verdict
 
 
 def until_decided(run: Run, cfg: DemoConfig, up: UpProcess, settings: Settings, version: str) -> dict[str, Any]:
@@ -302,20 +308,19 @@ def run_demo(cfg: DemoConfig, home: Path, quiet: bool = False) -> dict[str, Any]
         out["simulate"] = {k: v for k, v in sim.as_dict().items() if k not in ("per_version", "per_user")}
         run.seconds["simulate"] = round(time.monotonic() - t, 1)
         t = time.monotonic()
-        curate, train = until_trained(run, cfg, up, runs, curate)
+        curate, train, verdict = until_gated(run, cfg, up, runs, curate)
+        run.seconds["trigger_to_gate"] = round(time.monotonic() - t, 1)
+        rel = None
+        if verdict.group(2) == "PASSED":
+            t = time.monotonic()
+            rel = until_decided(run, cfg, up, settings, verdict.group(1))
+            run.seconds["canary"] = round(time.monotonic() - t, 1)
+        else:
+            run.say(f"gate FAILED for {verdict.group(1)}: the autopilot holds it")
+        while not final(train := runs.client.read_flow_run(train.id)):
+            _wait(run, cfg, up, "the train run finishes")
         run.seconds["curate"] = describe_run(curate)["seconds"] or 0.0
         run.seconds["train"] = describe_run(train)["seconds"] or 0.0
-        run.seconds["trigger_to_gate"] = round(time.monotonic() - t, 1)
-        from training import registry
-
-        mine = [v for v in registry.list_versions(settings) if v.kind == "policy" and v.name != registry.BASE]
-        rel = None
-        if mine and mine[-1].gate == "passed":
-            t = time.monotonic()
-            rel = until_decided(run, cfg, up, settings, mine[-1].name)
-            run.seconds["canary"] = round(time.monotonic() - t, 1)
-        elif mine:
-            run.say(f"gate FAILED for {mine[-1].name}: the autopilot holds it: {'; '.join(mine[-1].gate_reasons)}")
         out |= report(run.since, release_cfg, settings, runs, curate, train, rel)
     except StackError as e:  # the stack did not do its part: say what, stop it all, report what was done
         out["error"] = str(e)

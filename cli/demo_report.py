@@ -169,6 +169,10 @@ def timeline(since: Since, runs: FlowRuns, curate: Any, train: Any, info: Any, s
     return out
 
 
+def _completed(run: Any) -> bool:
+    return run.state_type is not None and run.state_type.value == "COMPLETED"
+
+
 def stages_done(info: Any, trigger: Any, curate: Any, train: Any, settings: Settings) -> dict[str, bool | None]:
     """Which stage the stack is on record as having done (None: does not apply, the gate failed): a scheduled
     volume-trigger run started the curation, the ``train`` deployment's run registered and gated the candidate,
@@ -180,8 +184,8 @@ def stages_done(info: Any, trigger: Any, curate: Any, train: Any, settings: Sett
     decided = [r for r in mine if r.action in ("full", "rollback") or (r.action == "start" and r.status == "full")]
     return {
         "trigger": trigger is not None and trigger.deployment_id is not None,
-        "curate": curate is not None and curate.state_type.value == "COMPLETED",
-        "train": train is not None and train.deployment_id is not None and info is not None,
+        "curate": curate is not None and _completed(curate),
+        "train": train is not None and train.deployment_id is not None and info is not None and _completed(train),
         "gate": info is not None and info.gate in ("passed", "failed"),
         "canary": any(r.action == "start" and r.actor == "controller:autopilot" for r in mine) if released else None,
         "decision": any(r.actor.startswith("controller") for r in decided) if released else None,

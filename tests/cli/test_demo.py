@@ -36,7 +36,7 @@ BASE = REPO / ".flywheel" / "models" / "base"
 TINY = [
     *("--recipe dpo --train-users 3 --train-minutes 20 --trigger-ratings 16 --check-interval 5".split()),
     "--eval-fraction=0.4",
-    *("--eval-users 6 --eval-minutes 2 --max-tokens 16 --min-thumbs 3 --timeout-minutes 40".split()),
+    *("--eval-users 6 --eval-minutes 2 --max-tokens 16 --min-thumbs 3 --timeout-minutes 55".split()),
     *("--set train.max_steps=2 --judge-set train.max_steps=2".split()),
     *(
         f"--gate={kv}"
@@ -73,7 +73,7 @@ def test_the_stack_turns_the_loop_by_itself_and_is_gone_afterwards(tmp_path):
             env=env,
             stdout=subprocess.PIPE,
             stderr=err,
-            timeout=45 * 60,
+            timeout=60 * 60,
         )
     progress = (tmp_path / "demo.err").read_text(errors="replace")
     out = json.loads(done.stdout)
