@@ -9,6 +9,7 @@ FLYWHEEL_HOME ?= .flywheel
 export FLYWHEEL_HOME
 DEPS := $(VENV)/.deps
 STAMP := $(VENV)/.installed
+WHEEL := $(VENV)/.llama-wheel
 MODEL := $(FLYWHEEL_HOME)/models/base/model.safetensors
 JARS := infra/kafka/lib/.complete
 
@@ -18,14 +19,18 @@ setup:  ## install deps, fetch Kafka, prepare the default model; starts nothing 
 	@$(MAKE) --no-print-directory -j4 $(STAMP) $(JARS) $(MODEL) chromium
 	@echo "setup: done (venv $(VENV), Kafka jars infra/kafka/lib, model $(FLYWHEEL_HOME)/models/base)"
 
-# The Python tree first (~30 s with uv); then the llama.cpp engine (a wheel built once per CPU, minutes the first
-# time) runs beside the Kafka jars, the model and Chromium, which need only the Python tree.
+# The llama.cpp wheel (built once per CPU, minutes the first time; the system Python builds it) starts at once beside
+# the Python tree (uv); the Kafka jars and the model follow the tree, Chromium needs nothing.
 $(DEPS): pyproject.toml constraints.txt infra/setup.sh
 	@mkdir -p $(VENV) && echo "# setup $$(date -u +%FT%TZ)" >> $(VENV)/setup-times.txt
 	VENV=$(VENV) PY_SYS=$(PY_SYS) bash infra/setup.sh deps
 	@touch $@
 
-$(STAMP): $(DEPS)
+$(WHEEL): infra/setup.sh constraints.txt  # needs only the system Python: starts at once, beside $(DEPS)
+	@mkdir -p $(VENV) && VENV=$(VENV) PY_SYS=$(PY_SYS) bash infra/setup.sh wheel
+	@touch $@
+
+$(STAMP): $(DEPS) $(WHEEL)
 	VENV=$(VENV) PY_SYS=$(PY_SYS) bash infra/setup.sh llama
 	@touch $@
 
@@ -58,7 +63,7 @@ TEST_WORKERS ?= 3
 PYTEST_PAR = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 test: setup  ## the full suite (starts its own brokers, Prefect harness, model, Chromium); total time, 25 slowest
-	@s=$$(date +%s); $(PY) -m pytest -q $(PYTEST_PAR) --durations=25; rc=$$?; \
+	@s=$$(date +%s); OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q $(PYTEST_PAR) --durations=25; rc=$$?; \
 	  echo "make test: $$(( $$(date +%s) - s )) s in all, exit $$rc (the 25 slowest are listed above)"; exit $$rc
 
 test-fast: $(STAMP)  ## unit tests only (no services), under a minute

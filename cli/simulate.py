@@ -201,6 +201,7 @@ class SimUser:
             self.stats.per_user[self.user].answers += 1
             return self.assess(a, item)
         self.stats.errors += 1
+        self.stats.note_error("chat: still busy (HTTP 429) after 120 tries, about a minute")
         return None
 
     def assess(self, a: Answer, item: PromptItem) -> Answer:
@@ -222,7 +223,12 @@ class SimUser:
         return felt, complaints[0] if complaints else "Not what I wanted"
 
     def _feedback(self, payload: dict) -> bool:
-        r = self.client.post("/v1/feedback", json=payload, headers=self._headers())
+        try:
+            r = self.client.post("/v1/feedback", json=payload, headers=self._headers())
+        except httpx.HTTPError as e:
+            self.stats.errors += 1
+            self.stats.note_error(f"feedback: {type(e).__name__}")
+            return False
         if r.status_code >= 300:
             self.stats.errors += 1
             self.stats.note_error(f"feedback: HTTP {r.status_code} {r.text[:160]}")
@@ -284,9 +290,15 @@ class SimUser:
 
     def delete_my_data(self) -> None:
         """Ask for deletion of everything about this user (``POST /v1/users/me/delete``), then leave."""
-        r = self.client.post("/v1/users/me/delete", json={}, headers=self._headers())
+        try:
+            r = self.client.post("/v1/users/me/delete", json={}, headers=self._headers())
+        except httpx.HTTPError as e:
+            self.stats.errors += 1
+            self.stats.note_error(f"delete: {type(e).__name__}")
+            return
         if r.status_code >= 300:
             self.stats.errors += 1
+            self.stats.note_error(f"delete: HTTP {r.status_code} {r.text[:160]}")
         else:
             self.stats.deletions += 1
 

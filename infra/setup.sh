@@ -2,7 +2,9 @@
 # `make setup`'s Python part, in two steps that the Makefile runs so the slow one overlaps everything else:
 #   infra/setup.sh deps    the venv and every pinned dependency but llama-cpp-python, the project (editable), and
 #                          llama.cpp's GGUF converter (from the sdist) for app/backends/gguf.py
-#   infra/setup.sh llama   llama-cpp-python, from a wheel built once per CPU
+#   infra/setup.sh wheel   the llama-cpp-python wheel, built once per CPU with the system Python (pip's build
+#                          isolation), so it needs nothing from `deps` and the Makefile starts both at once
+#   infra/setup.sh llama   llama-cpp-python installed from that wheel
 # Each step appends "<step> <seconds>" to .venv/setup-times.txt (the README's setup breakdown comes from it).
 #
 # Why this shape (measured on 2 cores, README "Setup"):
@@ -16,7 +18,7 @@
 #   and the sdist's CMakeLists forces llama.cpp's `common` library on (FORCE beats -D), which only mtmd uses:
 #   we switch it off in a copy of the sdist. Measured: 3m51 s of CPU against 7m55 s for the sdist as shipped.
 set -euo pipefail
-STEP=${1:?usage: infra/setup.sh deps|llama}
+STEP=${1:?usage: infra/setup.sh deps|wheel|llama}
 VENV=${VENV:-.venv}
 PY_SYS=${PY_SYS:-python3}
 UV_VERSION=0.13.9
@@ -48,7 +50,7 @@ deps)
     $(printf "llama_cpp_python-$LLAMA/vendor/llama.cpp/%s " convert_hf_to_gguf.py conversion gguf-py)
   done_in deps
   ;;
-llama)
+wheel | llama)
   key=$( (echo "$LLAMA $CMAKE_ARGS_LLAMA no-common"; grep -m1 '^flags' /proc/cpuinfo) | sha256sum | cut -c1-16)
   WHEELS="$CACHE/wheels/llama-$key"
   if ! ls "$WHEELS"/llama_cpp_python-*.whl >/dev/null 2>&1; then
@@ -61,15 +63,17 @@ llama)
     grep -q 'set(LLAMA_BUILD_COMMON ON' "$src/CMakeLists.txt" &&
       { echo "setup: could not switch off llama.cpp's common library in $src/CMakeLists.txt"; exit 1; }
     CMAKE_ARGS="$CMAKE_ARGS_LLAMA" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
-      "$VENV/bin/python" -m pip wheel -q --no-deps -w "$tmp/out" "$src" \
+      "$PY_SYS" -m pip wheel -q --disable-pip-version-check --no-deps -w "$tmp/out" "$src" \
       >"$tmp.log" 2>&1 || { echo "setup: the llama-cpp-python build failed; its log: $tmp.log"; exit 1; }
     mkdir -p "$WHEELS" && mv "$tmp"/out/*.whl "$WHEELS"/ && rm -rf "$tmp" "$tmp.log"
+    test "$STEP" = wheel && { mkdir -p "$VENV"; done_in llama-wheel; }
   else
     echo "setup: llama-cpp-python $LLAMA: reusing the wheel built for this CPU ($WHEELS)"
   fi
+  test "$STEP" = wheel && exit 0
   "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" --no-deps --find-links "$WHEELS" "llama-cpp-python==$LLAMA"
   "$VENV/bin/python" -c "import llama_cpp" || { echo "setup: llama_cpp does not import: rm -rf $WHEELS and rerun"; exit 1; }
   done_in llama
   ;;
-*) echo "usage: infra/setup.sh deps|llama"; exit 2 ;;
+*) echo "usage: infra/setup.sh deps|wheel|llama"; exit 2 ;;
 esac

@@ -30,6 +30,10 @@ from infra import kafka_local
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Before torch loads libgomp, in every worker and every process a test starts: three workers training at once on
+# 2 cores took 46 s a step each with OpenMP's spinning waits and 18 s with passive ones (cli/main.py says the same).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 # Fixtures that start a service or load the model. A test using one is an integration test whatever markers it
 # was written with, so `make test-fast` (which deselects integration, browser and slow) really needs nothing.
 SERVICE_FIXTURES = frozenset(
