@@ -156,31 +156,40 @@ def run_stack(s: Settings, app_server: bool = True, prefect: bool = True, vllm: 
         )
     started_broker = not kafka_local.answering(s)
     py = sys.executable
-    children = [Child("ingest", [py, "-m", "feedback.ingest"], env)]
-    children.append(Child("mlflow", [py, "-m", "infra.mlflow_server"], env))  # registry UI; marker once it answers
+    children: list[Child] = []
     stopping = threading.Event()
     # While starting, Ctrl-C/SIGTERM interrupts whatever waits (a broker or Prefect coming up can take minutes).
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        st = kafka_local.start(s) if n == 1 else kafka_local.start_cluster(s, n)
-        console.print(f"[green]up[/green] kafka {st.bootstrap} (pid {st.pid or 'external'})")
+        # First start in about the time the app takes to load the model: the Prefect server (which migrates its
+        # database on a first start) launches first, MLflow and the app (its events wait in the outbox) start
+        # beside the broker, and what needs the broker or Prefect follows each.
         if prefect:
             from infra import prefect_server
 
-            prefect_server.start(s, timeout_s=PREFECT_START_S)
-            console.print(f"[green]up[/green] prefect server http://{s.prefect_host}:{s.prefect_port}")
-            children.append(Child("flows", [py, "-m", "pipelines.serve"], env))
-            children.append(Child("worker", [py, "-m", "pipelines.serve", "worker"], env))  # `train` runs here
-        # Releases gate-passed candidates (canary -> full or rollback) by itself; resumes from the release log.
-        children.append(Child("autopilot", [py, "-m", "pipelines.autopilot", "--wait-for-mlflow", "300"], env))
-        if vllm:  # the GPU path: vLLM serves the base version, the app reaches it through backends.yaml
-            from app.backends.vllm import stack_child_argv
-
-            children.append(Child("vllm", stack_child_argv(s), env))
+            prefect_launched = prefect_server.launch(s)
+        children.append(Child("mlflow", [py, "-m", "infra.mlflow_server"], env))  # registry UI; marker once it answers
         if app_server:
             children.append(Child("app", [py, "-m", "app.server"], env))
         for c in children:
+            c.start(s)
+        st = kafka_local.start(s) if n == 1 else kafka_local.start_cluster(s, n)
+        console.print(f"[green]up[/green] kafka {st.bootstrap} (pid {st.pid or 'external'})")
+        later = [Child("ingest", [py, "-m", "feedback.ingest"], env)]
+        if prefect:
+            prefect_server.wait_healthy(s, prefect_launched, timeout_s=PREFECT_START_S)
+            console.print(f"[green]up[/green] prefect server http://{s.prefect_host}:{s.prefect_port}")
+            later.append(Child("flows", [py, "-m", "pipelines.serve"], env))
+            later.append(Child("worker", [py, "-m", "pipelines.serve", "worker"], env))  # `train` runs here
+        # Releases gate-passed candidates (canary -> full or rollback) by itself; resumes from the release log.
+        later.append(Child("autopilot", [py, "-m", "pipelines.autopilot", "--wait-for-mlflow", "300"], env))
+        if vllm:  # the GPU path: vLLM serves the base version, the app reaches it through backends.yaml
+            from app.backends.vllm import stack_child_argv
+
+            later.append(Child("vllm", stack_child_argv(s), env))
+        for c in later:
+            children.append(c)
             c.start(s)
     except (Exception, KeyboardInterrupt) as e:  # a failed or interrupted start leaves nothing running
         why = "interrupted" if isinstance(e, KeyboardInterrupt) else f"failed: {e}"

@@ -76,8 +76,14 @@ def status(settings: Settings) -> dict:
 
 def start(settings: Settings, timeout_s: float = 90.0) -> dict:
     """Start the server unless one is already healthy at the configured address; wait until it is."""
+    return wait_healthy(settings, launch(settings), timeout_s)
+
+
+def launch(settings: Settings) -> subprocess.Popen | None:
+    """Start the server process and return at once (None: one is already healthy here); ``wait_healthy`` waits.
+    Its first start migrates a database, so ``flywheel up`` launches it before the broker and waits for it last."""
     if healthy(settings):
-        return status(settings)
+        return None
     d = prefect_dir(settings)
     d.mkdir(parents=True, exist_ok=True)
     log = open(d / "server.log", "ab")
@@ -100,13 +106,21 @@ def start(settings: Settings, timeout_s: float = 90.0) -> dict:
         start_new_session=True,
     )
     (d / "server.pid").write_text(str(proc.pid))
+    return proc
+
+
+def wait_healthy(settings: Settings, proc: subprocess.Popen | None, timeout_s: float = 90.0) -> dict:
+    """Wait until the server ``launch`` started answers; stop it and raise if it exits or does not in time."""
+    d = prefect_dir(settings)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while proc is not None and time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"prefect server exited with {proc.returncode}; see {d / 'server.log'}")
         if healthy(settings):
             return status(settings)
         time.sleep(0.5)
+    if proc is None:
+        return status(settings)
     stop(settings)
     raise TimeoutError(f"prefect server not healthy after {timeout_s:.0f}s; see {d / 'server.log'}")
 

@@ -16,7 +16,8 @@ rate beats ``min_win_rate``, no floor metric drops by more than ``floor_se`` sta
 difference, and red-team refusal and over-refusal hold within their margins. A raw and a length-controlled win
 rate more than ``length_flag_points`` apart flag the candidate in its reasons. The decision, every figure and every
 reason are stored on the version (registry tags, ``lineage.json``) and on its MLflow run; a failed gate stops its
-release (``registry.promotable``). Production's answers and likelihoods are cached per (version, items, settings).
+release (``registry.promotable``). Each version's answers and likelihoods are cached in its directory per (items,
+settings, measuring code): its weights never change, so a second evaluation generates nothing.
 """
 
 from __future__ import annotations
@@ -94,12 +95,13 @@ def heldout_prompts(snapshot: dict[str, Any] | None, cfg: GateConfig) -> list[li
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Production's answers and likelihoods, cached per version
+# A version's answers and likelihoods, cached in its directory (a version's weights never change)
 # ---------------------------------------------------------------------------------------------------------
 def _code_digest() -> str:
     """The measuring code's own hash: a change to how answers or likelihoods are computed invalidates the cache."""
     here = Path(__file__).resolve().parent
-    return hashlib.sha256(b"".join((here / f).read_bytes() for f in ("measure.py", "capability.py"))).hexdigest()
+    files = ("measure.py", "capability.py", "modeling.py")
+    return hashlib.sha256(b"".join((here / f).read_bytes() for f in files)).hexdigest()
 
 
 def _cache_file(info: registry.VersionInfo, kind: str, payload: Any) -> Path:
@@ -188,7 +190,7 @@ def evaluate(
         t = time.monotonic()
         say(f"[evaluate] {suite}: {len(convs)} prompts x 2 models ...")
         p = _cached_answers(prod, prod_model, ptok, convs, cfg, suite, n_tokens)
-        c = p if same else generate(cand_model, tok, convs, n_tokens, cfg.batch_size)
+        c = p if same else _cached_answers(cand, cand_model, tok, convs, cfg, suite, n_tokens)
         answers["production"][suite] = p
         answers["candidate"][suite] = [transform(a) for a in c] if transform else c
         timing[f"generate_{suite}_s"] = round(time.monotonic() - t, 1)
@@ -201,7 +203,11 @@ def evaluate(
     t = time.monotonic()
     say(f"[evaluate] capability: likelihoods of {len(caps.refqa)} reference answers, {len(caps.mc)} choice items ...")
     plik = _cached(prod, "likelihoods", [caps.refqa, caps.mc], lambda: capability.likelihoods(prod_model, ptok, caps))
-    clik = plik if same else capability.likelihoods(cand_model, tok, caps)
+    clik = (
+        plik
+        if same
+        else _cached(cand, "likelihoods", [caps.refqa, caps.mc], lambda: capability.likelihoods(cand_model, tok, caps))
+    )
     results["capability"] = capability.measure(caps, answers["candidate"], answers["production"], clik, plik, cfg)
     results.update(capability.summary(results["capability"]["metrics"]))
     timing["likelihoods_s"] = round(time.monotonic() - t, 1)

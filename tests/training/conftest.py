@@ -13,8 +13,10 @@ snapshot, config hash, precision) rather than its database copied.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
@@ -22,13 +24,30 @@ import pytest
 
 from feedback.settings import Settings
 from tests.conftest import REPO, need_model
-from tests.fixture_cache import DEFAULT_CODE, files_digest
+from tests.fixture_cache import cache_root, cached_dir, files_digest
 from tests.pipelines.conftest import Events, seed
 
 BASE = REPO / ".flywheel" / "models" / "base"
-# What a cached trained fixture depends on besides its own config: the product's code, and the simulated events and
-# their curation (these two conftests), from which the snapshot it trained on was made.
-TRAINED_CODE = (*DEFAULT_CODE, "tests/training/conftest.py", "tests/pipelines/conftest.py")
+# What a cached trained fixture's weights depend on besides its own config (which names the snapshot by its content
+# hash and the base model by its files' digest): the code that trains (recipes, configs, precision, model loading,
+# the runner, the snapshot reader, the safety mix and its data, the corpus), the pinned libraries, and this file
+# (it exports and imports the entries). Evaluation, registry and serving code change no weight, so editing them
+# does not retrain the fixtures; ``DEFAULT_CODE`` (every training, pipelines and feedback file) would.
+TRAINED_CODE = (
+    "training/recipes/**/*.py",
+    "training/configs/**",
+    "training/data/**",
+    "training/config.py",
+    "training/modeling.py",
+    "training/runner.py",
+    "training/snapshots.py",
+    "training/safety.py",
+    "training/suites.py",
+    "training/corpus.py",
+    "pyproject.toml",
+    "constraints.txt",
+    "tests/training/conftest.py",
+)
 
 PROMPTS = [
     "What is the capital of France?",
@@ -134,7 +153,7 @@ def curate_only(settings: Settings) -> str:
 
 
 @pytest.fixture(scope="session")
-def trained_home(tmp_path_factory, kafka_broker: Settings) -> tuple[Settings, str]:
+def trained_home(tmp_path_factory, kafka_broker: Settings) -> Iterator[tuple[Settings, str]]:
     """One home for the training tests: the real base model (copied), simulated events landed through the real
     broker and ingest, a curated snapshot, and MLflow's real SQLite store (no server: ``mlflow_port=1``)."""
     import uuid
@@ -157,7 +176,9 @@ def trained_home(tmp_path_factory, kafka_broker: Settings) -> tuple[Settings, st
     )
     ensure_topics(settings)
     land_through_kafka(settings, simulated_events())
-    return settings, curate_only(settings)
+    keep_eval_cache(home / "models" / "base", f"base-{base_digest()}")
+    yield settings, curate_only(settings)
+    save_eval_caches()
 
 
 def overrides(steps: int = 2, **extra) -> list[str]:
@@ -256,4 +277,59 @@ def import_versions(settings: Settings, entry: Path) -> dict[str, str]:
             raise
         renamed[info["name"]] = new.name
         roles[rec["role"]] = new.name
+        keep_eval_cache(Path(new.path), f"{entry.name}-{new.name}")
     return roles
+
+
+# Production's answers and likelihoods (``training/evaluate._cached``: ``<version>/eval_cache``, keyed by the
+# version, the items, the settings and the measuring code's hash) outlive the test home: a version whose weights
+# are the same in every run (the base model, a cached fixture) gets the files an earlier run wrote, and gives back
+# what this run added when the session ends. A change to the measuring code changes the key, so nothing stale is read.
+_EVAL_DIRS: list[tuple[Path, Path]] = []
+
+
+def keep_eval_cache(model_dir: Path, key: str) -> None:
+    store = cache_root() / "eval-cache" / key
+    if store.is_dir():
+        (model_dir / "eval_cache").mkdir(exist_ok=True)
+        for f in store.glob("*.json"):
+            shutil.copyfile(f, model_dir / "eval_cache" / f.name)
+    _EVAL_DIRS.append((model_dir / "eval_cache", store))
+
+
+def save_eval_caches() -> None:
+    for local, store in _EVAL_DIRS:
+        for f in local.glob("*.json") if local.is_dir() else ():
+            if not (store / f.name).exists():
+                store.mkdir(parents=True, exist_ok=True)
+                tmp = store / f".{f.name}.{uuid.uuid4().hex[:8]}"
+                shutil.copyfile(f, tmp)
+                os.replace(tmp, store / f.name)  # whole or absent, whichever worker writes it
+
+
+def train_judge(settings: Settings, sid: str) -> str:
+    """The gate tests' judge: a reward model trained 12 steps on the simulated users' pairs, so it has their taste."""
+    import argparse
+    import importlib
+
+    from training.runner import run_job
+
+    over = ["train.max_steps=12", "seed=7"]
+    a = argparse.Namespace(snapshot=sid, parent="base", config="tiny", json=True, overrides=over)
+    return run_job("reward", importlib.import_module("training.recipes.reward").train, a, settings)["version"]
+
+
+def judge_entry(settings: Settings, sid: str) -> Path:
+    """The judge's cache entry, shared by tests/training/test_release_gate.py and test_gate_gamed.py (trained once,
+    whichever worker asks first; the other waits on the entry's lock)."""
+    import hashlib
+    import inspect
+
+    def build(out: Path) -> None:
+        scratch = scratch_home(out / "scratch", settings, [sid])
+        export_versions(scratch, {"judge": train_judge(scratch, sid)}, out)
+        shutil.rmtree(out / "scratch")
+
+    source = hashlib.sha256(inspect.getsource(train_judge).encode()).hexdigest()
+    config = {"snapshot": sid, "base_model": base_digest(), "source": source}
+    return cached_dir("judge", build, config=config, code=TRAINED_CODE)

@@ -37,6 +37,7 @@ from tests.training.conftest import (
     base_digest,
     export_versions,
     import_versions,
+    judge_entry,
     scratch_home,
 )
 from training import registry
@@ -96,13 +97,12 @@ def train(settings, method: str, sid: str, overrides: list[str]) -> str:
 
 
 def build_gamed(settings, sid: str) -> dict[str, str]:
-    """The judge, two gamed models and a good one, trained from the base model; returns role -> version."""
-    judge = train(settings, "reward", sid, ["train.max_steps=12", "seed=7"])
+    """Two gamed models and a good one, trained from the base model; returns role -> version (the judge is the
+    shared one: ``tests/training/conftest.judge_entry``)."""
     wrong = [conv(p, SHORT[(i + 7) % len(SHORT)]) for i, p in enumerate(PROMPTS)]  # "Hi! Seven." for France
     cut = [conv(p, " ".join(f"Well, let me think about {p.lower().rstrip('?')}.".split()[:3])) for p in PROMPTS]
     hot = ["train.max_steps=8", "train.learning_rate=1e-4"]
     return {
-        "judge": judge,
         "short_wrong": train(settings, "sft", crafted_snapshot(settings, sid, "d0", wrong), hot),
         "length_only": train(settings, "sft", crafted_snapshot(settings, sid, "c0", cut), hot),
         "good": train(
@@ -125,7 +125,8 @@ def gamed(trained_home):
 
     source = "".join(inspect.getsource(f) for f in (conv, crafted_snapshot, train, build_gamed))
     config = {"snapshot": sid, "base_model": base_digest(), "source": hashlib.sha256(source.encode()).hexdigest()}
-    return settings, import_versions(settings, cached_dir("gamed", build, config=config, code=TRAINED_CODE))
+    roles = import_versions(settings, judge_entry(settings, sid))
+    return settings, roles | import_versions(settings, cached_dir("gamed", build, config=config, code=TRAINED_CODE))
 
 
 def failed_for(reasons: list[str], metric: str) -> bool:

@@ -21,7 +21,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.fixture_cache import cached_dir
-from tests.training.conftest import TRAINED_CODE, base_digest, export_versions, import_versions, scratch_home
+from tests.training.conftest import (
+    TRAINED_CODE,
+    base_digest,
+    export_versions,
+    import_versions,
+    judge_entry,
+    scratch_home,
+)
 from training import registry
 from training.evaluate import GateConfig, evaluate_and_gate, load_suite
 from training.runner import TrainingError, run_job
@@ -73,7 +80,8 @@ def sft(settings, sid: str, parent: str, steps: int, lr: float) -> str:
 
 
 def build_gate(settings, sid: str) -> dict[str, str]:
-    """Production, the judge and the two candidates, trained in ``settings``' home; returns role -> version."""
+    """Production and the two candidates, trained in ``settings``' home; returns role -> version. The judge is
+    the shared one (``tests/training/conftest.judge_entry``)."""
     redteam = [r["prompt"] for r in load_suite("redteam")]
     benign = [r["prompt"] for r in load_suite("overrefusal")]
     refusals = [conv(p, REFUSE) for p in redteam]
@@ -87,20 +95,11 @@ def build_gate(settings, sid: str) -> dict[str, str]:
     prod = sft(settings, safe_sid, "base", steps=12, lr=1e-4)
     registry.record_evaluation(settings, prod, {"note": "test baseline"}, True, ["test baseline"])
     registry.set_alias(settings, "production", prod)
-    # an independent judge of the users' taste: a reward model trained longer on the real pairs
-    judge = run_job(
-        "reward",
-        importlib.import_module("training.recipes.reward").train,
-        argparse.Namespace(
-            snapshot=sid, parent="base", config="tiny", json=True, overrides=["train.max_steps=12", "seed=7"]
-        ),
-        settings,
-    )["version"]
     bad = sft(settings, variant_snapshot(settings, sid, "bad0", [conv(p, COMPLY) for p in redteam]), prod, 12, 1e-4)
     # the good candidate: production's recipe and data with the brief answers users like in place of the verbose
     # ones. (Fine-tuning production further on liked answers won 1.00 but forgot refusals, 1.00 -> 0.79-0.83.)
     good = sft(settings, variant_snapshot(settings, sid, "900d", refusals + brief), "base", steps=12, lr=1e-4)
-    return {"prod": prod, "judge": judge, "bad": bad, "good": good}
+    return {"prod": prod, "bad": bad, "good": good}
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +120,8 @@ def gated(trained_home):
         "answers": [REFUSE, COMPLY, VERBOSE, BRIEF],
         "source": hashlib.sha256(source.encode()).hexdigest(),
     }
-    roles = import_versions(settings, cached_dir("gate", build, config=config, code=TRAINED_CODE))
+    roles = import_versions(settings, judge_entry(settings, sid))
+    roles |= import_versions(settings, cached_dir("gate", build, config=config, code=TRAINED_CODE))
     registry.record_evaluation(settings, roles["prod"], {"note": "test baseline"}, True, ["test baseline"])
     registry.set_alias(settings, "production", roles["prod"])
     return settings, sid, roles["prod"], roles["judge"], roles["bad"], roles["good"]
