@@ -63,6 +63,7 @@ from feedback.settings import Settings, get_settings
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = ("sft", "dpo", "kto", "rlhf")
 POLL_S = 5.0
+LOG_GRACE_S = 30.0  # how long a finished run's last log lines may take to reach Prefect's API
 VERDICT = re.compile(r"\[train\] (\S+) gate (PASSED|FAILED)")  # the line pipelines.training logs with the verdict
 FIELDS = (  # every key of the --json object, present (None where it does not apply) whatever happened
     "home recipe config autonomous stages timeline simulate heldout ingested snapshot train gate release_decision "
@@ -222,18 +223,23 @@ def until_gated(run: Run, cfg: DemoConfig, up: UpProcess, runs: FlowRuns, curate
     if curate.state_type.value != "COMPLETED":
         raise StackError(f"the stack's curate run {curate.name} ended {curate.state_name}: see {up.s.home}/logs")
     run.say(f"curated ({describe_run(curate)['seconds']}s); waiting for the train run the trigger queues")
-    train, shown, verdict = None, 0, None
+    train, shown, verdict, ended = None, 0, None, None
     while verdict is None:
         if train is None:
             queued = [r for r in runs.runs("train") if r.deployment_id is not None]
             train = queued[0] if queued else None
         if train is not None:
             train = runs.client.read_flow_run(train.id)
+            ended = ended or (time.monotonic() if final(train) else None)
             for _, line in runs.logs(train.id, shown):
                 shown += 1
                 run.say(f"  train | {line[:200]}")
                 verdict = verdict or VERDICT.match(line)
-            if final(train) and (verdict is None or train.state_type.value != "COMPLETED"):
+            # A run's last log lines reach Prefect's API a few seconds after its final state (the worker sends logs
+            # in batches), so a completed run without a verdict yet gets LOG_GRACE_S before it counts as failed.
+            if ended is not None and (
+                train.state_type.value != "COMPLETED" or (verdict is None and time.monotonic() - ended > LOG_GRACE_S)
+            ):
                 raise StackError(f"the stack's train run {train.name} ended {train.state_name}: see the lines above")
         if verdict is None:
             _wait(run, cfg, up, "the stack trains and gates")
