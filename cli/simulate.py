@@ -134,6 +134,7 @@ class SimConfig:
     seed: int = 0
     api_key: str = ""
     user_prefix: str = "sim"
+    busy_patience_s: float = 60.0  # how long a user keeps retrying a busy (429) server before counting an error
 
 
 @dataclass
@@ -178,7 +179,8 @@ class SimUser:
             "max_tokens": self.cfg.max_tokens,
             "temperature": self.cfg.temperature,
         }
-        for _ in range(120):
+        give_up = time.monotonic() + self.cfg.busy_patience_s
+        while time.monotonic() < give_up:
             try:
                 r = self.client.post("/v1/chat/completions", json=body, headers=self._headers(conv))
             except httpx.HTTPError as e:
@@ -201,7 +203,7 @@ class SimUser:
             self.stats.per_user[self.user].answers += 1
             return self.assess(a, item)
         self.stats.errors += 1
-        self.stats.note_error("chat: still busy (HTTP 429) after 120 tries, about a minute")
+        self.stats.note_error(f"chat: still busy (HTTP 429) after {self.cfg.busy_patience_s:g} s of retries")
         return None
 
     def assess(self, a: Answer, item: PromptItem) -> Answer:
