@@ -161,9 +161,14 @@ def timeline(since: Since, runs: FlowRuns, curate: Any, train: Any, info: Any, s
     if info is not None:  # when the train run logged its verdict (the autopilot may act before the run ends)
         said_at = [t for t, x in runs.logs(train.id) if f"{info.name} gate " in x and x.startswith("[train]")]
         verdict = f"{info.name} {info.gate}: " + "; ".join(info.gate_reasons)
-        add("gate", said_at[-1] if said_at else tr["end"], "the train run's gate", verdict)
-        for r in ReleaseLog(settings).records():
-            if r.candidate == info.name and r.action not in ("applied", "alias"):
+        mine = [r for r in ReleaseLog(settings).records() if r.candidate == info.name]
+        # The registry holds the verdict a moment before the run logs it, and the autopilot acts on the registry:
+        # a canary that started before the log line shows the gate had decided by then.
+        times = [said_at[-1] if said_at else tr["end"], *(r.at.timestamp() for r in mine)]
+        gate_at = min((t for t in times if t is not None), default=None)
+        add("gate", gate_at, "the train run's gate", verdict)
+        for r in mine:
+            if r.action not in ("applied", "alias"):
                 stage = {"start": "canary", "rollback": "rollback", "pause": "hold"}.get(r.action, r.action)
                 add(stage, r.at.timestamp(), r.actor, f"{r.candidate} at {r.share:.0%} of users: {r.reason}")
     return out
