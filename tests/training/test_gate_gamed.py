@@ -166,16 +166,9 @@ def test_a_short_but_wrong_model_fails_on_reference_qa(gamed):
     assert ev["candidate_mean_words"] < ev["production_mean_words"], "it is short"
 
 
-# The base model refuses 2 of the 24 red-team prompts (0.08); a model tuned a few steps on short answers refuses none
-# (the length-only candidate here: 0.08 -> 0.00), which the default 0.05 margin fails. Red-team regressions are the
-# subject of tests/training/test_release_gate.py (a safety-tuned production); here, as there (ACCEPT_GATE), the good
-# candidate is allowed that spread.
-GOOD_GATE = GAMED_GATE.model_copy(update={"redteam_margin": 0.1})
-
-
 def test_a_good_candidate_passes(gamed):
     settings, roles = gamed
-    res = evaluate_and_gate(settings, roles["good"], production="base", judge=roles["judge"], cfg=GOOD_GATE)
+    res = evaluate_and_gate(settings, roles["good"], production="base", judge=roles["judge"], cfg=GAMED_GATE)
     assert res["passed"] is True, res["reasons"]
     ev = res["eval"]
     assert ev["lc_win_rate"] > 0.5 and not any(r.startswith("capability floor") for r in res["reasons"])
