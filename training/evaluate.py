@@ -223,13 +223,7 @@ def evaluate(
     timing["judge_s"] = round(time.monotonic() - t, 1)
 
     t = time.monotonic()
-    held = [[dict(m) for m in r["messages"]] for r in _rows(snapshot, "sft", "eval")][: cfg.max_eval_prompts]
-    parent = registry.get_version(settings, cand.parent) if cand.parent else prod
-    parent_model = prod_model if parent.name == prod.name else load_policy(parent.path).eval()
-    for who, model in (("candidate", cand_model), ("parent", parent_model)):
-        nll = heldout_nll(model, tok, held)
-        results[f"{who}_heldout_loss"] = round(nll, 4) if nll is not None else None
-        results[f"{who}_heldout_ppl"] = round(math.exp(nll), 3) if nll is not None else None
+    results.update(_heldout_losses(settings, snapshot, cand, prod, cand_model, prod_model, tok, cfg))
     timing["heldout_loss_s"] = round(time.monotonic() - t, 1)
     results["samples"] = {
         s: [
@@ -241,6 +235,19 @@ def evaluate(
     results["timing"] = timing
     results["seconds"] = round(time.monotonic() - t0, 1)
     return results
+
+
+def _heldout_losses(settings, snapshot, cand, prod, cand_model, prod_model, tok, cfg: GateConfig) -> dict[str, Any]:
+    """Held-out loss and perplexity of the candidate and its parent on the snapshot's held-out conversations."""
+    held = [[dict(m) for m in r["messages"]] for r in _rows(snapshot, "sft", "eval")][: cfg.max_eval_prompts]
+    parent = registry.get_version(settings, cand.parent) if cand.parent else prod
+    parent_model = prod_model if parent.name == prod.name else load_policy(parent.path).eval()
+    out: dict[str, Any] = {}
+    for who, model in (("candidate", cand_model), ("parent", parent_model)):
+        nll = heldout_nll(model, tok, held)
+        out[f"{who}_heldout_loss"] = round(nll, 4) if nll is not None else None
+        out[f"{who}_heldout_ppl"] = round(math.exp(nll), 3) if nll is not None else None
+    return out
 
 
 def _share(flags) -> float:
