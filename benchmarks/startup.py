@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,25 +30,13 @@ RESULTS = REPO / "benchmarks" / "results" / "startup.json"
 TARGET_S = 30.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def env_for(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLYWHEEL_", "PREFECT_"))}
-    env |= {
-        "FLYWHEEL_HOME": str(home),
-        "FLYWHEEL_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
-        "FLYWHEEL_KAFKA_CONTROLLER_PORT": str(free_port()),
-        "FLYWHEEL_APP_PORT": str(free_port()),
-        "FLYWHEEL_PREFECT_PORT": str(free_port()),
-        "FLYWHEEL_MLFLOW_PORT": str(free_port()),
-        "FLYWHEEL_BASE_MODEL": str(REPO / ".flywheel" / "models" / "base"),
-        "PYTHONPATH": str(REPO),
-    }
-    return env
+    """A world of its own (the demo's: fresh ports, the prepared base model) as the stack's environment."""
+    from cli.demo_stack import private_settings
+    from feedback.settings import Settings
+
+    env = private_settings(home, Settings(base_model=str(REPO / ".flywheel" / "models" / "base"))).child_env(REPO)
+    return {k: v for k, v in env.items() if not k.startswith("PREFECT_")}
 
 
 def answered(url: str) -> bool:
