@@ -55,6 +55,7 @@ from feedback.events import ChatTurn, Message
 from feedback.settings import Settings
 from feedback.warehouse import WarehouseBusy, connect
 from infra import kafka_local
+from infra.ports import free_port as _free_port
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_FAULTS = (
@@ -77,14 +78,6 @@ SUITE_FAULTS = {
 }
 ADMIN = "faults-admin-token"
 PATIENCE_S = 3.0
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _free_block(n: int) -> int:

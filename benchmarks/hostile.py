@@ -47,6 +47,8 @@ from pathlib import Path
 
 import httpx
 
+from infra.ports import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -74,12 +76,6 @@ MARKUP = [
 
 def progress(msg: str) -> None:
     print(f"[hostile] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pct(values: list[float], q: float) -> float | None:

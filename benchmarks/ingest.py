@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,14 +36,9 @@ from feedback.sink import insert_events
 from feedback.topics import ensure_topics
 from feedback.warehouse import connect, init_schema
 from infra import kafka_local
+from infra.ports import free_port as _free_port
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_events(n: int, seed: int = 0) -> list[ChatTurn]:

@@ -40,7 +40,6 @@ import gc
 import json
 import math
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -56,6 +55,7 @@ from pathlib import Path
 # sets (app/backends/embedded.py). So torch is imported only inside the functions below, after `main` decided.
 from feedback.events import Sampling
 from feedback.settings import get_settings
+from infra.ports import free_port as _free_port
 
 REPO = Path(__file__).resolve().parents[1]
 HELDOUT = REPO / "benchmarks" / "data" / "heldout.jsonl"
@@ -535,12 +535,6 @@ async def run_peer_server(model_path: Path, precision: str, users: list[int], ar
 
 def _gaps(stamps: list[float]) -> list[float]:
     return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pct(xs: list[float], q: float) -> float:

@@ -29,6 +29,7 @@ import httpx
 import psutil
 
 from feedback.settings import Settings
+from infra.ports import free_port as _free_port
 
 REPO = Path(__file__).resolve().parents[1]
 Say = Callable[[str], None]
@@ -41,12 +42,6 @@ class StackError(RuntimeError):
 # ---------------------------------------------------------------------------------------------------------
 # A world of its own
 # ---------------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def private_settings(home: Path, parent: Settings) -> Settings:

@@ -16,12 +16,13 @@ import asyncio
 import json
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from infra.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "docs" / "img"
@@ -29,12 +30,6 @@ CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_stack(home: Path, max_new_tokens: int):

@@ -16,7 +16,6 @@ trained fixtures that ``tests/fixture_cache.py`` built are listed.
 from __future__ import annotations
 
 import os
-import socket
 import time
 import uuid
 from pathlib import Path
@@ -27,6 +26,7 @@ import pytest
 from feedback.settings import Settings
 from feedback.topics import ensure_topics
 from infra import kafka_local
+from infra.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -247,12 +247,6 @@ def need_model(path: Path) -> Path:
     if not (path / "config.json").exists():
         pytest.fail(f"the base model is missing at {path}: run `make setup` (infra/prepare_model.py)")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def settings_env(s: Settings) -> dict[str, str]:

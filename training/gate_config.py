@@ -25,7 +25,13 @@ class GateConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     max_new_tokens: int = Field(48, ge=1, description="Tokens generated per answer (win rate, red team, over-refusal).")
-    batch_size: int = Field(16, ge=1, description="Prompts generated together (left-padded, greedy).")
+    batch_size: int = Field(
+        32,
+        ge=1,
+        description="Prompts generated together (left-padded, greedy). On 2 CPU cores 32 took 20.5 s for 64 "
+        "reference-QA answers where 16 took 29.4 s: a decoding step's matrices are small, and a wider batch "
+        "shares each step's fixed cost among more answers.",
+    )
     max_eval_prompts: int = Field(24, ge=1, description="Held-out prompts used for the win rate.")
     min_eval_prompts: int = Field(4, ge=1, description="Fewer held-out prompts than this: no win rate, gate fails.")
     min_win_rate: float = Field(

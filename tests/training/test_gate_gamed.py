@@ -62,6 +62,33 @@ TEMPLATE = (
 )
 
 
+# The good candidate's answers: right, and in the plain one-sentence form of the reference answers. (Training on
+# "Hello! Paris." instead moved the reference-answer NLL by +0.14 nats a token: every reference starts without a
+# greeting; and made it refuse 1 in 4 harmless look-alikes: the gate rightly failed it.)
+FULL = [
+    "The capital of France is Paris.",
+    "A spider has eight legs.",
+    "The sky is blue on a clear day.",
+    "A banana is a yellow fruit.",
+    "Two plus three is five.",
+    "Mercury is the planet closest to the sun.",
+    "Bees make honey.",
+    "There are seven days in a week.",
+    "Frozen water is called ice.",
+    "The lion is known as the king of the jungle.",
+    "Spanish is spoken in Spain.",
+    "The opposite of hot is cold.",
+    "There are twenty-four hours in a day.",
+    "Plants take in carbon dioxide.",
+    "The Pacific is the largest ocean.",
+    "William Shakespeare wrote Romeo and Juliet.",
+    "Water boils at 100 degrees Celsius.",
+    "There are seven continents.",
+    "The chemical symbol for gold is Au.",
+    "A triangle has three sides.",
+]
+
+
 def first_sentence(answer: str) -> str:
     """(a) Everything after the first sentence dropped."""
     m = re.search(r"[.!?](\s|$)", answer)
@@ -105,11 +132,13 @@ def build_gamed(settings, sid: str) -> dict[str, str]:
     return {
         "short_wrong": train(settings, "sft", crafted_snapshot(settings, sid, "d0", wrong), hot),
         "length_only": train(settings, "sft", crafted_snapshot(settings, sid, "c0", cut), hot),
+        # good: the same prompts answered right, in one plain sentence (the reference answers' own form), plus the
+        # product's safety mix (training/defaults.py): short enough for the judge, nothing of substance lost
         "good": train(
             settings,
             "sft",
-            crafted_snapshot(settings, sid, "9d", [conv(p, s) for p, s in zip(PROMPTS, SHORT, strict=True)]),
-            ["train.max_steps=4", "train.learning_rate=2e-5"],
+            crafted_snapshot(settings, sid, "9d", [conv(p, a) for p, a in zip(PROMPTS, FULL, strict=True)]),
+            ["train.max_steps=6", "train.learning_rate=5e-5", "data.safety_mix=16", "data.safety_refusal_share=0.25"],
         ),
     }
 
@@ -123,7 +152,7 @@ def gamed(trained_home):
         export_versions(scratch, build_gamed(scratch, sid), out)
         shutil.rmtree(out / "scratch")
 
-    source = "".join(inspect.getsource(f) for f in (conv, crafted_snapshot, train, build_gamed))
+    source = "".join(inspect.getsource(f) for f in (conv, crafted_snapshot, train, build_gamed)) + json.dumps(FULL)
     config = {"snapshot": sid, "base_model": base_digest(), "source": hashlib.sha256(source.encode()).hexdigest()}
     roles = import_versions(settings, judge_entry(settings, sid))
     return settings, roles | import_versions(settings, cached_dir("gamed", build, config=config, code=TRAINED_CODE))
