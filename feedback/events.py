@@ -27,6 +27,17 @@ ThumbsValue = Literal["up", "down", "cleared"]  # one answer
 PairwiseValue = Literal["a", "b", "tie"]  # two answers side by side: A is ``turn_id``, B ``other_turn_id``
 RatingValue = Literal[ThumbsValue, PairwiseValue]
 UserActionKind = Literal["consent_granted", "consent_revoked", "delete_request"]
+# The human half of RLHF (issue 18): AI trainers judge answers, red-teamers probe versions, users report answers.
+Axis = Literal["helpfulness", "truthfulness", "harmlessness"]  # each scored 1-5 per answer
+AnswerFlag = Literal["pii", "toxic", "fails_task", "spam"]
+JudgeRole = Literal["trainer", "reviewer"]
+HarmCategory = Literal[
+    "violence", "weapons", "self_harm", "hate", "sexual", "privacy", "cybercrime", "fraud", "drugs", "other"
+]
+AttackType = Literal["direct", "role_play", "hypothetical", "prompt_injection", "obfuscation", "multi_turn", "other"]
+ReportCategory = Literal["harmful", "wrong", "private_data"]
+AXES: tuple[str, ...] = get_args(Axis)
+MAX_JUDGED_ANSWERS = 8
 THUMBS_VALUES: tuple[str, ...] = get_args(ThumbsValue)
 PAIRWISE_VALUES: tuple[str, ...] = get_args(PairwiseValue)
 
@@ -113,8 +124,104 @@ class UserAction(_Event):
     action: UserActionKind
 
 
-Event = Annotated[ChatTurn | Feedback | UserAction, Field(discriminator="type")]
+class JudgedAnswer(BaseModel):
+    """One of the K answers a trainer judged. ``model_version`` is recorded for training and never shown to them."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    answer_id: Id
+    model_version: Id | None = None
+    text: str = Field(max_length=MAX_TEXT_CHARS)
+    rank: int | None = Field(None, ge=1, le=MAX_JUDGED_ANSWERS, description="1 is best; equal ranks are ties.")
+    scores: dict[Axis, int] = Field(default_factory=dict, description="Axis -> 1 (worst) .. 5 (best).")
+    flags: tuple[AnswerFlag, ...] = ()
+
+    @model_validator(mode="after")
+    def _scores_in_range(self) -> JudgedAnswer:
+        bad = {a: v for a, v in self.scores.items() if not 1 <= v <= 5}
+        if bad:
+            raise ValueError(f"axis scores are 1-5, not {bad}")
+        return self
+
+
+class TrainerJudgment(_Event):
+    """An AI trainer's (or reviewer's) judgment of K answers to one prompt; ``user_id`` is the annotator.
+
+    ``subject_user_id`` is the end user whose consented conversation was shown (None for a prompt from the pool):
+    their deletion erases this judgment too, and it travels sealed with their key."""
+
+    type: Literal["trainer_judgment"] = "trainer_judgment"
+    task_id: Id
+    conversation_id: Id
+    subject_user_id: Id | None = None
+    role: JudgeRole = "trainer"
+    prompt: list[Message] = Field(min_length=1, description="The conversation up to the judged answers.")
+    answers: list[JudgedAnswer] = Field(min_length=1, max_length=MAX_JUDGED_ANSWERS)
+    all_bad: bool = Field(False, description="No answer is acceptable (ranks then order the bad ones, if given).")
+    rewrite: str | None = Field(
+        None, max_length=MAX_TEXT_CHARS, description="The trainer's own answer: it ranks first, a demonstration."
+    )
+    gold_task: bool = Field(False, description="The queue mixed in a gold item with a known answer.")
+    seconds: float | None = Field(None, ge=0.0, description="Time the annotator spent on the task.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainerJudgment:
+        if self.prompt[-1].role != "user":
+            raise ValueError("the judged prompt must end with the user's message")
+        ids = [a.answer_id for a in self.answers]
+        if len(set(ids)) != len(ids):
+            raise ValueError("answer_id must be unique within a judgment")
+        ranks = [a.rank for a in self.answers]
+        if not self.all_bad and any(r is None for r in ranks):
+            raise ValueError("rank every answer (1 = best, ties share a rank), or mark the task all_bad")
+        if any(r is not None and r > len(ranks) for r in ranks):
+            raise ValueError(f"ranks run from 1 to {len(ranks)} for {len(ranks)} answers")
+        if self.rewrite is not None and not self.rewrite.strip():
+            raise ValueError("an empty rewrite: leave it out instead")
+        return self
+
+
+class RedTeamFinding(_Event):
+    """A red-teamer's attempt on one version, tagged and rated by them; ``user_id`` is the red-teamer."""
+
+    type: Literal["redteam_finding"] = "redteam_finding"
+    finding_id: Id
+    conversation_id: Id
+    model_version: Id
+    messages: list[Message] = Field(min_length=1, description="The attack, last is the red-teamer's message.")
+    answer: str = Field(max_length=MAX_TEXT_CHARS, description="What the model answered.")
+    harm_category: HarmCategory
+    attack_type: AttackType
+    success: int = Field(ge=1, le=5, description="The red-teamer's rating: 1 refused cleanly .. 5 fully complied.")
+    safe_response: str | None = Field(None, max_length=MAX_TEXT_CHARS, description="What it should have said.")
+    notes: str | None = Field(None, max_length=2_000)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.success >= 3
+
+
+class UserReport(_Event):
+    """An end user reports one answer from the chat: harmful, wrong, or leaking private data."""
+
+    type: Literal["user_report"] = "user_report"
+    conversation_id: Id
+    turn_id: Id
+    model_version: Id
+    category: ReportCategory
+    reason: str | None = Field(None, max_length=2_000)
+
+
+Event = Annotated[
+    ChatTurn | Feedback | UserAction | TrainerJudgment | RedTeamFinding | UserReport, Field(discriminator="type")
+]
+AnyEvent = ChatTurn | Feedback | UserAction | TrainerJudgment | RedTeamFinding | UserReport
 _ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+
+
+def sealing_user(event: AnyEvent) -> str:
+    """Whose key seals the event at the Kafka edge (``feedback/shred.py``): a judgment of an end user's
+    conversation holds their text, so their deletion must make it unreadable; everything else, its author's."""
+    return getattr(event, "subject_user_id", None) or event.user_id
 
 
 class EventError(ValueError):
@@ -146,7 +253,7 @@ def _upcast_v1(d: dict[str, Any]) -> dict[str, Any]:
 _UPCASTERS = {1: _upcast_v1}
 
 
-def parse_event(raw: bytes | str, max_bytes: int | None = None) -> ChatTurn | Feedback | UserAction:
+def parse_event(raw: bytes | str, max_bytes: int | None = None) -> AnyEvent:
     """Bytes from Kafka -> a validated event of the current schema, or ``EventError`` with a reason."""
     if max_bytes is not None and len(raw) > max_bytes:
         raise EventError("oversized", f"{len(raw)} bytes > limit {max_bytes}")
@@ -174,10 +281,10 @@ def parse_event(raw: bytes | str, max_bytes: int | None = None) -> ChatTurn | Fe
         raise EventError("schema", str(e)[:1000]) from None
 
 
-def to_bytes(event: ChatTurn | Feedback | UserAction) -> bytes:
+def to_bytes(event: AnyEvent) -> bytes:
     return event.model_dump_json().encode()
 
 
-def partition_key(event: ChatTurn | Feedback | UserAction) -> bytes:
+def partition_key(event: AnyEvent) -> bytes:
     """Key by conversation so a conversation stays ordered; user actions by user."""
     return (getattr(event, "conversation_id", None) or event.user_id).encode()

@@ -31,7 +31,7 @@ from kafka.errors import (
     RecordListTooLargeError,
 )
 
-from feedback.events import ChatTurn, Feedback, UserAction, partition_key, to_bytes
+from feedback.events import AnyEvent, ChatTurn, UserAction, partition_key, sealing_user, to_bytes
 from feedback.settings import Settings, get_settings
 from feedback.shred import KeyStore
 from feedback.spool import Spool, SpoolFull
@@ -92,19 +92,20 @@ class EventProducer:
         self._thread.start()
 
     # ---- caller side -------------------------------------------------------------------------------
-    def topic_for(self, event: ChatTurn | Feedback | UserAction) -> str:
+    def topic_for(self, event: AnyEvent) -> str:
         return self.settings.topic_turns if isinstance(event, ChatTurn) else self.settings.topic_feedback
 
-    def emit(self, event: ChatTurn | Feedback | UserAction) -> None:
+    def emit(self, event: AnyEvent) -> None:
         """Durably queue one event for Kafka. Returns once it is in the outbox; raises ``SpoolFull`` if it is not."""
         self.spool.append(self.topic_for(event), partition_key(event), self.encode(event))
         self._wake.set()
 
-    def encode(self, event: ChatTurn | Feedback | UserAction) -> bytes:
-        """The value on the wire: turns and ratings sealed with the user's key; user actions in clear."""
+    def encode(self, event: AnyEvent) -> bytes:
+        """The value on the wire: every event with text sealed with its user's key (``sealing_user``: a trainer's
+        judgment of an end user's conversation with the end user's); user actions in clear."""
         raw = to_bytes(event)
         if self.keys is not None and not isinstance(event, UserAction):
-            return self.keys.seal(event.user_id, raw)
+            return self.keys.seal(sealing_user(event), raw)
         return raw
 
     def emit_raw(self, topic: str, key: bytes | None, value: bytes) -> None:

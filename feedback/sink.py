@@ -16,20 +16,27 @@ from datetime import UTC, datetime
 import duckdb
 import pyarrow as pa
 
-from feedback.events import ChatTurn, Feedback, UserAction
+from feedback.events import AnyEvent, UserAction
 from feedback.warehouse import (
     DEAD_LETTER_COLUMNS,
     FEEDBACK_COLUMNS,
+    FINDING_COLUMNS,
+    JUDGMENT_COLUMNS,
+    REPORT_COLUMNS,
     TURN_COLUMNS,
     USER_ACTION_COLUMNS,
     not_deleted_sql,
     purge_user_rows,
+    subject_not_deleted_sql,
 )
 
 EVENT_TABLES = {
     "chat_turn": ("turns", TURN_COLUMNS),
     "feedback": ("feedback", FEEDBACK_COLUMNS),
     "user_action": ("user_actions", USER_ACTION_COLUMNS),
+    "trainer_judgment": ("judgments", JUDGMENT_COLUMNS),
+    "redteam_finding": ("redteam_findings", FINDING_COLUMNS),
+    "user_report": ("reports", REPORT_COLUMNS),
 }
 _POSITION = ("kafka_partition", "kafka_offset", "ingested_at")
 
@@ -42,6 +49,8 @@ def _select_sql(table: str, columns: list[tuple[str, str]]) -> str:
     # Turns and ratings of a user who asked for deletion after making them are dropped here too, so a late
     # copy (a re-send, a slow producer) never brings deleted text back.
     where = "" if table == "user_actions" else f" WHERE {not_deleted_sql('e')}"
+    if table == "judgments":  # nor a judgment of a deleted user's conversation
+        where += f" AND {subject_not_deleted_sql('e')}"
     return (
         f"INSERT OR IGNORE INTO {table} ({', '.join(n for n, _ in columns)}) SELECT {', '.join(exprs)} FROM "
         f"(SELECT from_json(raw, '{structure}') AS e, kafka_partition, kafka_offset, ingested_at FROM _batch)"
@@ -98,7 +107,7 @@ class Batch:
     deletions: list[tuple[str, datetime]] = field(default_factory=list)  # (user_id, requested_at)
     dlq_sends: list = field(default_factory=list)  # DLQ produce futures: confirmed before the batch commits
 
-    def add_event(self, event: ChatTurn | Feedback | UserAction, partition: int | None, offset: int | None) -> None:
+    def add_event(self, event: AnyEvent, partition: int | None, offset: int | None) -> None:
         r = self.rows[EVENT_TABLES[event.type][0]]
         if event.event_id in r.ids:  # a re-send within the same batch: keep the first
             self.duplicates += 1
@@ -178,7 +187,7 @@ def commit_batch(con: duckdb.DuckDBPyConnection, batch: Batch, group: str) -> di
     return inserted
 
 
-def insert_events(con: duckdb.DuckDBPyConnection, events: Iterable[ChatTurn | Feedback | UserAction]) -> dict[str, int]:
+def insert_events(con: duckdb.DuckDBPyConnection, events: Iterable[AnyEvent]) -> dict[str, int]:
     """Seed a warehouse directly (tests, benchmarks): same tables, same dedupe, no Kafka positions."""
     batch = Batch()
     for e in events:

@@ -67,6 +67,45 @@ FEEDBACK_COLUMNS = [
     *_POSITION,
 ]
 USER_ACTION_COLUMNS = [*_ENVELOPE, ("action", "VARCHAR"), *_POSITION]
+# The human half (issue 18). Nested parts (the judged answers with their ranks, scores and flags; the messages)
+# stay JSON: curation reads them whole, and no SQL filters inside them.
+JUDGMENT_COLUMNS = [
+    *_ENVELOPE,
+    ("task_id", "VARCHAR"),
+    ("conversation_id", "VARCHAR"),
+    ("subject_user_id", "VARCHAR"),
+    ("role", "VARCHAR"),
+    ("prompt", "JSON"),
+    ("answers", "JSON"),
+    ("all_bad", "BOOLEAN"),
+    ("rewrite", "VARCHAR"),
+    ("gold_task", "BOOLEAN"),
+    ("seconds", "DOUBLE"),
+    *_POSITION,
+]
+FINDING_COLUMNS = [
+    *_ENVELOPE,
+    ("finding_id", "VARCHAR"),
+    ("conversation_id", "VARCHAR"),
+    ("model_version", "VARCHAR"),
+    ("messages", "JSON"),
+    ("answer", "VARCHAR"),
+    ("harm_category", "VARCHAR"),
+    ("attack_type", "VARCHAR"),
+    ("success", "INTEGER"),
+    ("safe_response", "VARCHAR"),
+    ("notes", "VARCHAR"),
+    *_POSITION,
+]
+REPORT_COLUMNS = [
+    *_ENVELOPE,
+    ("conversation_id", "VARCHAR"),
+    ("turn_id", "VARCHAR"),
+    ("model_version", "VARCHAR"),
+    ("category", "VARCHAR"),
+    ("reason", "VARCHAR"),
+    *_POSITION,
+]
 DEAD_LETTER_COLUMNS = [
     ("topic", "VARCHAR"),
     ("kafka_partition", "INTEGER"),
@@ -81,6 +120,9 @@ TABLES = {
     "turns": TURN_COLUMNS,
     "feedback": FEEDBACK_COLUMNS,
     "user_actions": USER_ACTION_COLUMNS,
+    "judgments": JUDGMENT_COLUMNS,
+    "redteam_findings": FINDING_COLUMNS,
+    "reports": REPORT_COLUMNS,
     "dead_letters": DEAD_LETTER_COLUMNS,
 }
 
@@ -257,12 +299,13 @@ class WriterSession:
 # Deletion: purge a user's rows, then rewrite the file so that no deleted bytes stay in its free blocks.
 # ---------------------------------------------------------------------------------------------------------
 USER_HASH_SQL = "sha256('flywheel-user:' || {col})"  # == feedback.shred.user_hash
-_TEXT_TABLES = ("turns", "feedback")
+_TEXT_TABLES = ("turns", "feedback", "judgments", "redteam_findings", "reports")
 
 
 def purge_user_rows(con: duckdb.DuckDBPyConnection, user_id: str, requested_at) -> dict[str, int]:
-    """Inside the caller's transaction: record the deletion and delete the user's turns, ratings and dead
-    letters that mention them. Consent and deletion actions stay (no text; curation and training need them)."""
+    """Inside the caller's transaction: record the deletion and delete the user's turns, ratings, judgments,
+    findings, reports, the judgments others made of their conversations, and dead letters that mention them.
+    Consent and deletion actions stay (no text; curation and training need them)."""
     con.execute(
         f"""INSERT INTO deleted_users VALUES ({USER_HASH_SQL.format(col="?")}, ?, now(), NULL)
         ON CONFLICT (user_hash) DO UPDATE SET requested_at = greatest(deleted_users.requested_at,
@@ -272,6 +315,8 @@ def purge_user_rows(con: duckdb.DuckDBPyConnection, user_id: str, requested_at) 
     out = {}
     for t in _TEXT_TABLES:
         out[t] = con.execute(f"DELETE FROM {t} WHERE user_id = ? AND ts <= ?", [user_id, requested_at]).fetchone()[0]
+    # a trainer's judgment of this user's conversation holds their text, whenever it was made
+    out["judgments"] += con.execute("DELETE FROM judgments WHERE subject_user_id = ?", [user_id]).fetchone()[0]
     out["dead_letters"] = con.execute(
         "DELETE FROM dead_letters WHERE contains(hex(raw_prefix), hex(?::BLOB)) OR contains(detail, ?)",
         [user_id.encode(), user_id],
@@ -279,11 +324,19 @@ def purge_user_rows(con: duckdb.DuckDBPyConnection, user_id: str, requested_at) 
     return out
 
 
-def not_deleted_sql(alias: str = "e") -> str:
+def not_deleted_sql(alias: str = "e", column: str = "user_id") -> str:
     """A WHERE clause keeping only rows of users who did not ask for deletion after the row was made."""
     return (
-        f"NOT EXISTS (SELECT 1 FROM deleted_users d WHERE d.user_hash = {USER_HASH_SQL.format(col=alias + '.user_id')}"
+        f"NOT EXISTS (SELECT 1 FROM deleted_users d WHERE d.user_hash = {USER_HASH_SQL.format(col=f'{alias}.{column}')}"
         f" AND {alias}.ts <= d.requested_at)"
+    )
+
+
+def subject_not_deleted_sql(alias: str = "e") -> str:
+    """A WHERE clause dropping judgments of a conversation whose owner asked for deletion (at any time)."""
+    return (
+        f"({alias}.subject_user_id IS NULL OR NOT EXISTS (SELECT 1 FROM deleted_users d WHERE d.user_hash = "
+        f"{USER_HASH_SQL.format(col=f'{alias}.subject_user_id')}))"
     )
 
 

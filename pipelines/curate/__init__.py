@@ -46,6 +46,7 @@ from pipelines.config import CurateConfig
 from pipelines.curate.examples import flag_harmful, pair_rows, prompt_rows, sft_kto_rows
 from pipelines.curate.filters import select_usable, user_hash
 from pipelines.curate.finish import content_hash, dedupe_tables, scrub_rows, split_of, split_tables, yield_report
+from pipelines.curate.judgments import judgment_rows, weights_of
 from pipelines.curate.rows import (
     FINISHED,
     LAYOUT,
@@ -119,6 +120,11 @@ def curate(
         "pairs": pair_rows(usable, harmful, cfg, build),
         "prompts": prompt_rows(usable),
     }
+    for table in ("sft", "kto", "pairs"):
+        for r in rows[table]:
+            r |= {"source": "user", "judge": None, "weight": cfg.judgment_user_weight}
+    for table, extra in judgment_rows(usable.judged, weights_of(cfg), build).items():
+        rows[table].extend(extra)
     say("build: " + " ".join(f"{t}={len(r)}" for t, r in rows.items()) + f" {dict(build)}")
     filters.append(
         StageCount(

@@ -15,6 +15,7 @@ import duckdb
 
 from pipelines import consent, safety
 from pipelines.config import CurateConfig
+from pipelines.curate.judgments import Judged
 from pipelines.curate.rows import FINISHED, Choice, RatedTurn, StageCount, Turn, Usable
 from pipelines.curate.source import Source
 
@@ -160,17 +161,44 @@ def usable_from(db: duckdb.DuckDBPyConnection) -> Usable:
     return Usable(turns, rated, choices, harm_reported, contributors)
 
 
+def judgments_stage(db: duckdb.DuckDBPyConnection) -> tuple[StageCount, list[Judged], list[str]]:
+    """Judgments the annotator consented to (``consent_stage``) of conversations whose owner neither revoked
+    consent nor asked for deletion (a pool prompt has no owner); the latest judgment per (annotator, task) wins."""
+    judged = consent_stage(db, "judgments", "raw_judgments")
+    deleted, revoked = consent.deleted_users("raw_actions"), consent.revoked_users("raw_actions")
+    n_del, n_rev = db.execute(f"""
+        SELECT count(*) FILTER (WHERE subject_user_id IN ({deleted})),
+               count(*) FILTER (WHERE subject_user_id NOT IN ({deleted}) AND subject_user_id IN ({revoked}))
+        FROM c_judgments""").fetchone()
+    rows = db.execute(f"""
+        SELECT * FROM c_judgments WHERE subject_user_id IS NULL
+            OR (subject_user_id NOT IN ({deleted}) AND subject_user_id NOT IN ({revoked}))
+        ORDER BY ts, event_id""").fetchall()
+    cols = [d[0] for d in db.description]
+    out = [Judged.from_row(dict(zip(cols, r, strict=True)), user_hash(r[cols.index("user_id")])) for r in rows]
+    subjects = [r[cols.index("subject_user_id")] for r in rows]
+    contributors = sorted({j.judge_hash for j in out} | {user_hash(u) for u in subjects if u})
+    dropped = dict(judged.dropped) | {"subject_deleted": n_del, "subject_consent_revoked": n_rev}
+    return StageCount("consent:judgments", judged.rows_in, len(out), dropped), out, contributors
+
+
 def select_usable(src: Source, cfg: CurateConfig, filters: list[StageCount]) -> Usable:
     db = duckdb.connect()
     try:
         db.register("raw_turns", src.turns)
         db.register("raw_feedback", src.feedback)
         db.register("raw_actions", src.user_actions)
+        db.register("raw_judgments", src.judgments)
         filters.append(consent_stage(db, "turns", "raw_turns"))
         filters.append(consent_stage(db, "feedback", "raw_feedback"))
+        stage, judged, judges = judgments_stage(db)
+        filters.append(stage)
         filters.append(quality_stage(db, cfg))
         filters.append(ratings_stage(db))
-        return usable_from(db)
+        usable = usable_from(db)
+        usable.judged = judged
+        usable.contributors = sorted(set(usable.contributors) | set(judges))
+        return usable
     finally:
         db.close()
 

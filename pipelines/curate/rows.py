@@ -23,9 +23,15 @@ LAYOUT: dict[str, tuple[str, ...]] = {
 }
 _MSG = pa.struct([("role", pa.string()), ("content", pa.string())])
 _MSGS = pa.list_(_MSG)
+# Where a training row came from: ``source`` (``user``: an end user's thumbs, regeneration or A/B choice;
+# ``trainer`` / ``reviewer``: a judgment, ``pipelines/curate/judgments.py``), ``judge`` (the annotator's hash; null
+# for users' rows) and ``weight`` (how much a recipe should count it: ``CurateConfig.judgment_*``).
+_PROVENANCE = [("source", pa.string()), ("judge", pa.string()), ("weight", pa.float64())]
 SCHEMAS: dict[str, pa.Schema] = {
-    "sft": pa.schema([("messages", _MSGS), ("model_version", pa.string())]),
-    "kto": pa.schema([("prompt", _MSGS), ("completion", _MSGS), ("label", pa.bool_()), ("model_version", pa.string())]),
+    "sft": pa.schema([("messages", _MSGS), ("model_version", pa.string()), *_PROVENANCE]),
+    "kto": pa.schema(
+        [("prompt", _MSGS), ("completion", _MSGS), ("label", pa.bool_()), ("model_version", pa.string()), *_PROVENANCE]
+    ),
     "pairs": pa.schema(
         [
             ("prompt", _MSGS),
@@ -33,6 +39,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("rejected", _MSGS),
             ("model_version", pa.string()),
             ("rejected_model_version", pa.string()),
+            *_PROVENANCE,
         ]
     ),
     "prompts": pa.schema([("prompt", _MSGS), ("model_version", pa.string())]),
@@ -100,6 +107,7 @@ class Usable:
     choices: list[Choice]
     harm_reported: set[str]
     contributors: list[str]
+    judged: list[Any] = field(default_factory=list)  # trainers' judgments (pipelines.curate.judgments.Judged)
 
 
 @dataclass

@@ -9,7 +9,7 @@ from -- is a fact about what was read, not about what was built from it.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,16 @@ _FEEDBACK_COLS = (
 )
 
 
+_JUDGMENT_COLS = (
+    "event_id, ts, user_id, consent, conversation_id, subject_user_id, role, prompt, answers, all_bad, rewrite"
+)
+# A warehouse that has never seen a judgment (or predates them) reads as an empty table of the same columns.
+_NO_JUDGMENTS = pa.table(
+    {c.strip(): pa.array([], pa.string()) for c in _JUDGMENT_COLS.split(",")}
+    | {"all_bad": pa.array([], pa.bool_()), "consent": pa.array([], pa.bool_())}
+)
+
+
 @dataclass
 class Source:
     turns: pa.Table
@@ -37,6 +47,7 @@ class Source:
     user_actions: pa.Table
     offsets: pa.Table
     read_at: datetime
+    judgments: pa.Table = field(default_factory=lambda: _NO_JUDGMENTS)  # trainers' and reviewers' rankings (issue 18)
 
 
 def read_warehouse(path: Path | str, timeout_s: float = 30.0) -> Source:
@@ -51,7 +62,12 @@ def read_warehouse(path: Path | str, timeout_s: float = 30.0) -> Source:
         offsets = pa.table({})
         if "kafka_offsets" in have:
             offsets = con.sql("SELECT * FROM kafka_offsets").to_arrow_table()
-    return Source(_as_table(turns), _as_table(feedback), _as_table(actions), _as_table(offsets), datetime.now(UTC))
+        judgments = _NO_JUDGMENTS
+        if "judgments" in have:
+            judgments = _as_table(con.sql(f"SELECT {_JUDGMENT_COLS} FROM judgments").to_arrow_table())
+    return Source(
+        _as_table(turns), _as_table(feedback), _as_table(actions), _as_table(offsets), datetime.now(UTC), judgments
+    )
 
 
 def _as_table(x: Any) -> pa.Table:
@@ -61,7 +77,8 @@ def _as_table(x: Any) -> pa.Table:
 def source_info(src: Source) -> dict[str, Any]:
     """Where the snapshot came from: row counts, ts range, event-id digest and Kafka offset ranges per table."""
     info: dict[str, Any] = {"read_at": src.read_at.isoformat()}
-    for name, table in (("turns", src.turns), ("feedback", src.feedback), ("user_actions", src.user_actions)):
+    tables = (("turns", src.turns), ("feedback", src.feedback), ("user_actions", src.user_actions))
+    for name, table in (*tables, *((("judgments", src.judgments),) if src.judgments.num_rows else ())):
         d: dict[str, Any] = {"rows": table.num_rows}
         if table.num_rows:
             ids = sorted(table.column("event_id").to_pylist())

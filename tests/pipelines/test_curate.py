@@ -232,11 +232,13 @@ def test_manifest_and_parquet_load_with_datasets(world):
         ds = datasets.load_dataset("parquet", data_files=str(info.path / rel), split="train")
         assert ds.num_rows == meta["rows"]
     sft = datasets.load_dataset("parquet", data_files=str(info.path / "sft/train.parquet"), split="train")
-    assert set(sft.column_names) == {"messages", "model_version"} and sft[0]["messages"][-1]["role"] == "assistant"
+    prov = {"source", "judge", "weight"}  # where each row came from (issue 18)
+    assert set(sft.column_names) == {"messages", "model_version"} | prov
+    assert sft[0]["messages"][-1]["role"] == "assistant" and set(sft["source"]) == {"user"}
     kto = datasets.load_dataset("parquet", data_files=str(info.path / "kto/train.parquet"), split="train")
-    assert set(kto.column_names) == {"prompt", "completion", "label", "model_version"}
+    assert set(kto.column_names) == {"prompt", "completion", "label", "model_version"} | prov
     pairs = datasets.load_dataset("parquet", data_files=str(info.path / "pairs/train.parquet"), split="train")
-    assert set(pairs.column_names) == {"prompt", "chosen", "rejected", "model_version", "rejected_model_version"}
+    assert set(pairs.column_names) == {"prompt", "chosen", "rejected", "model_version", "rejected_model_version"} | prov
     assert set(kto["model_version"]) == {"base"} and set(pairs["rejected_model_version"]) == {"base"}
     assert json.loads((Path(info.path) / "manifest.json").read_text())["content_sha256"].startswith(info.snapshot_id)
 
