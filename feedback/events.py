@@ -155,7 +155,7 @@ class TrainerJudgment(_Event):
     subject_user_id: Id | None = None
     role: JudgeRole = "trainer"
     prompt: list[Message] = Field(min_length=1, description="The conversation up to the judged answers.")
-    answers: list[JudgedAnswer] = Field(min_length=1, max_length=MAX_JUDGED_ANSWERS)
+    answers: list[JudgedAnswer] = Field(default_factory=list, max_length=MAX_JUDGED_ANSWERS)
     all_bad: bool = Field(False, description="No answer is acceptable (ranks then order the bad ones, if given).")
     rewrite: str | None = Field(
         None, max_length=MAX_TEXT_CHARS, description="The trainer's own answer: it ranks first, a demonstration."
@@ -167,6 +167,8 @@ class TrainerJudgment(_Event):
     def _consistent(self) -> TrainerJudgment:
         if self.prompt[-1].role != "user":
             raise ValueError("the judged prompt must end with the user's message")
+        if not self.answers and not self.rewrite:
+            raise ValueError("a judgment needs answers to judge or a written answer (rewrite)")
         ids = [a.answer_id for a in self.answers]
         if len(set(ids)) != len(ids):
             raise ValueError("answer_id must be unique within a judgment")

@@ -171,14 +171,17 @@ def judgments_stage(db: duckdb.DuckDBPyConnection) -> tuple[StageCount, list[Jud
                count(*) FILTER (WHERE subject_user_id NOT IN ({deleted}) AND subject_user_id IN ({revoked}))
         FROM c_judgments""").fetchone()
     rows = db.execute(f"""
-        SELECT * FROM c_judgments WHERE subject_user_id IS NULL
-            OR (subject_user_id NOT IN ({deleted}) AND subject_user_id NOT IN ({revoked}))
-        ORDER BY ts, event_id""").fetchall()
+        SELECT * EXCLUDE (rn) FROM (
+            SELECT *, row_number() OVER (PARTITION BY user_id, task_id ORDER BY ts DESC, event_id DESC) AS rn
+            FROM c_judgments WHERE subject_user_id IS NULL
+                OR (subject_user_id NOT IN ({deleted}) AND subject_user_id NOT IN ({revoked})))
+        WHERE rn = 1 ORDER BY ts, event_id""").fetchall()
     cols = [d[0] for d in db.description]
     out = [Judged.from_row(dict(zip(cols, r, strict=True)), user_hash(r[cols.index("user_id")])) for r in rows]
     subjects = [r[cols.index("subject_user_id")] for r in rows]
     contributors = sorted({j.judge_hash for j in out} | {user_hash(u) for u in subjects if u})
-    dropped = dict(judged.dropped) | {"subject_deleted": n_del, "subject_consent_revoked": n_rev}
+    edited = judged.rows_out - n_del - n_rev - len(out)  # replaced by the same annotator's later judgment
+    dropped = dict(judged.dropped) | {"subject_deleted": n_del, "subject_consent_revoked": n_rev, "edited": edited}
     return StageCount("consent:judgments", judged.rows_in, len(out), dropped), out, contributors
 
 

@@ -31,7 +31,7 @@ _FEEDBACK_COLS = (
 
 
 _JUDGMENT_COLS = (
-    "event_id, ts, user_id, consent, conversation_id, subject_user_id, role, prompt, answers, all_bad, rewrite"
+    "event_id, ts, user_id, consent, task_id, conversation_id, subject_user_id, role, prompt, answers, all_bad, rewrite"
 )
 # A warehouse that has never seen a judgment (or predates them) reads as an empty table of the same columns.
 _NO_JUDGMENTS = pa.table(

@@ -70,7 +70,7 @@ def test_round_trip(event):
 @pytest.mark.parametrize(
     "change, says",
     [
-        ({"answers": []}, "at least 1"),
+        ({"answers": []}, "answers to judge or a written answer"),
         ({"prompt": [Message(role="assistant", content="hi")]}, "end with the user's message"),
         (
             {"answers": [JudgedAnswer(answer_id="a", text="x", rank=1), JudgedAnswer(answer_id="a", text="y", rank=2)]},

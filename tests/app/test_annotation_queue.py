@@ -1,0 +1,170 @@
+"""Roles and the trainers' task queue (issue 18): who may take what, blind judging, overlap, skips, drafts, the
+edit window and rate limit; and one judgment's whole path: queue -> spool -> Kafka -> ingest -> warehouse ->
+curated pairs."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from app.annotation.queue import QueueConfig, QueueError, Task, TaskQueue
+from app.annotation.roles import RoleError, RoleStore
+from feedback.settings import Settings
+
+PROMPT = [{"role": "user", "content": "What is the capital of Peru?"}]
+ANSWERS = [
+    {"answer_id": "x1", "text": "Lima.", "model_version": "sft-0002"},
+    {"answer_id": "x2", "text": "Cusco.", "model_version": "base"},
+    {"answer_id": "x3", "text": "The capital of Peru is Lima.", "model_version": "dpo-0003"},
+]
+
+
+@pytest.fixture
+def world(tmp_path):
+    s = Settings(home=tmp_path / "home")
+    roles, queue = RoleStore(s), TaskQueue(s, config=QueueConfig(max_per_minute=3, edit_window_s=60))
+    yield s, roles, queue
+    roles.close()
+    queue.close()
+
+
+def task(i: int = 0, **kw) -> Task:
+    return Task(**{"task_id": f"task-{i}", "kind": "compare", "prompt": PROMPT, "answers": ANSWERS,
+                   "conversation_id": f"conv-{i}", **kw})  # fmt: skip
+
+
+def test_a_token_signs_in_only_its_annotator_and_roles_are_checked(world):
+    _, roles, _ = world
+    token = roles.grant("ana", "trainer")
+    assert token and token.startswith("fwt_") and roles.grant("ana", "reviewer") is None, "one token per person"
+    assert roles.check("ana", token).roles == ("reviewer", "trainer")
+    assert roles.check("ana", token + "x") is None and roles.check("bob", token) is None
+    with pytest.raises(RoleError, match="unknown role"):
+        roles.grant("ana", "admin")
+    with pytest.raises(RoleError, match="annotator names"):
+        roles.grant("<b>ana</b>", "trainer")
+    assert roles.revoke("ana", "trainer") and roles.revoke("ana", "reviewer")
+    assert roles.check("ana", token) is None, "no role left: no access"
+
+
+def test_judging_is_blind_and_nobody_judges_their_own(world):
+    _, roles, queue = world
+    for name in ("ana", "bob"):
+        roles.grant(name, "trainer")
+    queue.add(task(0, subject_user_id="ana"))
+    ana, bob = roles.get("ana"), roles.get("bob")
+    assert queue.next_for(ana) is None, "ana's own conversation"
+    view = queue.next_for(bob)
+    assert view.labels == ["A", "B", "C"] and sorted(view.texts) == sorted(a["text"] for a in ANSWERS)
+    assert "sft-0002" not in repr(view) and "dpo-0003" not in repr(view), "no version names while judging"
+    with pytest.raises(QueueError, match="own"):
+        queue.submit(ana, "task-0", ranks={"x1": 1, "x2": 3, "x3": 2})
+
+
+def test_overlap_skips_and_drafts(world):
+    _, roles, queue = world
+    for name in ("ana", "bob", "cy"):
+        roles.grant(name, "trainer")
+    ana, bob, cy = (roles.get(n) for n in ("ana", "bob", "cy"))
+    queue.add(task(0, overlap=2))
+    queue.save_draft("ana", "task-0", {"ranks": {"x1": 1}})
+    assert queue.draft("ana", "task-0") == {"ranks": {"x1": 1}}, "autosaved"
+    queue.submit(ana, "task-0", ranks={"x1": 1, "x2": 3, "x3": 2})
+    assert queue.next_for(ana) is None, "done by ana"
+    with pytest.raises(QueueError, match="say why"):
+        queue.skip("bob", "task-0", " ")
+    queue.skip("bob", "task-0", "outside my expertise")
+    assert queue.next_for(bob) is None
+    assert queue.next_for(cy).task_id == "task-0"
+    queue.submit(cy, "task-0", ranks={"x1": 1, "x2": 2, "x3": 1})
+    assert queue.depth()["compare"] == 0, "judged by its two annotators: out of the queue"
+
+
+def test_edit_window_rate_limit_and_bad_judgments(world):
+    _, roles, queue = world
+    roles.grant("ana", "trainer")
+    ana = roles.get("ana")
+    for i in range(5):
+        queue.add(task(i))
+    with pytest.raises(QueueError, match="rank every answer"):
+        queue.submit(ana, "task-0", ranks={"x1": 1})
+    first = queue.submit(ana, "task-0", ranks={"x1": 1, "x2": 2, "x3": 3})
+    again = queue.submit(ana, "task-0", ranks={"x1": 2, "x2": 3, "x3": 1})  # an edit inside the window
+    assert again.event_id != first.event_id and again.task_id == first.task_id
+    queue.submit(ana, "task-1", all_bad=True, rewrite="Lima is the capital of Peru.")
+    queue.submit(ana, "task-2", ranks={"x1": 1, "x2": 1, "x3": 1})
+    with pytest.raises(QueueError, match="submissions a minute"):
+        queue.submit(ana, "task-3", ranks={"x1": 1, "x2": 2, "x3": 3})
+    queue._db.execute("UPDATE assignments SET submitted_at = submitted_at - 3600")  # an hour later
+    with pytest.raises(QueueError, match="window to edit"):
+        queue.submit(ana, "task-0", ranks={"x1": 1, "x2": 2, "x3": 3})
+
+
+def test_tasks_are_checked_when_added(world):
+    _, _, queue = world
+    with pytest.raises(QueueError, match="2-4 answers"):
+        queue.add(task(0, answers=ANSWERS[:1]))
+    with pytest.raises(QueueError, match="end with the user's"):
+        queue.add(task(1, prompt=[{"role": "assistant", "content": "hi"}]))
+    with pytest.raises(QueueError, match="gold answer"):
+        queue.add(task(2, gold_answer_id="nope"))
+    with pytest.raises(QueueError, match="unknown task kind"):
+        queue.add(task(3, kind="vibes"))
+
+
+def test_roles_route_kinds_and_priorities(world):
+    _, roles, queue = world
+    roles.grant("rev", "reviewer")
+    roles.grant("red", "red_teamer")
+    queue.add(task(0))
+    queue.add(task(1, kind="review", priority=1.0))
+    queue.add(task(2, kind="safe_response", answers=ANSWERS[:1], author="red"))
+    assert queue.next_for(roles.get("rev")).task_id == "task-1", "review outweighs compare"
+    assert queue.next_for(roles.get("red")) is None, "a red-teamer's own finding goes to someone else"
+
+
+@pytest.mark.integration
+def test_a_submitted_judgment_reaches_the_warehouse_and_becomes_pairs(tmp_path, kafka_broker):
+    from feedback.ingest import IngestConsumer
+    from feedback.producer import EventProducer
+    from feedback.topics import ensure_topics
+    from feedback.warehouse import connect
+    from pipelines import curate as cur
+    from pipelines.config import CurateConfig
+    from pipelines.pii import PiiScrubber
+
+    tag = uuid.uuid4().hex[:8]
+    s = Settings(
+        home=tmp_path / "home",
+        kafka_bootstrap=kafka_broker.kafka_bootstrap,
+        topic_prefix=f"ann{tag}",
+        ingest_group=f"ingest-{tag}",
+        ingest_batch_ms=100,
+    )
+    ensure_topics(s)
+    producer = EventProducer(s, spool_name="annotation-test")
+    roles, queue = RoleStore(s), TaskQueue(s, producer=producer)
+    try:
+        roles.grant("ana", "trainer")
+        queue.add(task(0, subject_user_id="alice"))
+        sent = queue.submit(roles.get("ana"), "task-0", ranks={"x1": 1, "x2": 3, "x3": 2}, seconds=42.0)
+        assert producer.flush(60)
+    finally:
+        producer.close()
+        roles.close()
+        queue.close()
+    t0 = time.monotonic()
+    IngestConsumer(s).run(idle_exit_s=3.0, max_seconds=120, stop_when=lambda st: sum(st.inserted.values()) >= 1)
+    with connect(s.warehouse_path) as con:
+        got = con.execute("SELECT event_id, user_id, subject_user_id, seconds FROM judgments").fetchall()
+    assert got == [(sent.event_id, "ana", "alice", 42.0)], f"after {time.monotonic() - t0:.0f} s"
+    curated = cur.curate(
+        cur.read_warehouse(s.warehouse_path), CurateConfig(eval_fraction=0.0), PiiScrubber(CurateConfig(pii_model=""))
+    )
+    pairs = curated.tables["pairs"]["train"]
+    assert len(pairs) == 3 and {p["source"] for p in pairs} == {"trainer"}
+    assert {(p["model_version"], p["rejected_model_version"]) for p in pairs} == {
+        ("sft-0002", "base"), ("sft-0002", "dpo-0003"), ("dpo-0003", "base"),
+    }  # fmt: skip
