@@ -25,6 +25,9 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 from pydantic import SecretStr
 
+from app.annotation.queue import TaskQueue
+from app.annotation.roles import RoleStore
+from app.annotation.workspace import mount_workspace
 from app.api import build_api, install_error_handlers
 from app.backends.base import Backend
 from app.dashboard import mount_dashboard
@@ -233,6 +236,7 @@ def create_app(
     router = ReleaseRouter(settings)
     producer = EventProducer(settings, spool_name="app")
     service = ChatService(settings, backends, router, sessions, producer, Metrics())
+    roles, tasks = RoleStore(settings), TaskQueue(settings, producer=producer)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -246,6 +250,8 @@ def create_app(
                 await b.aclose()
             sessions.close()
             keys.close()
+            roles.close()
+            tasks.close()
 
     # The /v1 docs page with Swagger UI served from here (fastapi-offline), not from a CDN: it works offline and
     # tells no third party who reads it. Its assets live outside /v1, so they need no API key.
@@ -265,6 +271,7 @@ def create_app(
     app.include_router(build_deletion_api(service))
     demo = build_ui(service, max_new_tokens=max_new_tokens or settings.app_max_new_tokens)
     app = mount_dashboard(app, settings)  # /ops, behind the admin token; before "/" so the chat UI does not shadow it
+    app = mount_workspace(app, settings, service, tasks, roles)  # /train: AI trainers and red-teamers, signed in
     app = gr.mount_gradio_app(
         app,
         demo,

@@ -209,6 +209,7 @@ def _mount_parts() -> None:
     from cli.keys import keys_app
     from cli.models import models_app
     from cli.releases import releases_app
+    from cli.roles import roles_app
     from cli.simulate import simulate
 
     app.add_typer(datasets_app, name="datasets")
@@ -217,6 +218,7 @@ def _mount_parts() -> None:
     app.add_typer(keys_app, name="keys")
     app.add_typer(models_app, name="models")
     app.add_typer(releases_app, name="releases")
+    app.add_typer(roles_app, name="roles")
     app.command("simulate")(simulate)
     app.command("demo")(demo)
     app.command("run", help="Run a flow once, now: flywheel run <flow>.")(run_flow)
