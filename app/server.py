@@ -25,6 +25,7 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 from pydantic import SecretStr
 
+from app.annotation.api import build_annotation_api
 from app.annotation.queue import TaskQueue
 from app.annotation.roles import RoleStore
 from app.annotation.workspace import mount_workspace
@@ -269,6 +270,7 @@ def create_app(
     install_spool_full_handler(app)
     app.include_router(build_api(service, limits))
     app.include_router(build_deletion_api(service))
+    app.include_router(build_annotation_api(tasks, roles))  # /annotation: the workspace's HTTP API (annotator tokens)
     demo = build_ui(service, max_new_tokens=max_new_tokens or settings.app_max_new_tokens)
     app = mount_dashboard(app, settings)  # /ops, behind the admin token; before "/" so the chat UI does not shadow it
     app = mount_workspace(app, settings, service, tasks, roles)  # /train: AI trainers and red-teamers, signed in

@@ -58,7 +58,12 @@ CREATE INDEX IF NOT EXISTS assignments_by_annotator ON assignments (annotator, u
 
 
 class QueueError(ValueError):
-    """A request the queue refuses; the message is one sentence for the annotator."""
+    """A request the queue refuses; the message is one sentence for the annotator, ``status`` its HTTP status
+    (400 bad input, 403 not yours to do, 404 no such task, 409 too late or already done, 429 too fast)."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -183,7 +188,7 @@ class TaskQueue:
     def view(self, task_id: str, annotator: str) -> TaskView:
         t = self.get(task_id)
         if t is None:
-            raise QueueError(f"no task {task_id}")
+            raise QueueError(f"no task {task_id}", 404)
         order = list(t.answers)
         seed = int.from_bytes(hashlib.sha256(f"{task_id}:{annotator}".encode()).digest()[:8], "big")
         random.Random(seed).shuffle(order)  # position bias differs per annotator, and is not the version order
@@ -241,26 +246,26 @@ class TaskQueue:
         """Validate, send (``producer.emit``: durable in the spool before this returns) and record a judgment."""
         t = self.get(task_id)
         if t is None:
-            raise QueueError(f"no task {task_id}")
+            raise QueueError(f"no task {task_id}", 404)
         if not WHO[t.kind] & set(who.roles):
-            raise QueueError(f"a {t.kind} task needs one of the roles {', '.join(sorted(WHO[t.kind]))}")
+            raise QueueError(f"a {t.kind} task needs one of the roles {', '.join(sorted(WHO[t.kind]))}", 403)
         if who.name in (t.subject_user_id, t.author):
-            raise QueueError("nobody judges their own conversation or submission")
+            raise QueueError("nobody judges their own conversation or submission", 403)
         now = time.time()
         with self._lock:
             prev = self._db.execute(
                 "SELECT status, submitted_at FROM assignments WHERE task_id = ? AND annotator = ?", (task_id, who.name)
             ).fetchone()
             if prev and prev[0] == "submitted" and now - prev[1] > self.cfg.edit_window_s:
-                raise QueueError(f"the {self.cfg.edit_window_s:.0f} s window to edit this judgment has closed")
+                raise QueueError(f"the {self.cfg.edit_window_s:.0f} s window to edit this judgment has closed", 409)
             if prev and prev[0] == "skipped":
-                raise QueueError("you skipped this task")
+                raise QueueError("you skipped this task", 409)
             recent = self._db.execute(
                 "SELECT count(*) FROM assignments WHERE annotator = ? AND status = 'submitted' AND submitted_at > ?",
                 (who.name, now - 60),
             ).fetchone()[0]
             if recent >= self.cfg.max_per_minute and not (prev and prev[0] == "submitted"):
-                raise QueueError(f"at most {self.cfg.max_per_minute} submissions a minute: take a breath")
+                raise QueueError(f"at most {self.cfg.max_per_minute} submissions a minute: take a breath", 429)
             reviewer = t.kind == "review" or ("reviewer" in who.roles and "trainer" not in who.roles)
             role = "reviewer" if reviewer else "trainer"
             try:
@@ -291,7 +296,7 @@ class TaskQueue:
                 )
             except ValueError as e:
                 first = e.errors()[0]["msg"] if hasattr(e, "errors") else str(e)
-                raise QueueError(first.removeprefix("Value error, ")) from None
+                raise QueueError(first.removeprefix("Value error, "), 422) from None
             if self.producer is not None:
                 self.producer.emit(judgment)  # SpoolFull propagates: nothing recorded, the annotator retries
             self._db.execute(

@@ -122,6 +122,13 @@ class RoleStore:
         a = self.get(name)
         return a if a and a.roles else None
 
+    def bearer(self, token: str) -> Annotator | None:
+        """The annotator whose sign-in token this is (the HTTP API's ``Authorization: Bearer fwt_...``)."""
+        if not (token or "").startswith(TOKEN_PREFIX):
+            return None
+        row = self._db.execute("SELECT name FROM annotators WHERE token_sha256 = ?", (_sha(token),)).fetchone()
+        return self.check(row[0], token) if row else None
+
     def get(self, name: str) -> Annotator | None:
         row = self._db.execute("SELECT leaderboard FROM annotators WHERE name = ?", (name,)).fetchone()
         if row is None:

@@ -168,3 +168,36 @@ def test_a_submitted_judgment_reaches_the_warehouse_and_becomes_pairs(tmp_path, 
     assert {(p["model_version"], p["rejected_model_version"]) for p in pairs} == {
         ("sft-0002", "base"), ("sft-0002", "dpo-0003"), ("dpo-0003", "base"),
     }  # fmt: skip
+
+
+def test_the_http_api_answers_each_refusal_with_its_status(world):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from app.annotation.api import build_annotation_api
+
+    _, roles, queue = world
+    ana = {"Authorization": f"Bearer {roles.grant('ana', 'trainer')}"}
+    red = {"Authorization": f"Bearer {roles.grant('red', 'red_teamer')}"}
+    queue.add(task(0))
+    queue.add(task(1, subject_user_id="ana"))
+    queue.add(task(2, kind="review"))
+    api = FastAPI()
+    api.include_router(build_annotation_api(queue, roles))
+    c = TestClient(api)
+    assert c.get("/annotation/next").status_code == 401
+    assert c.get("/annotation/next", headers={"Authorization": "Bearer fwt_nope"}).status_code == 401
+    view = c.get("/annotation/next", headers=ana).json()["task"]
+    assert view["task_id"] == "task-0" and "sft-0002" not in str(view)
+    ranks = {aid: i + 1 for i, aid in enumerate(view["answer_ids"])}
+    assert c.post("/annotation/tasks/task-0/judgment", json={"ranks": ranks}, headers=red).status_code == 403
+    assert c.post("/annotation/tasks/task-1/judgment", json={"ranks": ranks}, headers=ana).status_code == 403
+    assert c.post("/annotation/tasks/task-2/judgment", json={"ranks": ranks}, headers=ana).status_code == 403
+    assert c.post("/annotation/tasks/nope/judgment", json={"ranks": ranks}, headers=ana).status_code == 404
+    bad = c.post("/annotation/tasks/task-0/judgment", json={"ranks": {"x1": 1}}, headers=ana)
+    assert bad.status_code == 422 and "rank every answer" in bad.json()["error"]["message"]
+    ok = c.post("/annotation/tasks/task-0/judgment", json={"ranks": ranks, "seconds": 3}, headers=ana)
+    assert ok.status_code == 200 and ok.json()["event_id"]
+    assert c.put("/annotation/tasks/task-3/draft", json={}, headers=ana).status_code == 404
+    assert c.post("/annotation/tasks/task-0/skip", json={"reason": "x"}, headers=ana).status_code == 200
+    assert c.get("/annotation/next", headers=ana).json()["task"] is None, "task-1 is ana's own, task-2 a review"
