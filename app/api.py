@@ -4,6 +4,7 @@
                                 ``huggingface_hub.InferenceClient`` work unchanged
     GET  /v1/models             the model versions this process serves
     POST /v1/feedback           rate a turn you received: {"turn_id", "rating": "up|down|cleared", "reason"}
+    POST /v1/reports            report a turn you received: {"turn_id", "category": "harmful|wrong|private_data"}
                                 or pairwise: {"turn_id": A, "other_turn_id": B, "rating": "a|b|tie"}
     GET  /healthz               {"status"} for anyone; the detail for operators (admin token)
     GET  /metrics               Prometheus text, for operators (admin token)
@@ -38,7 +39,7 @@ from app.auth import is_admin
 from app.keys import Caller, CallerLimits
 from app.service import BUSY_MESSAGE, Busy, ChatService, NotYours, TurnStream
 from app.validation import InputError, Limits, check_conversation, check_sampling, clean_reason, clean_user
-from feedback.events import RatingValue, Sampling
+from feedback.events import RatingValue, ReportCategory, Sampling
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,14 @@ class FeedbackRequest(BaseModel):
     rating: RatingValue  # the event's ``value``
     reason: str | None = None
     other_turn_id: str | None = None
+    user: str | None = None
+
+
+class ReportRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    turn_id: str
+    category: ReportCategory  # harmful | wrong | private_data
+    reason: str | None = None
     user: str | None = None
 
 
@@ -352,6 +361,17 @@ class OpenAIApi:
             return api_error(403, NotYours.message, "permission_error", "turn_id", "not_your_turn")
         return {"ok": True, "event_id": fb.event_id, "turn_id": fb.turn_id, "model_version": fb.model_version}
 
+    async def report(self, body: ReportRequest, request: Request):
+        """An end user reports an answer they received; it goes to the trainers' review queue."""
+        try:
+            user_id = _user(request, body.user)
+            rep = self.service.report(user_id, _turn_id(body.turn_id), body.category, clean_reason(body.reason))
+        except InputError as e:
+            return invalid(e)
+        except NotYours:
+            return api_error(403, NotYours.message, "permission_error", "turn_id", "not_your_turn")
+        return {"ok": True, "event_id": rep.event_id, "turn_id": rep.turn_id, "category": rep.category}
+
     async def healthz(self, request: Request):
         missing = self.service.missing_backends()
         status = "degraded" if missing else "ok"
@@ -373,6 +393,7 @@ def build_api(service: ChatService, limits: CallerLimits) -> APIRouter:
     r.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"])
     r.add_api_route("/v1/models", api.models, methods=["GET"])
     r.add_api_route("/v1/feedback", api.feedback, methods=["POST"])
+    r.add_api_route("/v1/reports", api.report, methods=["POST"])
     r.add_api_route("/healthz", api.healthz, methods=["GET"])
     r.add_api_route("/metrics", api.metrics, methods=["GET"])
     return r

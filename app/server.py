@@ -12,6 +12,7 @@ listen beyond loopback without API keys.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -26,7 +27,7 @@ from fastapi_offline import FastAPIOffline
 from pydantic import SecretStr
 
 from app.annotation.api import build_annotation_api
-from app.annotation.queue import TaskQueue
+from app.annotation.queue import TaskQueue, queue_review
 from app.annotation.roles import RoleStore
 from app.annotation.workspace import mount_workspace
 from app.api import build_api, install_error_handlers
@@ -238,6 +239,7 @@ def create_app(
     producer = EventProducer(settings, spool_name="app")
     service = ChatService(settings, backends, router, sessions, producer, Metrics())
     roles, tasks = RoleStore(settings), TaskQueue(settings, producer=producer)
+    service.report_listeners.append(functools.partial(queue_review, tasks))  # a user's report -> the review queue
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

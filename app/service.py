@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from app.admission import FairGate
 from app.backends.base import Backend, Busy, Chunk
@@ -40,8 +40,10 @@ from feedback.events import (
     Message,
     Origin,
     RatingValue,
+    ReportCategory,
     Sampling,
     UserAction,
+    UserReport,
 )
 from feedback.producer import EventProducer, SpoolFull
 from feedback.settings import Settings
@@ -74,6 +76,7 @@ class ChatService:
         self.router = router
         self.sessions = sessions
         self.producer = producer
+        self.report_listeners: list[Callable[[UserReport, tuple[list[dict[str, str]], str] | None], None]] = []
         self.metrics = metrics
         self.fallbacks: set[str] = set()
         self._gates: weakref.WeakKeyDictionary[Backend, FairGate] = weakref.WeakKeyDictionary()
@@ -346,6 +349,35 @@ class ChatService:
         self.producer.emit(fb)
         self.metrics.ratings.labels(turn.model_version, fb.kind, value).inc()
         return fb
+
+    def report(self, user_id: str, turn_id: str, category: ReportCategory, reason: str | None = None) -> UserReport:
+        """An end user reports an answer served to them (harmful, wrong, private data leaked): a ``UserReport``
+        event, and each ``report_listeners`` callback (the trainers' review queue) gets it with the conversation up
+        to that answer when the app kept it (browser chats; API turns are not stored). Raises ``NotYours``."""
+        turn = self.sessions.owned_turn(user_id, turn_id)
+        if turn is None:
+            raise NotYours(NotYours.message)
+        report = UserReport(
+            user_id=user_id,
+            consent=self.sessions.consent(user_id),
+            conversation_id=turn.conversation_id,
+            turn_id=turn.turn_id,
+            model_version=turn.model_version,
+            category=category,
+            reason=reason,
+        )
+        self.producer.emit(report)
+        msgs = self.sessions.load_conversation(user_id, turn.conversation_id) or []
+        at = next((i for i, m in enumerate(msgs) if m.get("turn_id") == turn_id), None)
+        context = None
+        if at is not None:
+            context = ([{"role": m["role"], "content": m["content"]} for m in msgs[:at]], msgs[at]["content"])
+        for listener in self.report_listeners:
+            try:
+                listener(report, context)
+            except Exception:  # noqa: BLE001 - the report is recorded; a queue that failed is logged, not the user's problem
+                log.exception("a report listener failed for turn %s", turn_id)
+        return report
 
     def set_consent(self, user_id: str, consent: bool) -> None:
         """Event first, local state second: if the event cannot be recorded (``SpoolFull``) the stored consent

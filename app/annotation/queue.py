@@ -326,3 +326,28 @@ class TaskQueue:
             (time.time() - since_s,),
         ).fetchall()
         return dict(rows)
+
+
+REPORT_PRIORITY = {"private_data": 3.0, "harmful": 2.5, "wrong": 1.5}
+
+
+def queue_review(queue: TaskQueue, report: Any, context: tuple[list[dict[str, str]], str] | None) -> str:
+    """A user's report becomes a review task (``ChatService.report_listeners``): the reported answer with the
+    conversation before it when the app kept it. The reporter never reviews it (``subject_user_id``)."""
+    prompt, answer = (
+        context if context and context[0] else ([{"role": "user", "content": "(not stored: an API turn)"}], "")
+    )
+    if prompt[-1]["role"] != "user":
+        prompt = [*prompt, {"role": "user", "content": "(the answer continues the conversation above)"}]
+    return queue.add(
+        Task(
+            f"report-{report.event_id[:16]}",
+            "review",
+            prompt,
+            [{"answer_id": report.turn_id, "text": answer or "(not stored)", "model_version": report.model_version}],
+            conversation_id=report.conversation_id,
+            subject_user_id=report.user_id,
+            priority=REPORT_PRIORITY.get(report.category, 1.0),
+            topic=f"report:{report.category}",
+        )
+    )

@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 import gradio as gr
 
@@ -22,6 +22,9 @@ from app.ui.context import SOMETHING_WRONG, UIContext, error_sentence
 from app.ui.render import display, feedback_values, status_md
 from app.ui.state import Chat, Message, context, last_answer, replaced_turn, user_message_at
 from app.validation import InputError, clean_reason, clean_text, content_text
+from feedback.events import ReportCategory
+
+REPORT_CATEGORIES = get_args(ReportCategory)
 
 CONTINUE_PROMPT = "Continue."
 STILL_ANSWERING = "An answer is still being written: wait for it or press Stop."
@@ -278,16 +281,22 @@ class ChatHandlers:
         st["pending_reason"] = None
         return st, gr.update(visible=False), "", status_md("Thanks for the feedback.", "ok"), gr.skip()
 
-    def send_reason(self, reason: str, st: Chat, request: gr.Request) -> tuple:
+    def send_reason(self, reason: str, st: Chat, report: str | None, request: gr.Request) -> tuple:
+        """The thumbs-down's reason, and a report to the reviewers when one is picked (``ChatService.report``)."""
         uid = self.ctx.user_of(request)
         try:
             text = clean_reason(reason)
+            if report and report not in REPORT_CATEGORIES:
+                raise InputError("Pick a report category from the list.", "report")
         except InputError as e:
             return st, gr.skip(), gr.skip(), status_md(e.message)
         turn_id, st["pending_reason"] = st.get("pending_reason"), None
-        if turn_id and text:
-            try:
+        try:
+            if turn_id and text:
                 self.ctx.service.rate(uid, turn_id, "down", reason=text)
-            except NotYours:
-                return st, gr.update(visible=False), "", status_md(NotYours.message)
-        return st, gr.update(visible=False), "", status_md("Thanks for the feedback.", "ok")
+            if turn_id and report:
+                self.ctx.service.report(uid, turn_id, report, text)
+        except NotYours:
+            return st, gr.update(visible=False), "", status_md(NotYours.message)
+        thanks = "Thanks: our reviewers will look at it." if report else "Thanks for the feedback."
+        return st, gr.update(visible=False), "", status_md(thanks, "ok")

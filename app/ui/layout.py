@@ -132,6 +132,14 @@ def _chat_tab() -> SimpleNamespace:
             reason = gr.Textbox(
                 label="What was wrong with this answer? (optional)", elem_id="reason", scale=5, max_length=1000
             )
+            report = gr.Dropdown(
+                [("Don't report it", ""), ("Report: harmful", "harmful"), ("Report: wrong", "wrong"),
+                 ("Report: leaks private data", "private_data")],
+                value="",
+                label="Report it to our reviewers?",
+                elem_id="report",
+                scale=2,
+            )  # fmt: skip
             reason_btn = gr.Button("Send reason", elem_id="reason-send", scale=1)
         with gr.Row(visible=False, elem_id="keep-row") as keep_row:
             gr.Markdown("Which answer do you want to keep?", elem_id="keep-text")
@@ -156,6 +164,7 @@ def _chat_tab() -> SimpleNamespace:
         status=status,
         reason_row=reason_row,
         reason=reason,
+        report=report,
         reason_btn=reason_btn,
         keep_row=keep_row,
         keep_prev=keep_prev,
@@ -226,8 +235,9 @@ def _wire_chat(ui: SimpleNamespace, chat: ChatHandlers) -> None:
     ui.keep_prev.click(chat.keeper("previous"), [ui.state], chat_out)
     ui.keep_new.click(chat.keeper("new"), [ui.state], chat_out)
     ui.chatbot.like(chat.like, [ui.state], [ui.state, ui.reason_row, ui.reason, ui.status, ui.chatbot])
-    ui.reason_btn.click(chat.send_reason, [ui.reason, ui.state], [ui.state, ui.reason_row, ui.reason, ui.status])
-    ui.reason.submit(chat.send_reason, [ui.reason, ui.state], [ui.state, ui.reason_row, ui.reason, ui.status])
+    reason_in = [ui.reason, ui.state, ui.report]
+    ui.reason_btn.click(chat.send_reason, reason_in, [ui.state, ui.reason_row, ui.reason, ui.status])
+    ui.reason.submit(chat.send_reason, reason_in, [ui.state, ui.reason_row, ui.reason, ui.status])
 
 
 def _wire_sidebar(ui: SimpleNamespace, side: ConversationHandlers, demo: gr.Blocks) -> None:
