@@ -94,6 +94,13 @@ def heldout_prompts(snapshot: dict[str, Any] | None, cfg: GateConfig) -> list[li
     return out[: cfg.max_eval_prompts]
 
 
+def redteam_suite(snapshot: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The fixed red-team prompts plus the held-out side of red-teamers' findings (``redteam/eval``: never trained
+    on; their train side feeds the safety mix, ``training/safety.finding_rows``)."""
+    found = [{"prompt": r["prompt"][-1]["content"]} for r in _rows(snapshot, "redteam", "eval") if r["prompt"]]
+    return load_suite("redteam") + found
+
+
 # ---------------------------------------------------------------------------------------------------------
 # A version's answers and likelihoods, cached in its directory (a version's weights never change)
 # ---------------------------------------------------------------------------------------------------------
@@ -176,7 +183,8 @@ def evaluate(
     cand_model = prod_model if same else load_policy(cand.path).eval()
     caps = capability.Suites.load(cfg)
     prompts = heldout_prompts(snapshot, cfg)
-    redteam, benign = load_suite("redteam"), load_suite("overrefusal")
+    redteam, benign = redteam_suite(snapshot), load_suite("overrefusal")
+    results["redteam_from_findings"] = len(redteam) - len(load_suite("redteam"))
     suites = {
         HELDOUT: (prompts, cfg.max_new_tokens),
         "redteam": ([[{"role": "user", "content": r["prompt"]}] for r in redteam], cfg.max_new_tokens),

@@ -126,8 +126,14 @@ class Job:
         from training import safety
 
         n = self.cfg.data.safety_mix
+        found = []
+        f = self.snapshot_path / "redteam" / "train.parquet" if self.snapshot_path else None
+        if f is not None and f.exists():  # red-teamers' findings with a safe response (issue 18)
+            import pyarrow.parquet as pq  # not datasets: it cannot read a table with no rows
+
+            found = safety.finding_rows(pq.read_table(f).to_pylist())
         try:
-            rows = safety.as_table_rows(name, n, self.cfg.seed, self.cfg.data.safety_refusal_share)
+            rows = safety.as_table_rows(name, n, self.cfg.seed, self.cfg.data.safety_refusal_share, found)
         except ValueError as e:
             raise TrainingError(str(e)) from None
         extra = datasets.Dataset.from_list(rows, features=ds.features)
@@ -137,6 +143,7 @@ class Job:
             "sha256": safety.digest(),
             "rows": n,
             "refusal_share": self.cfg.data.safety_refusal_share,
+            "findings_available": len(found),  # from the snapshot's redteam/train, drawn before the file's rows
         }
         return datasets.concatenate_datasets([ds, extra]).shuffle(seed=self.cfg.seed)
 

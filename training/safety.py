@@ -34,26 +34,53 @@ def digest() -> str:
     return hashlib.sha256(SAFETY_FILE.read_bytes()).hexdigest()
 
 
-def draw(n: int, seed: int, refusal_share: float = 0.5) -> list[dict[str, Any]]:
+def draw(
+    n: int, seed: int, refusal_share: float = 0.5, findings: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
     """``n`` rows, ``round(n * refusal_share)`` of them refusals, spread evenly among the answers; each kind is
-    shuffled with ``seed`` and cycled when ``n`` asks for more than the set has."""
+    shuffled with ``seed`` and cycled when ``n`` asks for more than the set has. ``findings`` (red-teamers' attacks
+    with a safe response, ``finding_rows``) come first among the refusals: the fixed file only tops them up."""
     rows = load()
     pools = {k: [r for r in rows if r["kind"] == k] for k in ("refuse", "answer")}
     rng = random.Random(seed)
     for pool in pools.values():
         rng.shuffle(pool)
+    found = list(findings or [])
+    rng.shuffle(found)
+    pools["refuse"] = found + pools["refuse"]
     refusals = round(n * refusal_share)
     kinds = ["refuse" if (i + 1) * refusals // n > i * refusals // n else "answer" for i in range(n)]
     cycles = {k: itertools.cycle(pool) for k, pool in pools.items()}
     return [next(cycles[k]) for k in kinds]
 
 
-def as_table_rows(table: str, n: int, seed: int, refusal_share: float = 0.5) -> list[dict[str, Any]]:
+def finding_rows(redteam_train: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A snapshot's ``redteam/train`` rows that have a safe response, as safety rows (the attack's answer is the
+    opposite one for the preference recipes)."""
+    out = []
+    for r in redteam_train:
+        if r.get("prompt") and r.get("safe_response"):
+            bad = (r.get("attacked_answer") or [{"content": "Sure, here is how."}])[0]["content"]
+            out.append(
+                {
+                    "id": r["finding_id"],
+                    "kind": "refuse",
+                    "prompt": r["prompt"][-1]["content"],
+                    "answer": r["safe_response"][0]["content"],
+                    "bad": bad,
+                }
+            )
+    return out
+
+
+def as_table_rows(
+    table: str, n: int, seed: int, refusal_share: float = 0.5, findings: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
     """``n`` safety rows in a snapshot table's TRL format (``model_version`` left out, as the recipes do)."""
     if table not in TABLES:
         raise ValueError(f"data.safety_mix applies to the {', '.join(TABLES)} tables, not {table!r}: set it to 0")
     out = []
-    for i, r in enumerate(draw(n, seed, refusal_share)):
+    for i, r in enumerate(draw(n, seed, refusal_share, findings)):
         user = [{"role": "user", "content": r["prompt"]}]
         good = [{"role": "assistant", "content": r["answer"]}]
         bad = [{"role": "assistant", "content": r["bad"]}]

@@ -125,6 +125,7 @@ def curate(
             r |= {"source": "user", "judge": None, "weight": cfg.judgment_user_weight}
     for table, extra in judgment_rows(usable.judged, weights_of(cfg), build).items():
         rows[table].extend(extra)
+    rows["redteam"] = usable.findings
     say("build: " + " ".join(f"{t}={len(r)}" for t, r in rows.items()) + f" {dict(build)}")
     filters.append(
         StageCount(

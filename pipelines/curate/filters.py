@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
+from typing import Any
 
 import duckdb
 
@@ -185,6 +187,57 @@ def judgments_stage(db: duckdb.DuckDBPyConnection) -> tuple[StageCount, list[Jud
     return StageCount("consent:judgments", judged.rows_in, len(out), dropped), out, contributors
 
 
+# Red-teamers' findings -> the snapshot's ``redteam`` table (issue 18): its train split grows the recipes' safety
+# mix (``training/safety.py``), its eval split the gate's red-team suite (``training/evaluate.py``). A finding's side
+# is its conversation's (``split_of``), like every other row, so the same finding is never in both, and the
+# safe-response demonstration written for it lands on the same side.
+#
+# A row's safe response is the red-teamer's own, else the latest one a trainer wrote in the finding's safe-response
+# task (``app/annotation/workspace.py`` queues ``safe-<finding>``), else empty: an eval prompt needs none, the
+# safety mix skips it. Every finding counts for evaluation, refused ones too: a prompt the model must keep refusing.
+def _assistant(text: str | None) -> list[dict[str, str]]:
+    return [{"role": "assistant", "content": text}] if text and text.strip() else []
+
+
+def findings_stage(db: duckdb.DuckDBPyConnection, build: Counter) -> tuple[StageCount, list[dict[str, Any]], list[str]]:
+    """Consented findings of red-teamers who are not deleted, as ``redteam`` rows; and their authors' hashes."""
+    stage = consent_stage(db, "findings", "raw_findings")
+    written = {
+        task: text
+        for task, text in db.execute(
+            """SELECT task_id, rewrite FROM (SELECT task_id, rewrite, row_number() OVER (PARTITION BY task_id
+               ORDER BY ts DESC, event_id DESC) AS rn FROM c_judgments WHERE task_id LIKE 'safe-%'
+               AND rewrite IS NOT NULL) WHERE rn = 1"""
+        ).fetchall()
+    }
+    rows, authors = [], set()
+    cur = db.execute(
+        "SELECT user_id, finding_id, conversation_id, model_version, messages, answer, harm_category, attack_type, "
+        "success, safe_response FROM c_findings ORDER BY ts, event_id"
+    )
+    for user, fid, conv, version, messages, answer, harm, attack, success, safe in cur.fetchall():
+        safe = safe or written.get(f"safe-{fid[:12]}")
+        build["redteam_with_safe_response" if safe else "redteam_without_safe_response"] += 1
+        authors.add(user_hash(user))
+        rows.append(
+            {
+                "prompt": messages_of(messages),
+                "safe_response": _assistant(safe),
+                "attacked_answer": _assistant(answer),
+                "harm_category": harm,
+                "attack_type": attack,
+                "success": int(success),
+                "finding_id": fid,
+                "model_version": version,
+                "source": "red_team",
+                "judge": user_hash(user),
+                "weight": 1.0,
+                "_convs": (conv,),
+            }
+        )
+    return stage, rows, sorted(authors)
+
+
 def select_usable(src: Source, cfg: CurateConfig, filters: list[StageCount]) -> Usable:
     db = duckdb.connect()
     try:
@@ -192,6 +245,7 @@ def select_usable(src: Source, cfg: CurateConfig, filters: list[StageCount]) -> 
         db.register("raw_feedback", src.feedback)
         db.register("raw_actions", src.user_actions)
         db.register("raw_judgments", src.judgments)
+        db.register("raw_findings", src.findings)
         filters.append(consent_stage(db, "turns", "raw_turns"))
         filters.append(consent_stage(db, "feedback", "raw_feedback"))
         stage, judged, judges = judgments_stage(db)
@@ -200,7 +254,9 @@ def select_usable(src: Source, cfg: CurateConfig, filters: list[StageCount]) -> 
         filters.append(ratings_stage(db))
         usable = usable_from(db)
         usable.judged = judged
-        usable.contributors = sorted(set(usable.contributors) | set(judges))
+        found, usable.findings, red_teamers = findings_stage(db, Counter())
+        filters.append(found)
+        usable.contributors = sorted(set(usable.contributors) | set(judges) | set(red_teamers))
         return usable
     finally:
         db.close()

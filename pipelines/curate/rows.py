@@ -20,6 +20,8 @@ LAYOUT: dict[str, tuple[str, ...]] = {
     "pairs": ("train", "eval"),
     "prompts": ("train",),
     "eval_prompts": ("eval",),
+    # red-teamers' findings: train -> the recipes' safety mix, eval -> the gate's red-team suite (never both)
+    "redteam": ("train", "eval"),
 }
 _MSG = pa.struct([("role", pa.string()), ("content", pa.string())])
 _MSGS = pa.list_(_MSG)
@@ -43,6 +45,19 @@ SCHEMAS: dict[str, pa.Schema] = {
         ]
     ),
     "prompts": pa.schema([("prompt", _MSGS), ("model_version", pa.string())]),
+    "redteam": pa.schema(
+        [
+            ("prompt", _MSGS),
+            ("safe_response", _MSGS),  # empty until someone writes it (a safe-response task)
+            ("attacked_answer", _MSGS),
+            ("harm_category", pa.string()),
+            ("attack_type", pa.string()),
+            ("success", pa.int32()),
+            ("finding_id", pa.string()),
+            ("model_version", pa.string()),
+            *_PROVENANCE,
+        ]
+    ),
     "eval_prompts": pa.schema([("prompt", _MSGS), ("model_version", pa.string())]),
 }
 
@@ -108,6 +123,7 @@ class Usable:
     harm_reported: set[str]
     contributors: list[str]
     judged: list[Any] = field(default_factory=list)  # trainers' judgments (pipelines.curate.judgments.Judged)
+    findings: list[dict[str, Any]] = field(default_factory=list)  # red-team rows (pipelines.curate.redteam)
 
 
 @dataclass

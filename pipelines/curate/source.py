@@ -40,6 +40,16 @@ _NO_JUDGMENTS = pa.table(
 )
 
 
+_FINDING_COLS = (
+    "event_id, ts, user_id, consent, finding_id, conversation_id, model_version, messages, answer, harm_category, "
+    "attack_type, success, safe_response"
+)
+_NO_FINDINGS = pa.table(
+    {c.strip(): pa.array([], pa.string()) for c in _FINDING_COLS.split(",")}
+    | {"consent": pa.array([], pa.bool_()), "success": pa.array([], pa.int32())}
+)
+
+
 @dataclass
 class Source:
     turns: pa.Table
@@ -48,6 +58,7 @@ class Source:
     offsets: pa.Table
     read_at: datetime
     judgments: pa.Table = field(default_factory=lambda: _NO_JUDGMENTS)  # trainers' and reviewers' rankings (issue 18)
+    findings: pa.Table = field(default_factory=lambda: _NO_FINDINGS)  # red-teamers' findings (issue 18)
 
 
 def read_warehouse(path: Path | str, timeout_s: float = 30.0) -> Source:
@@ -62,11 +73,19 @@ def read_warehouse(path: Path | str, timeout_s: float = 30.0) -> Source:
         offsets = pa.table({})
         if "kafka_offsets" in have:
             offsets = con.sql("SELECT * FROM kafka_offsets").to_arrow_table()
-        judgments = _NO_JUDGMENTS
+        judgments, findings = _NO_JUDGMENTS, _NO_FINDINGS
         if "judgments" in have:
             judgments = _as_table(con.sql(f"SELECT {_JUDGMENT_COLS} FROM judgments").to_arrow_table())
+        if "redteam_findings" in have:
+            findings = _as_table(con.sql(f"SELECT {_FINDING_COLS} FROM redteam_findings").to_arrow_table())
     return Source(
-        _as_table(turns), _as_table(feedback), _as_table(actions), _as_table(offsets), datetime.now(UTC), judgments
+        _as_table(turns),
+        _as_table(feedback),
+        _as_table(actions),
+        _as_table(offsets),
+        datetime.now(UTC),
+        judgments,
+        findings,
     )
 
 
