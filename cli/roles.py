@@ -124,3 +124,59 @@ def report(as_json: bool = JSON) -> None:
             f"  {t['annotator']:20} gold {t['gold_right']}/{t['gold_tasks']}  trust {t['trust']:.2f}  "
             f"judgments {t['judgments']}"
         )
+
+
+@roles_app.command("export")
+def export(
+    fmt: str = typer.Argument(..., help="label-studio (every annotator's judgments) or hh-rlhf (red-team findings)."),
+    out: str = typer.Argument(..., help="The JSON file to write."),
+    as_json: bool = JSON,
+) -> None:
+    """Every annotator's raw judgments as Label Studio tasks, or red-team findings as hh-rlhf rows."""
+    from pathlib import Path
+
+    from feedback.warehouse import connect
+    from pipelines.exports import to_hh_redteam, to_label_studio
+
+    s = get_settings()
+    table = {"label-studio": "judgments", "hh-rlhf": "redteam_findings"}.get(fmt)
+    if table is None:
+        _fail("the format is label-studio or hh-rlhf", as_json)
+    if not s.warehouse_path.exists():
+        _fail(f"no warehouse at {s.warehouse_path}: nothing was ingested yet", as_json)
+    with connect(s.warehouse_path, read_only=True) as con:
+        cur = con.execute(f"SELECT * FROM {table} ORDER BY ts, event_id")
+        cols = [d[0] for d in cur.description]
+        rows = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+    data = to_label_studio(rows) if fmt == "label-studio" else to_hh_redteam(rows)
+    Path(out).write_text(json.dumps(data, indent=1, default=str))
+    summary = {"format": fmt, "rows_in": len(rows), "items_out": len(data), "file": out}
+    print(json.dumps(summary) if as_json else f"{fmt}: {len(rows)} rows -> {len(data)} items in {out}")
+
+
+@roles_app.command("import-label-studio")
+def import_label_studio(path: str, token: str = TOKEN, as_json: bool = JSON) -> None:
+    """Judgments made in Label Studio (Flywheel's label config) into the loop, as events; all or nothing."""
+    from pathlib import Path
+
+    from feedback.producer import EventProducer
+    from pipelines.exports import from_label_studio
+
+    _operator(token, as_json)
+    try:
+        tasks = json.loads(Path(path).read_text())
+        if not isinstance(tasks, list):
+            raise ValueError("the file must hold a JSON list of Label Studio tasks")
+        judgments = from_label_studio(tasks)  # every task checked before anything is sent
+    except (OSError, ValueError) as e:
+        _fail(f"nothing imported: {e}", as_json)
+    producer = EventProducer(get_settings(), spool_name="label-studio-import")
+    try:
+        for j in judgments:
+            producer.emit(j)
+        sent = producer.flush(60)
+    finally:
+        producer.close()
+    out = {"tasks": len(tasks), "judgments": len(judgments), "delivered": sent}
+    print(json.dumps(out) if as_json else f"imported {len(judgments)} judgments from {len(tasks)} tasks"
+          + ("" if sent else " (spooled: they reach Kafka when the broker answers)"))  # fmt: skip
