@@ -53,6 +53,12 @@ def test_a_trainer_judges_blind_and_a_red_teamer_files_a_finding(settings, model
         page.fill("#ws-rewrite textarea", "The capital of Peru is Lima.")
         page.click("#ws-submit")
         page.wait_for_function("document.querySelector('#ws-result textarea').value.startsWith('Sent')")
+        # the queue is empty now: the workspace makes a task from the prompt pool with the loaded version's answers
+        page.click("#ws-next")
+        page.wait_for_function(
+            "document.querySelector('#ws-header textarea, #ws-header input').value.includes('pool-')", timeout=120_000
+        )
+        assert all(page.input_value(f"#ws-answer-{i} textarea") for i in range(3)), "three answers to judge"
 
         page.get_by_role("tab", name="Red team").click()
         page.locator("#rt-version input").fill(settings.model_version)
