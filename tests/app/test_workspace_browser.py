@@ -18,41 +18,66 @@ pytestmark = [pytest.mark.integration, pytest.mark.browser]
 ANSWERS = [
     {"answer_id": "x1", "text": "Lima <b>bold?</b>", "model_version": "sft-0002"},
     {"answer_id": "x2", "text": "Cusco.", "model_version": "dpo-0003"},
+    {"answer_id": "x3", "text": "The capital of Peru is Lima.", "model_version": "base"},
+    {"answer_id": "x4", "text": "I can't answer that.", "model_version": "kto-0004"},
 ]
+ORDER = {"The capital of Peru is Lima.": 1, "Lima <b>bold?</b>": 2, "Cusco.": 3, "I can't answer that.": 4}
+
+
+def sign_in(page, url: str, name: str, token: str) -> None:
+    page.goto(url + "/train/")
+    page.fill("input[type=text]", name)
+    page.fill("input[type=password]", token)
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#ws-next", timeout=30_000)
+
+
+def judge(page, task_id: str, rewrite: str | None = None) -> None:
+    """Rank the answers by ORDER, score truthfulness 5 for the right ones and 1 for the wrong, rewrite, submit."""
+    page.click("#ws-next")
+    page.wait_for_function(
+        f"document.querySelector('#ws-header textarea, #ws-header input').value.includes('{task_id}')"
+    )
+    for i in range(len(ANSWERS)):
+        text = page.input_value(f"#ws-answer-{i} textarea")
+        page.locator(f"#ws-rank-{i} input").fill(str(ORDER[text]))
+        page.keyboard.press("Enter")
+        page.locator(f"#ws-truthfulness-{i} input[type=number]").fill("5" if "Lima" in text else "1")
+        page.keyboard.press("Tab")
+    if rewrite:
+        page.fill("#ws-rewrite textarea", rewrite)
+    page.click("#ws-submit")
+    page.wait_for_function("document.querySelector('#ws-result textarea').value.startsWith('Sent')")
 
 
 def test_a_trainer_judges_blind_and_a_red_teamer_files_a_finding(settings, model_backend, browser, tmp_path):  # noqa: F811
     roles = RoleStore(settings)
     token = roles.grant("ana", "trainer")
     roles.grant("ana", "red_teamer")
+    token_bo = roles.grant("bo", "trainer")
     roles.close()
     queue = TaskQueue(settings)
-    queue.add(Task("t-1", "compare", [{"role": "user", "content": "Capital of Peru?"}], ANSWERS, conversation_id="c-1"))
+    prompt = [{"role": "user", "content": "Capital of Peru?"}]
+    queue.add(Task("t-1", "compare", prompt, ANSWERS, conversation_id="c-1", overlap=2))
     queue.close()
     app = start_app(settings, {settings.model_version: model_backend}, max_new_tokens=24)
     try:
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
         wrong = httpx.post(f"{app.url}/train/login", data={"username": "ana", "password": token + "x"}, timeout=30)
         assert wrong.status_code >= 400, "a wrong token signs nobody in"
-        page.goto(app.url + "/train/")
-        page.fill("input[type=text]", "ana")
-        page.fill("input[type=password]", token)
-        page.keyboard.press("Enter")
-        page.wait_for_selector("#ws-next", timeout=30_000)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        sign_in(page, app.url, "ana", token)
         page.click("#ws-next")
         page.wait_for_function("document.querySelector('#ws-header textarea, #ws-header input').value.includes('t-1')")
         html = page.content()
         assert "sft-0002" not in html and "dpo-0003" not in html, "version names on the judging page"
         assert page.locator("b", has_text="bold?").count() == 0, "an answer became markup"
-        texts = [page.input_value(f"#ws-answer-{i} textarea") for i in range(2)]
+        texts = [page.input_value(f"#ws-answer-{i} textarea") for i in range(len(ANSWERS))]
         assert sorted(texts) == sorted(a["text"] for a in ANSWERS)
-        best = texts.index("Cusco.")  # this trainer prefers the wrong one: the event must say so, in ids
-        for i in range(2):
-            page.locator(f"#ws-rank-{i} input").fill("1" if i == best else "2")
-            page.keyboard.press("Enter")
-        page.fill("#ws-rewrite textarea", "The capital of Peru is Lima.")
-        page.click("#ws-submit")
-        page.wait_for_function("document.querySelector('#ws-result textarea').value.startsWith('Sent')")
+        judge(page, "t-1", rewrite="The capital of Peru is Lima, on the Pacific coast.")
+        second = browser.new_page(viewport={"width": 1280, "height": 1000})  # a second trainer, the same item
+        sign_in(second, app.url, "bo", token_bo)
+        judge(second, "t-1")
+        second.close()
         # the queue is empty now: the workspace makes a task from the prompt pool with the loaded version's answers
         page.click("#ws-next")
         page.wait_for_function(
@@ -75,11 +100,14 @@ def test_a_trainer_judges_blind_and_a_red_teamer_files_a_finding(settings, model
         page.wait_for_function("document.querySelector('#rt-result textarea').value.startsWith('Filed')")
     finally:
         app.stop()
-    events = read_events(settings, settings.topic_feedback, lambda ev: len(ev) >= 2, timeout=60)
-    judgment = next(e for e in events if isinstance(e, TrainerJudgment))
-    ranks = {a.answer_id: a.rank for a in judgment.answers}
-    assert ranks == {"x2": 1, "x1": 2} and judgment.user_id == "ana" and judgment.rewrite.startswith("The capital")
-    assert {a.model_version for a in judgment.answers} == {"sft-0002", "dpo-0003"}, "versions recorded, not shown"
+    events = read_events(settings, settings.topic_feedback, lambda ev: len(ev) >= 3, timeout=60)
+    judgments = {e.user_id: e for e in events if isinstance(e, TrainerJudgment)}
+    assert set(judgments) == {"ana", "bo"}
+    for j in judgments.values():
+        assert {a.answer_id: a.rank for a in j.answers} == {"x3": 1, "x1": 2, "x2": 3, "x4": 4}
+        assert {a.answer_id: a.scores["truthfulness"] for a in j.answers} == {"x1": 5, "x2": 1, "x3": 5, "x4": 1}
+        assert {a.model_version for a in j.answers} == {a["model_version"] for a in ANSWERS}, "recorded, not shown"
+    assert judgments["ana"].rewrite.startswith("The capital of Peru is Lima, on") and judgments["bo"].rewrite is None
     finding = next(e for e in events if isinstance(e, RedTeamFinding))
     assert finding.success == 4 and finding.attack_type == "role_play" and finding.answer
     queue = TaskQueue(settings)
