@@ -36,7 +36,6 @@ from feedback.settings import Settings
 
 console = Console()
 STOP_BUDGET_S = 10.0
-STACK_ENV = "FLYWHEEL_STACK_HOME"  # set in every process of a stack: `down` finds the ones no pid file names
 CHILD_GRACE_S = 5.0
 KAFKA_STOP_S = 5.5  # from 2 s in: a clean broker shutdown, else SIGKILL by 7.5 s (its log recovers on restart)
 PREFECT_START_S = 300.0  # its first start migrates a database: minutes on a busy 2-core machine
@@ -144,9 +143,6 @@ def run_stack(s: Settings, app_server: bool = True, prefect: bool = True, vllm: 
 
     s.home.mkdir(parents=True, exist_ok=True)
     write_pid(s, "up", psutil.Process().pid)
-    # Every process this stack starts, and everything they start, carries the home in its environment: `down`
-    # finds one that a SIGKILLed supervisor spawned but never recorded (killed between Popen and its pid file).
-    os.environ[STACK_ENV] = str(s.home.resolve())
     n = s.kafka_local_brokers
     env = dict(os.environ)
     if n > 1:  # every child talks to the whole cluster (bootstrap list, RF 3, min ISR 2)
@@ -302,21 +298,6 @@ def _mlflow_proc(s: Settings) -> psutil.Process | None:
 
 
 # ---- flywheel down --------------------------------------------------------------------------------------
-def unrecorded(s: Settings, known: set[int]) -> list[psutil.Process]:
-    """Processes of this home's stack (``STACK_ENV`` in their environment) that no pid file names."""
-    home, me = str(s.home.resolve()), psutil.Process().pid
-    found = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        if p.pid in known or p.pid == me:
-            continue
-        try:
-            if p.environ().get(STACK_ENV) == home:
-                found.append(p)
-        except (psutil.Error, OSError):
-            continue  # gone, or not ours to read
-    return found
-
-
 def down(s: Settings) -> dict[str, str]:
     """Stop what a (possibly killed) ``flywheel up`` left: its supervisor, children, Prefect, the broker(s)."""
     from infra import kafka_local
@@ -336,8 +317,6 @@ def down(s: Settings) -> dict[str, str]:
         procs["prefect server"] = p
     if (m := _mlflow_proc(s)) is not None:  # its own session: outlives a SIGKILLed infra.mlflow_server runner
         procs["mlflow server"] = m
-    for p in unrecorded(s, {p.pid for p in procs.values()}):
-        procs[f"unrecorded {' '.join(p.info['cmdline'] or [])[:80]} (pid {p.pid})"] = p
     out.update(stop_processes(procs, CHILD_GRACE_S))
     for f in run_dir(s).glob("*.pid"):
         if f.stem != "up":
