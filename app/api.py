@@ -4,8 +4,8 @@
                                 ``huggingface_hub.InferenceClient`` work unchanged
     GET  /v1/models             the model versions this process serves
     POST /v1/feedback           rate a turn you received: {"turn_id", "rating": "up|down|cleared", "reason"}
-    POST /v1/reports            report a turn you received: {"turn_id", "category": "harmful|wrong|private_data"}
                                 or pairwise: {"turn_id": A, "other_turn_id": B, "rating": "a|b|tie"}
+    POST /v1/reports            report a turn you received: {"turn_id", "category": "harmful|wrong|private_data"}
     GET  /healthz               {"status"} for anyone; the detail for operators (admin token)
     GET  /metrics               Prometheus text, for operators (admin token)
 
@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -82,21 +83,20 @@ class ChatCompletionRequest(BaseModel):
     stream_options: dict[str, Any] | None = None
 
 
-class FeedbackRequest(BaseModel):
+class _TurnRequest(BaseModel):  # about one turn the caller received; ``user``: the end user in their namespace
     model_config = ConfigDict(extra="ignore")
     turn_id: str
+    reason: str | None = None
+    user: str | None = None
+
+
+class FeedbackRequest(_TurnRequest):
     rating: RatingValue  # the event's ``value``
-    reason: str | None = None
     other_turn_id: str | None = None
-    user: str | None = None
 
 
-class ReportRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    turn_id: str
+class ReportRequest(_TurnRequest):
     category: ReportCategory  # harmful | wrong | private_data
-    reason: str | None = None
-    user: str | None = None
 
 
 def _turn_id(s: str) -> str:
@@ -342,35 +342,30 @@ class OpenAIApi:
             ],
         }
 
-    async def feedback(self, body: FeedbackRequest, request: Request):
+    def _own_turn(self, body: _TurnRequest, request: Request, act: Callable[[str, str, str | None], Any]) -> Any:
+        """``act(user_id, turn_id, reason)`` on a turn the user received; bad input 400, another's turn 403."""
         try:
-            user_id = _user(request, body.user)
-            reason = clean_reason(body.reason)
-            other = _turn_id(body.other_turn_id) if body.other_turn_id else None
-            fb = self.service.rate(
-                user_id,
-                _turn_id(body.turn_id),
-                body.rating,
-                reason=reason,
-                other_turn_id=other,
-                consent=_consent(self.service, request, user_id),
-            )
+            return act(_user(request, body.user), _turn_id(body.turn_id), clean_reason(body.reason))
         except InputError as e:
             return invalid(e)
         except NotYours:
             return api_error(403, NotYours.message, "permission_error", "turn_id", "not_your_turn")
-        return {"ok": True, "event_id": fb.event_id, "turn_id": fb.turn_id, "model_version": fb.model_version}
 
-    async def report(self, body: ReportRequest, request: Request):
-        """An end user reports an answer they received; it goes to the trainers' review queue."""
-        try:
-            user_id = _user(request, body.user)
-            rep = self.service.report(user_id, _turn_id(body.turn_id), body.category, clean_reason(body.reason))
-        except InputError as e:
-            return invalid(e)
-        except NotYours:
-            return api_error(403, NotYours.message, "permission_error", "turn_id", "not_your_turn")
-        return {"ok": True, "event_id": rep.event_id, "turn_id": rep.turn_id, "category": rep.category}
+    async def feedback(self, body: FeedbackRequest, request: Request):
+        def rate(user_id: str, turn_id: str, reason: str | None) -> dict[str, Any]:
+            other = _turn_id(body.other_turn_id) if body.other_turn_id else None
+            consent = _consent(self.service, request, user_id)
+            fb = self.service.rate(user_id, turn_id, body.rating, reason=reason, other_turn_id=other, consent=consent)
+            return {"ok": True, "event_id": fb.event_id, "turn_id": fb.turn_id, "model_version": fb.model_version}
+
+        return self._own_turn(body, request, rate)
+
+    async def report(self, body: ReportRequest, request: Request):  # an answer to the trainers' review queue
+        def report(user_id: str, turn_id: str, reason: str | None) -> dict[str, Any]:
+            rep = self.service.report(user_id, turn_id, body.category, reason)
+            return {"ok": True, "event_id": rep.event_id, "turn_id": rep.turn_id, "category": rep.category}
+
+        return self._own_turn(body, request, report)
 
     async def healthz(self, request: Request):
         missing = self.service.missing_backends()

@@ -126,12 +126,7 @@ class Job:
         from training import safety
 
         n = self.cfg.data.safety_mix
-        found = []
-        f = self.snapshot_path / "redteam" / "train.parquet" if self.snapshot_path else None
-        if f is not None and f.exists():  # red-teamers' findings with a safe response (issue 18)
-            import pyarrow.parquet as pq  # not datasets: it cannot read a table with no rows
-
-            found = safety.finding_rows(pq.read_table(f).to_pylist())
+        found = safety.findings_in(self.snapshot_path)  # red-teamers' findings with a safe response (issue 18)
         try:
             rows = safety.as_table_rows(name, n, self.cfg.seed, self.cfg.data.safety_refusal_share, found)
         except ValueError as e:

@@ -73,6 +73,17 @@ def finding_rows(redteam_train: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def findings_in(snapshot: Path | None) -> list[dict[str, Any]]:
+    """``finding_rows`` of a snapshot's ``redteam/train`` table (none for an older snapshot without it). Read with
+    pyarrow: ``datasets`` cannot read a table with no rows."""
+    f = snapshot / "redteam" / "train.parquet" if snapshot else None
+    if f is None or not f.exists():
+        return []
+    import pyarrow.parquet as pq
+
+    return finding_rows(pq.read_table(f).to_pylist())
+
+
 def as_table_rows(
     table: str, n: int, seed: int, refusal_share: float = 0.5, findings: list[dict[str, Any]] | None = None
 ) -> list[dict[str, Any]]:
