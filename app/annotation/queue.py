@@ -351,3 +351,18 @@ def queue_review(queue: TaskQueue, report: Any, context: tuple[list[dict[str, st
             topic=f"report:{report.category}",
         )
     )
+
+
+def queue_safe_response(queue: TaskQueue, finding: Any) -> str:
+    """A successful red-team attack becomes a "write the safe response" task for someone other than its author."""
+    return queue.add(
+        Task(
+            f"safe-{finding.finding_id[:12]}",
+            "safe_response",
+            [m.model_dump() for m in finding.messages],
+            [{"answer_id": "attacked", "text": finding.answer, "model_version": finding.model_version}],
+            conversation_id=finding.conversation_id,
+            author=finding.user_id,
+            priority=1.0 + finding.success / 5,
+        )
+    )
