@@ -52,6 +52,12 @@ class RecipeData(BaseModel):
         0, ge=0, le=4096, description="Add this many rows of training/data/safety.jsonl (see training/safety.py)."
     )
     safety_refusal_share: float = Field(0.5, ge=0, le=1, description="Share of the safety rows that are refusals.")
+    weighting: Literal["resample", "ignore"] = Field(
+        "resample",
+        description="A snapshot row's `weight` (its provenance: an AI trainer's, a reviewer's or a user's judgment, "
+        "pipelines/curate/judgments.py): 'resample' counts it that many times (floor(w) copies plus one more with "
+        "probability frac(w), seeded; 0 drops it), so every TRL trainer learns from it in proportion; 'ignore'.",
+    )
 
 
 class RecipeModel(BaseModel):

@@ -101,6 +101,8 @@ class Job:
         ds = datasets.Dataset.from_parquet(str(f))
         if self.cfg.data.policy == "parent" and "model_version" in ds.column_names:
             ds = ds.filter(lambda r: r["model_version"] == self.parent.name)
+        if split == "train" and "weight" in ds.column_names and self.cfg.data.weighting == "resample":
+            ds = self._weighted(ds)  # before the cap: it bounds what the trainer sees
         cap = self.cfg.data.max_rows if split == "train" else self.cfg.data.max_eval_rows
         if cap is not None and len(ds) > cap:
             ds = ds.shuffle(seed=self.cfg.seed).select(range(cap))
@@ -118,6 +120,22 @@ class Job:
         if split == "train" and self.cfg.data.safety_mix:
             ds = self._with_safety_mix(ds, name)
         return ds
+
+    def _weighted(self, ds):
+        """Each row counted ``weight`` times: ``floor(w)`` copies and one more with probability ``frac(w)`` (seeded
+        by the config's seed, so a rerun draws the same rows); a missing weight counts 1. The trainers' own losses
+        stay unweighted: resampling gives every recipe (SFT, DPO, KTO, reward) the same meaning of a weight."""
+        import random
+
+        weights = [1.0 if w is None else float(w) for w in ds["weight"]]
+        if all(w == 1.0 for w in weights):
+            return ds
+        if any(not math.isfinite(w) or w < 0 for w in weights):
+            raise TrainingError(f"{self.method}: a snapshot row has a negative or non-finite weight: curate again")
+        rng = random.Random(self.cfg.seed)
+        index = [i for i, w in enumerate(weights) for _ in range(int(w) + (rng.random() < w - int(w)))]
+        self.metrics.update({"data.rows_before_weighting": float(len(ds)), "data.rows_weighted": float(len(index))})
+        return ds.select(index)
 
     def _with_safety_mix(self, ds, name: str):
         """The users' rows plus ``data.safety_mix`` safety rows, shuffled together; lineage records the set."""
