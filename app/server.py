@@ -27,6 +27,7 @@ from fastapi_offline import FastAPIOffline
 from pydantic import SecretStr
 
 from app.annotation.api import build_annotation_api
+from app.annotation.gold import ensure_gold, route_disagreement
 from app.annotation.queue import TaskQueue, queue_review
 from app.annotation.roles import RoleStore
 from app.annotation.workspace import mount_workspace
@@ -240,6 +241,8 @@ def create_app(
     service = ChatService(settings, backends, router, sessions, producer, Metrics())
     roles, tasks = RoleStore(settings), TaskQueue(settings, producer=producer)
     service.report_listeners.append(functools.partial(queue_review, tasks))  # a user's report -> the review queue
+    tasks.judged_listeners.append(route_disagreement)  # an item its annotators disagree on -> the review queue
+    ensure_gold(tasks)  # gold items with known answers, mixed into trainers' tasks unannounced
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

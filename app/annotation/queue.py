@@ -13,8 +13,10 @@ Rules: nobody gets a task about their own submission (``author``) or their own c
 an item is judged by ``overlap`` different annotators, then leaves the queue; a skip needs a reason and is final
 for that annotator; a submission can be replaced within ``edit_window_s`` (a new event: curation keeps each
 annotator's latest judgment of a task), never after; ``max_per_minute`` submissions per annotator. Gold tasks
-(``gold_answer_id``) are ordinary tasks to the annotator. Version names never leave this module while a task is
-being judged (``TaskView``): the answers are labelled A-D, in an order shuffled per annotator.
+(``gold_answer_id``, made by ``app/annotation/gold.py``) look like any other and come unannounced, one in
+``gold_every``; a compare item whose ``overlap`` annotators disagree goes to review. Version names never leave this
+module while a task is being judged (``TaskView``): the answers are labelled A-D, in an order shuffled per
+annotator.
 
 Priority is ``weights[kind] * priority``, oldest first among equals; an annotator's ``topic`` puts that topic first.
 """
@@ -52,7 +54,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     priority REAL NOT NULL DEFAULT 1.0, topic TEXT, overlap INTEGER NOT NULL DEFAULT 1, created_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS assignments (
     task_id TEXT NOT NULL, annotator TEXT NOT NULL, status TEXT NOT NULL, draft TEXT, skip_reason TEXT,
-    updated_at REAL NOT NULL, submitted_at REAL, event_id TEXT, PRIMARY KEY (task_id, annotator));
+    updated_at REAL NOT NULL, submitted_at REAL, event_id TEXT, ranking TEXT, PRIMARY KEY (task_id, annotator));
 CREATE INDEX IF NOT EXISTS assignments_by_annotator ON assignments (annotator, updated_at);
 """
 
@@ -73,6 +75,8 @@ class QueueConfig:
     )
     edit_window_s: float = 300.0
     max_per_minute: int = 10
+    gold_every: int = 8  # every 8th task of an annotator is a gold one they have not done, while any is left
+    review_below: float = 0.5  # agreement below this on a compare item sends it to review (app/annotation/gold.py)
 
 
 @dataclass(frozen=True)
@@ -108,9 +112,13 @@ class TaskQueue:
     def __init__(self, settings: Settings, producer: Any = None, config: QueueConfig | None = None):
         self._db = connect(settings)
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(assignments)")}
+        if "ranking" not in columns:  # a queue file from before the routing of disagreements
+            self._db.execute("ALTER TABLE assignments ADD COLUMN ranking TEXT")
         self._lock = threading.Lock()
         self.producer = producer
         self.cfg = config or QueueConfig()
+        self.judged_listeners: list[Any] = []  # called with (queue, task) after each recorded submission
 
     def close(self) -> None:
         self._db.close()
@@ -169,6 +177,9 @@ class TaskQueue:
         kinds = [k for k in KINDS if WHO[k] & set(who.roles)]
         if not kinds:
             return None
+        gold = self._gold_due(who, kinds)
+        if gold is not None:
+            return self.view(gold, who.name)
         weights = " ".join(f"WHEN '{k}' THEN {float(self.cfg.weights.get(k, 1.0))}" for k in kinds)
         rows = self._db.execute(
             f"""SELECT t.task_id FROM tasks t
@@ -177,13 +188,39 @@ class TaskQueue:
                   AND NOT EXISTS (SELECT 1 FROM assignments a WHERE a.task_id = t.task_id AND a.annotator = ?
                                   AND a.status IN ('submitted', 'skipped'))
                   AND (SELECT count(*) FROM assignments a WHERE a.task_id = t.task_id AND a.status = 'submitted')
-                      < t.overlap
+                      < t.overlap AND t.gold_answer_id IS NULL
                 ORDER BY (coalesce(t.topic, '') = ?) DESC, (CASE t.kind {weights} END) * t.priority DESC,
                          t.created_at, t.task_id
                 LIMIT 1""",
             (*kinds, who.name, who.name, who.name, topic or "\x00"),
         ).fetchone()
         return self.view(rows[0], who.name) if rows else None
+
+    def _gold_due(self, who: Annotator, kinds: list[str]) -> str | None:
+        """A gold task this annotator has not seen, when their submissions so far make this their gold turn."""
+        if "compare" not in kinds or self.cfg.gold_every < 1:
+            return None
+        done = self._db.execute(
+            "SELECT count(*) FROM assignments WHERE annotator = ? AND status = 'submitted'", (who.name,)
+        ).fetchone()[0]
+        if done % self.cfg.gold_every != self.cfg.gold_every - 1:
+            return None
+        row = self._db.execute(
+            """SELECT t.task_id FROM tasks t WHERE t.gold_answer_id IS NOT NULL AND NOT EXISTS
+               (SELECT 1 FROM assignments a WHERE a.task_id = t.task_id AND a.annotator = ?) ORDER BY t.created_at
+               LIMIT 1""",
+            (who.name,),
+        ).fetchone()
+        return row[0] if row else None
+
+    def rankings(self, task_id: str) -> dict[str, dict[str, int | None]]:
+        """annotator -> their submitted ranks (answer_id -> rank; None unranked) for one task ("all bad": none)."""
+        rows = self._db.execute(
+            "SELECT annotator, ranking FROM assignments WHERE task_id = ? AND status = 'submitted' "
+            "AND ranking IS NOT NULL",
+            (task_id,),
+        )
+        return {who: json.loads(r) for who, r in rows}
 
     def view(self, task_id: str, annotator: str) -> TaskView:
         t = self.get(task_id)
@@ -300,21 +337,23 @@ class TaskQueue:
             if self.producer is not None:
                 self.producer.emit(judgment)  # SpoolFull propagates: nothing recorded, the annotator retries
             self._db.execute(
-                """INSERT INTO assignments (task_id, annotator, status, updated_at, submitted_at, event_id)
-                   VALUES (?, ?, 'submitted', ?, ?, ?) ON CONFLICT (task_id, annotator) DO UPDATE SET
+                """INSERT INTO assignments (task_id, annotator, status, updated_at, submitted_at, event_id, ranking)
+                   VALUES (?, ?, 'submitted', ?, ?, ?, ?) ON CONFLICT (task_id, annotator) DO UPDATE SET
                    status = 'submitted', draft = NULL, updated_at = excluded.updated_at,
                    submitted_at = coalesce(assignments.submitted_at, excluded.submitted_at),
-                   event_id = excluded.event_id""",
-                (task_id, who.name, now, now, judgment.event_id),
+                   event_id = excluded.event_id, ranking = excluded.ranking""",
+                (task_id, who.name, now, now, judgment.event_id, None if all_bad else json.dumps(ranks or {})),
             )
+        for listener in self.judged_listeners:  # e.g. app/annotation/gold.route_disagreement (wired by the server)
+            listener(self, t)
         return judgment
 
     # ---- figures -----------------------------------------------------------------------------------------------
     def depth(self) -> dict[str, int]:
-        """Open tasks per kind (fewer submissions than their overlap)."""
+        """Open tasks per kind (fewer submissions than their overlap; gold tasks are not work waiting)."""
         rows = self._db.execute(
-            """SELECT kind, count(*) FROM tasks t WHERE (SELECT count(*) FROM assignments a WHERE a.task_id = t.task_id
-               AND a.status = 'submitted') < t.overlap GROUP BY kind"""
+            """SELECT kind, count(*) FROM tasks t WHERE t.gold_answer_id IS NULL AND (SELECT count(*) FROM assignments a
+               WHERE a.task_id = t.task_id AND a.status = 'submitted') < t.overlap GROUP BY kind"""
         ).fetchall()
         return {k: 0 for k in KINDS} | dict(rows)
 
