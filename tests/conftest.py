@@ -131,6 +131,8 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 _GROUP_SECONDS: dict[str, float] = {}  # this run's seconds per group (setup + call + teardown of its tests)
+_TEST_SECONDS: dict[str, float] = {}  # and per test: the profile `python -m tests.durations --tests` prints
+TESTS_KEY = "flywheel/test_seconds"
 
 
 def pytest_configure(config) -> None:
@@ -142,6 +144,7 @@ def pytest_configure(config) -> None:
 def pytest_runtest_logreport(report) -> None:
     group = group_of(report.nodeid)
     _GROUP_SECONDS[group] = _GROUP_SECONDS.get(group, 0.0) + report.duration
+    _TEST_SECONDS[report.nodeid] = _TEST_SECONDS.get(report.nodeid, 0.0) + report.duration
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
@@ -151,6 +154,9 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     known = dict(config.cache.get(DURATIONS_KEY, {}) or {})
     known.update({k: round(v, 1) for k, v in _GROUP_SECONDS.items()})
     config.cache.set(DURATIONS_KEY, known)
+    tests = dict(config.cache.get(TESTS_KEY, {}) or {})
+    tests.update({k: round(v, 2) for k, v in _TEST_SECONDS.items()})
+    config.cache.set(TESTS_KEY, tests)
 
 
 def pytest_terminal_summary(terminalreporter, config) -> None:

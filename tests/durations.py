@@ -1,24 +1,56 @@
-"""Copy the group durations of the last full local run (pytest's cache) into ``tests/durations.json``, which a
-fresh clone uses to start the longest groups first: ``python -m tests.durations`` after a full ``make test``."""
+"""The suite's time, from the last local runs (pytest's cache).
+
+- ``python -m tests.durations``: copy the group durations of the last full run into ``tests/durations.json``, which
+  a fresh clone uses to start the longest groups first (run it after a full ``make test``);
+- ``python -m tests.durations --tests [N]``: print the N slowest tests (setup + call + teardown, default 40) and
+  each group's share of the total: where the suite's time goes.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
 
-from tests.conftest import DURATIONS_FILE, DURATIONS_KEY, REPO
+from tests.conftest import DURATIONS_FILE, DURATIONS_KEY, REPO, TESTS_KEY, group_of
 
 
-def main() -> int:
-    cached = REPO / ".pytest_cache" / "v" / DURATIONS_KEY
-    if not cached.exists():
-        print(f"no durations in {cached}: run `make test` first", file=sys.stderr)
+def _cached(key: str) -> dict[str, float] | None:
+    path = REPO / ".pytest_cache" / "v" / key
+    if not path.exists():
+        print(f"no durations in {path}: run `make test` first", file=sys.stderr)
+        return None
+    return json.loads(path.read_text())
+
+
+def profile(n: int) -> int:
+    tests = _cached(TESTS_KEY)
+    if tests is None:
         return 1
-    seconds = {k: round(v) for k, v in sorted(json.loads(cached.read_text()).items(), key=lambda kv: -kv[1])}
+    total = sum(tests.values())
+    groups: dict[str, float] = {}
+    for nodeid, s in tests.items():
+        groups[group_of(nodeid)] = groups.get(group_of(nodeid), 0.0) + s
+    print(f"{len(tests)} tests, {total:,.0f} s of test time in all (workers overlap: wall time is less)")
+    print(f"\n{n} slowest tests:")
+    for nodeid, s in sorted(tests.items(), key=lambda kv: -kv[1])[:n]:
+        print(f"  {s:8.1f} s  {nodeid}")
+    print("\ngroups:")
+    for g, s in sorted(groups.items(), key=lambda kv: -kv[1]):
+        print(f"  {s:8.1f} s  {100 * s / total:5.1f}%  {g}")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--tests"]:
+        return profile(int(argv[1]) if len(argv) > 1 else 40)
+    cached = _cached(DURATIONS_KEY)
+    if cached is None:
+        return 1
+    seconds = {k: round(v) for k, v in sorted(cached.items(), key=lambda kv: -kv[1])}
     DURATIONS_FILE.write_text(json.dumps(seconds, indent=1) + "\n")
     print(f"{len(seconds)} groups, {sum(seconds.values())} s in all -> {DURATIONS_FILE.relative_to(REPO)}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
