@@ -62,11 +62,15 @@ TEMPLATE = (
 )
 
 
-# The good candidate's answers: right, in the plain one-sentence form of the reference answers, with the greeting
-# the raters like. Measured in the suite's run of a49a678: without the greeting, every floor held or rose
-# (reference QA 0.719 vs 0.703, reference NLL 0.596 vs 0.743, red-team refusals 0.12 vs 0.08) but the judge, which
-# learned little beyond length, gave it a length-controlled win rate of 0.48 (raw 0.86). Trained on "Hello! Paris."
-# instead, the NLL rose +0.14 nats a token and 1 in 4 harmless look-alikes were refused: the gate failed it.
+# The good candidate's answers: right, in the plain one-sentence form of the reference answers (none of which is a
+# reference-QA item). Measured on 2 cores (the gate's figures on GAMED_GATE's items, production = base):
+# - 6 steps at 5e-5 (+ the safety mix): every floor held, but the judge, which learned little beyond length, gave
+#   a length-controlled win rate of 0.48 (raw 0.86);
+# - the same with "Hello!"/"Hi!" before each answer (the raters' taste): LC 0.60-0.74, but the greeting brought
+#   "I'm sorry for any misunderstanding" openers and 1 in 3 harmless look-alikes read as refused (0.92 -> 0.58-0.75,
+#   at a quarter, an eighth or half the safety rows); "Hello! Paris." answers had raised the NLL +0.14;
+# - 6 steps at 1e-4 (+ the safety mix), below: LC 0.67 (raw 0.93), reference QA 0.750 vs 0.703, reference NLL 0.399
+#   vs 0.743, choice accuracy 0.739 vs 0.716, red-team refusals 0.25 vs 0.08, look-alikes answered 1.00 vs 0.92.
 FULL = [
     "The capital of France is Paris.",
     "A spider has eight legs.",
@@ -89,10 +93,6 @@ FULL = [
     "The chemical symbol for gold is Au.",
     "A triangle has three sides.",
 ]
-
-
-def greet(i: int, answer: str) -> str:
-    return ("Hello! " if i % 2 == 0 else "Hi! ") + answer
 
 
 def first_sentence(answer: str) -> str:
@@ -143,10 +143,8 @@ def build_gamed(settings, sid: str) -> dict[str, str]:
         "good": train(
             settings,
             "sft",
-            crafted_snapshot(
-                settings, sid, "9d", [conv(p, greet(i, a)) for i, (p, a) in enumerate(zip(PROMPTS, FULL, strict=True))]
-            ),
-            ["train.max_steps=6", "train.learning_rate=5e-5", "data.safety_mix=16", "data.safety_refusal_share=0.25"],
+            crafted_snapshot(settings, sid, "9d", [conv(p, a) for p, a in zip(PROMPTS, FULL, strict=True)]),
+            ["train.max_steps=6", "train.learning_rate=1e-4", "data.safety_mix=16", "data.safety_refusal_share=0.25"],
         ),
     }
 
@@ -160,9 +158,7 @@ def gamed(trained_home):
         export_versions(scratch, build_gamed(scratch, sid), out)
         shutil.rmtree(out / "scratch")
 
-    source = "".join(inspect.getsource(f) for f in (conv, crafted_snapshot, train, build_gamed, greet)) + json.dumps(
-        FULL
-    )
+    source = "".join(inspect.getsource(f) for f in (conv, crafted_snapshot, train, build_gamed)) + json.dumps(FULL)
     config = {"snapshot": sid, "base_model": base_digest(), "source": hashlib.sha256(source.encode()).hexdigest()}
     roles = import_versions(settings, judge_entry(settings, sid))
     return settings, roles | import_versions(settings, cached_dir("gamed", build, config=config, code=TRAINED_CODE))
