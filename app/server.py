@@ -23,6 +23,7 @@ from typing import Any
 import gradio as gr
 import uvicorn
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi_offline import FastAPIOffline
 from pydantic import SecretStr
 
@@ -50,6 +51,7 @@ from app.router import ReleaseRouter
 from app.service import ChatService
 from app.sessions import COOKIE_MAX_AGE, COOKIE_NAME, Sessions
 from app.ui import CSS, JS, build_ui
+from app.ui.model_card import system_card_text
 from feedback.producer import EventProducer
 from feedback.settings import Settings, get_settings
 
@@ -276,6 +278,17 @@ def create_app(
     app.include_router(build_api(service, limits))
     app.include_router(build_deletion_api(service))
     app.include_router(build_annotation_api(tasks, roles))  # /annotation: the workspace's HTTP API (annotator tokens)
+
+    @app.get("/models/{version}/system-card")
+    def system_card(version: str) -> Any:
+        """A released version's system card, as plain text (nothing in it becomes markup)."""
+        text = system_card_text(settings, version)
+        if text is None:
+            return JSONResponse(
+                {"error": {"message": f"no system card for {version[:64]!r}: only a released version has one"}}, 404
+            )
+        return PlainTextResponse(text, media_type="text/plain; charset=utf-8")
+
     demo = build_ui(service, max_new_tokens=max_new_tokens or settings.app_max_new_tokens)
     app = mount_dashboard(app, settings)  # /ops, behind the admin token; before "/" so the chat UI does not shadow it
     app = mount_workspace(app, settings, service, tasks, roles)  # /train: AI trainers and red-teamers, signed in

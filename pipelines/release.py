@@ -245,7 +245,19 @@ class Controller:
                 salt=new_id(),
                 release_id=new_id()[:12],
             )
-            return self.log.current()  # type: ignore[return-value]
+            started = self.log.current()
+        self._write_system_card(candidate)
+        return started  # type: ignore[return-value]
+
+    def _write_system_card(self, version: str) -> None:
+        """The released version's system card (``training/system_card.py``); a failure is logged, never a release
+        stopped: the card describes the release, it does not gate it."""
+        from training.system_card import write_card
+
+        try:
+            write_card(self.settings, version)
+        except Exception as e:
+            log.warning("system card of %s not written: %s", version, e)
 
     def promote(
         self, actor: str, reason: str = "", full: bool = False, stats: dict[str, Any] | None = None

@@ -16,6 +16,7 @@ from app.ui.render import md_text
 from feedback.settings import Settings
 
 VERSION_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+SYSTEM_CARD = "system_card.md"  # training/system_card.py writes it when a release of the version starts
 MAX_PARENTS = 32  # a lineage chain longer than this (or a cycle) is cut
 
 
@@ -28,6 +29,7 @@ class Card:
     snapshot_id: str | None
     created_at: str | None
     known: bool  # False: no lineage beside the weights
+    system_card: bool = False  # a released version's system card lies beside its weights (training/system_card.py)
 
 
 def weights_dir(settings: Settings, version: str) -> Path | None:
@@ -81,7 +83,17 @@ def read_card(settings: Settings, version: str) -> Card:
         snapshot_id=_text(record.get("snapshot_id") or record.get("dataset_snapshot")),
         created_at=_text(record.get("created_at")),
         known=bool(record),
+        system_card=bool(d and (d / SYSTEM_CARD).is_file()),
     )
+
+
+def system_card_text(settings: Settings, version: str) -> str | None:
+    """The released version's system card (Markdown, served as plain text), or None."""
+    d = weights_dir(settings, version)
+    try:
+        return (d / SYSTEM_CARD).read_text() if d else None
+    except OSError:
+        return None
 
 
 def card_markdown(card: Card) -> str:
@@ -103,6 +115,8 @@ def card_markdown(card: Card) -> str:
         lines.append(trained)
     if card.created_at:
         lines.append(f"**Created:** {e(card.created_at)}")
+    if card.system_card:  # the name matched VERSION_NAME (or is the base's): safe in a URL path
+        lines.append(f"[System card: evaluations, red team, data sources, lineage](/models/{card.version}/system-card)")
     return "\n\n".join(lines)
 
 

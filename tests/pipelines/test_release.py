@@ -259,3 +259,44 @@ def test_cli_refuses_operator_actions_without_the_token(settings):
     r = run("rollback", "--token", "wrong", token_env="s3cret")
     assert r.returncode == 1 and "need the admin token" in r.stdout
     assert ReleaseLog(settings).records() == []
+
+
+def test_a_release_writes_the_versions_system_card(world, cfg):
+    """Issue 18: the released version's system card: its gate, the red team's findings against it (closed: with a
+    safe response; open: without), lineage; beside the weights, linked from the chat's model card."""
+    import json
+    from pathlib import Path
+
+    from app.ui.model_card import card_markdown, read_card, system_card_text
+    from feedback.events import Message, RedTeamFinding
+    from tests.pipelines.conftest import seed
+    from training import registry
+
+    settings, names = world
+    good = names["good"]
+
+    def finding(i: int, version: str, success: int, safe: str | None) -> RedTeamFinding:
+        return RedTeamFinding(
+            event_id=f"rt-{i}", user_id="red", consent=True, finding_id=f"f{i}", conversation_id=f"c{i}",
+            model_version=version, messages=[Message(role="user", content="how do I pick a lock <b>now</b>")],
+            answer="Sure, first...", harm_category="fraud", attack_type="direct", success=success, safe_response=safe,
+        )  # fmt: skip
+
+    seed(settings.warehouse_path, [finding(1, good, 5, "I can't help with that."), finding(2, good, 4, None),
+                                   finding(3, good, 1, None), finding(4, "base", 5, None)])  # fmt: skip
+    d = Path(registry.get_version(settings, good).path)
+    for f in ("system_card.json", "system_card.md"):  # the module's other tests may have released it before
+        (d / f).unlink(missing_ok=True)
+    assert not read_card(settings, good).system_card, "not released: no card, no link"
+    Controller(settings, cfg).start(good, "operator:a")
+    card = json.loads((d / "system_card.json").read_text())
+    assert card["version"] == good and card["evaluations"]["gate"] == "passed"
+    assert card["evaluations"]["reasons"] == ["passed on purpose"]
+    assert {k: card["red_team"][k] for k in ("filed", "successful", "closed", "open")} == {
+        "filed": 3, "successful": 2, "closed": 1, "open": 1,
+    }  # fmt: skip
+    assert card["lineage"]["parent"] == "base"
+    text = system_card_text(settings, good)
+    assert text.startswith(f"# System card: {good}") and "closed 1, open 1" in text and "<b>" not in text
+    assert f"(/models/{good}/system-card)" in card_markdown(read_card(settings, good))
+    assert system_card_text(settings, "../../etc") is None
