@@ -24,16 +24,19 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}  # headers for operator route
 
 
 def _embedded(max_concurrency: int, max_queue: int) -> Iterator:
-    from app.backends.embedded import EmbeddedBackend
+    # The product's engine (Settings.serve_engine: llama.cpp at f16), not the transformers reference: the app tests
+    # then test what `make run` serves, and their simulated users' answers come ~10x faster on 2 cores.
+    # tests/app/test_backends.py covers the transformers engine against it.
+    from app.backends.llamacpp import LlamaCppBackend
 
-    backend = EmbeddedBackend(need_model(MODEL), max_concurrency=max_concurrency, max_queue=max_queue)
+    backend = LlamaCppBackend(need_model(MODEL), max_concurrency=max_concurrency, max_queue=max_queue)
     yield backend
     asyncio.run(backend.aclose())
 
 
 @pytest.fixture(scope="session")
 def model_backend():
-    """The real SmolLM2 model behind the embedded continuous-batching backend, shared by all app tests."""
+    """The real SmolLM2 model behind the embedded continuous-batching backend (llama.cpp), shared by all app tests."""
     yield from _embedded(max_concurrency=4, max_queue=4)
 
 
