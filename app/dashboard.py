@@ -5,7 +5,8 @@ It shows the loop end to end: thumbs-up rate over time per version (95% Wilson b
 force and its history, the latest canary analysis, the candidates waiting for release (with an Approve button
 for ``FLYWHEEL_RELEASE_POLICY=approve``), dataset snapshots with their filter counts and yield, the trained
 versions with their evaluation and gate, and lineage from a release back to its snapshot, the Kafka offsets it
-came from and a sample of the conversations that trained it. Links go to the Prefect and MLflow UIs.
+came from and a sample of the conversations that trained it; and the AI trainers: submissions per hour, queue depth,
+agreement by day and per axis, and a leaderboard of those who did not opt out. Links go to the Prefect and MLflow UIs.
 
 Access: Gradio's login form with any user name and the admin token (``FLYWHEEL_ADMIN_TOKEN``) as password;
 without a configured token nobody gets in. What it shows comes from ``app.ops_data``, which reads what the
@@ -22,6 +23,7 @@ import matplotlib
 
 from app.auth import is_admin
 from app.ops_data import (
+    annotation_status,
     approvals,
     approve_candidate,
     autopilot_status,
@@ -138,6 +140,44 @@ def fig_yield(manifest: dict[str, Any] | None):
 # ---------------------------------------------------------------------------------------------------------
 # The page
 # ---------------------------------------------------------------------------------------------------------
+def fig_trainers(status: dict[str, Any]):
+    """Submissions per hour (bars) and Krippendorff's alpha of the rankings by day (line, right axis)."""
+    from datetime import UTC, datetime
+
+    fig, ax = _fig(f"AI trainers: submissions per hour; queue {sum(status['depth'].values())} open")
+    hours = [datetime.fromtimestamp(t, UTC) for t, _ in status["per_hour"]]
+    ax.bar(hours, [n for _, n in status["per_hour"]], width=1 / 30, color="tab:blue", label="submissions / hour")
+    ax.set_ylabel("submissions")
+    days = status["agreement_by_day"]
+    if days:
+        right = ax.twinx()
+        right.plot([datetime.fromisoformat(d).replace(tzinfo=UTC) for d in days], list(days.values()), "o-",
+                   color="tab:orange", label="alpha (rankings) by day")  # fmt: skip
+        right.set_ylabel("Krippendorff's alpha")
+        right.set_ylim(-1, 1)
+    fig.autofmt_xdate()
+    return fig
+
+
+def trainers_section() -> tuple[Any, Any, Any]:
+    """The AI trainers' row: the figure, agreement per axis, and the leaderboard (opted-out names left out)."""
+    with gr.Row():
+        plot = gr.Plot(label="AI trainers", elem_id="ops-trainers")
+    agree = gr.JSON(label="Agreement (Krippendorff's alpha per axis and for rankings)")
+    board = gr.Dataframe(
+        headers=["annotator", "judgments", "gold right", "trust"],
+        label="Leaderboard (annotators who opted out are not shown)",
+        wrap=True,
+        elem_id="ops-leaderboard",
+    )
+    return plot, agree, board
+
+
+def trainers_outputs(settings: Settings) -> tuple:
+    status = annotation_status(settings)
+    return fig_trainers(status), status["agreement"], status["leaderboard"]
+
+
 def build_dashboard(settings: Settings) -> gr.Blocks:
     prefect = f"http://{settings.prefect_host}:{settings.prefect_port}"
     mlflow = f"http://{settings.mlflow_host}:{settings.mlflow_port}"
@@ -238,6 +278,9 @@ def build_dashboard(settings: Settings) -> gr.Blocks:
 
         approve.click(on_approve, inputs=to_approve, outputs=[approve_msg, waiting], api_name="approve")
         pick.change(lambda v: lineage(settings, v), inputs=pick, outputs=[lineage_json, sample])
+        trainers = trainers_section()
+        for event in (page.load, refresh.click, gr.Timer(30).tick):
+            event(lambda: trainers_outputs(settings), outputs=list(trainers))
     return page
 
 

@@ -301,3 +301,33 @@ def lineage(settings: Settings, version: str | None) -> tuple[dict[str, Any], li
         [r.get("prompt") or r.get("messages"), r.get("chosen", ""), r.get("rejected", ""), r.get("model_version")]
         for r in sample
     ]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# AI trainers (issue 18): the queue's live figures, and the agreement and trust each curation writes
+# ---------------------------------------------------------------------------------------------------------
+def annotation_status(settings: Settings) -> dict[str, Any]:
+    """Queue depth and submissions per hour (the app's queue file), agreement by day and each annotator's figures
+    (``<home>/annotation/report.json``, written by the curate flow), the leaderboard without those who opted out."""
+    from app.annotation.queue import TaskQueue
+    from app.annotation.roles import RoleStore
+
+    queue, roles = TaskQueue(settings), RoleStore(settings)
+    try:
+        shown = {a.name for a in roles.list() if a.leaderboard}
+        out: dict[str, Any] = {"depth": queue.depth(), "per_hour": queue.submissions_by_hour(24)}
+    finally:
+        queue.close()
+        roles.close()
+    try:
+        report = json.loads((settings.home / "annotation" / "report.json").read_text())
+    except (OSError, ValueError):
+        report = {}
+    out["agreement"] = report.get("agreement") or {}
+    out["agreement_by_day"] = report.get("agreement_by_day") or {}
+    out["leaderboard"] = [
+        [p["annotator"], p["judgments"], f"{p['gold_right']}/{p['gold_tasks']}", p["trust"]]
+        for p in report.get("annotators", [])
+        if p["annotator"] in shown
+    ]
+    return out

@@ -109,7 +109,7 @@ def report(as_json: bool = JSON) -> None:
     s = get_settings()
     queue = TaskQueue(s)
     try:
-        out = annotation_report(s, queue)
+        out = annotation_report(s, queue.gold(), queue.depth(), queue.throughput(3600))
     finally:
         queue.close()
     if as_json:

@@ -22,6 +22,7 @@ from prefect import flow
 
 from feedback.settings import Settings, get_settings
 from pipelines import tasks
+from pipelines.annotation_report import write_report
 from pipelines.config import TRAIN_DEPLOYMENT, CurateConfig, ReleaseConfig
 
 
@@ -35,6 +36,7 @@ def curate(settings: Settings | None = None, config: CurateConfig | None = None)
     tasks.register_snapshot(info, curated.watermark, settings)
     retired = tasks.retire_deleted(settings)
     tainted = tasks.taint_retired(settings)  # deletion reaches models trained on retired snapshots
+    write_report(settings)  # the AI trainers' agreement and trust, for the ops page
     return {
         "snapshot_id": info.snapshot_id,
         "path": str(info.path),

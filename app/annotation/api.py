@@ -5,6 +5,7 @@
     POST /annotation/tasks/{task_id}/judgment   {ranks, scores, flags, all_bad, rewrite, seconds} -> {"event_id"}
     POST /annotation/tasks/{task_id}/skip       {"reason"}
     PUT  /annotation/tasks/{task_id}/draft      {...}            GET the same path: the saved draft
+    PUT  /annotation/me/leaderboard             {"shown": false}  opt out of the ops page's leaderboard (or back in)
 
 401 without a valid token, 403 for a task the annotator may not take (role, own item), 404 no such task, 409 too
 late to edit or skipped, 422 an inconsistent judgment, 429 too many submissions a minute; every error is one
@@ -34,6 +35,11 @@ class JudgmentIn(BaseModel):
     all_bad: bool = False
     rewrite: str | None = Field(None, max_length=64_000)
     seconds: float | None = Field(None, ge=0)
+
+
+class LeaderboardIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    shown: bool
 
 
 class SkipIn(BaseModel):
@@ -105,5 +111,14 @@ def build_annotation_api(queue: TaskQueue, roles: RoleStore) -> APIRouter:
         if a is None:
             return unauthorized()
         return {"draft": queue.draft(a.name, task_id)}
+
+    @r.put("/me/leaderboard")
+    def leaderboard(body: LeaderboardIn, request: Request) -> Any:
+        """Opt out of (or back into) the ops page's leaderboard; one's figures still weight one's judgments."""
+        a = who(request)
+        if a is None:
+            return unauthorized()
+        roles.set_leaderboard(a.name, body.shown)
+        return {"annotator": a.name, "leaderboard": body.shown}
 
     return r

@@ -55,9 +55,7 @@ def ensure_gold(queue: TaskQueue, n: int = 24, seed: int = 0) -> int:
     """Add the gold tasks the queue does not hold yet; returns how many were added."""
     added = 0
     for task in gold_tasks(n, seed):
-        if queue.get(task.task_id) is None:
-            queue.add(task)
-            added += 1
+        added += queue.add(task, if_absent=True) is not None
     return added
 
 
@@ -97,4 +95,4 @@ def route_disagreement(queue: TaskQueue, task: Task) -> str | None:
         priority=1.0 + (queue.cfg.review_below - score),
         topic=task.topic,
     )
-    return queue.add(review)
+    return queue.add(review, if_absent=True)

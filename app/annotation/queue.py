@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 import threading
 import time
@@ -36,6 +37,7 @@ from app.annotation.roles import Annotator, connect
 from feedback.events import JudgedAnswer, Message, TrainerJudgment
 from feedback.settings import Settings
 
+log = logging.getLogger(__name__)
 TaskKind = Literal["compare", "demonstrate", "review", "safe_response"]
 KINDS: tuple[str, ...] = get_args(TaskKind)
 WHO: dict[str, frozenset[str]] = {
@@ -124,7 +126,9 @@ class TaskQueue:
         self._db.close()
 
     # ---- tasks -------------------------------------------------------------------------------------------
-    def add(self, task: Task) -> str:
+    def add(self, task: Task, if_absent: bool = False) -> str | None:
+        """Queue ``task``; its id. A task id already queued is a 409, or with ``if_absent`` None (two callers racing
+        to add the same derived task, e.g. two last judgments of an item routed to review at once)."""
         if task.kind not in KINDS:
             raise QueueError(f"unknown task kind {task.kind!r}: use one of {', '.join(KINDS)}")
         if not task.prompt or task.prompt[-1].get("role") != "user":
@@ -139,8 +143,8 @@ class TaskQueue:
         if task.overlap < 1:
             raise QueueError("overlap is at least 1 (each item judged by that many annotators)")
         with self._lock:
-            self._db.execute(
-                "INSERT INTO tasks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            cur = self._db.execute(
+                "INSERT INTO tasks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (task_id) DO NOTHING",
                 (
                     task.task_id,
                     task.kind,
@@ -156,6 +160,10 @@ class TaskQueue:
                     time.time(),
                 ),
             )
+        if cur.rowcount == 0:
+            if if_absent:
+                return None
+            raise QueueError(f"task {task.task_id} is already queued", 409)
         return task.task_id
 
     def get(self, task_id: str) -> Task | None:
@@ -345,7 +353,10 @@ class TaskQueue:
                 (task_id, who.name, now, now, judgment.event_id, None if all_bad else json.dumps(ranks or {})),
             )
         for listener in self.judged_listeners:  # e.g. app/annotation/gold.route_disagreement (wired by the server)
-            listener(self, t)
+            try:
+                listener(self, t)
+            except Exception:  # the judgment is recorded and sent: a follow-up's failure is logged, not the caller's
+                log.exception("after judging %s: %s failed", task_id, getattr(listener, "__name__", listener))
         return judgment
 
     # ---- figures -----------------------------------------------------------------------------------------------
@@ -365,6 +376,19 @@ class TaskQueue:
             (time.time() - since_s,),
         ).fetchall()
         return dict(rows)
+
+    def submissions_by_hour(self, hours: int = 24) -> list[tuple[float, int]]:
+        """(hour start as a Unix time, submissions in that hour) for the last ``hours`` hours, oldest first."""
+        now = time.time()
+        start = (now // 3600 - hours + 1) * 3600
+        counts = dict(
+            self._db.execute(
+                "SELECT CAST(submitted_at / 3600 AS INTEGER) * 3600, count(*) FROM assignments "
+                "WHERE status = 'submitted' AND submitted_at >= ? GROUP BY 1",
+                (start,),
+            ).fetchall()
+        )
+        return [(start + 3600 * i, int(counts.get(int(start + 3600 * i), 0))) for i in range(hours)]
 
 
 REPORT_PRIORITY = {"private_data": 3.0, "harmful": 2.5, "wrong": 1.5}

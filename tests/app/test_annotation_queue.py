@@ -201,3 +201,8 @@ def test_the_http_api_answers_each_refusal_with_its_status(world):
     assert c.put("/annotation/tasks/task-3/draft", json={}, headers=ana).status_code == 404
     assert c.post("/annotation/tasks/task-0/skip", json={"reason": "x"}, headers=ana).status_code == 200
     assert c.get("/annotation/next", headers=ana).json()["task"] is None, "task-1 is ana's own, task-2 a review"
+    # the leaderboard opt-out: one's own, with a token; a malformed body is a 422
+    assert c.put("/annotation/me/leaderboard", json={"shown": False}).status_code == 401
+    assert c.put("/annotation/me/leaderboard", json={"shown": "maybe"}, headers=ana).status_code == 422
+    assert c.put("/annotation/me/leaderboard", json={"shown": False}, headers=ana).json()["leaderboard"] is False
+    assert roles.get("ana").leaderboard is False and roles.get("red").leaderboard is True

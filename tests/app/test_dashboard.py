@@ -1,6 +1,7 @@
 """The ops dashboard in real Chromium on the product's own server: the admin token is the only way in, and once
 in, the plots (thumbs-up over time, plan history, canary analysis, snapshot yield) render from what the
-pipelines wrote; user text in the lineage sample stays text."""
+pipelines wrote; user text in the lineage sample stays text; the AI trainers' row plots submissions and agreement
+and shows a leaderboard without those who opted out."""
 
 from __future__ import annotations
 
@@ -20,6 +21,53 @@ pytestmark = [pytest.mark.integration, pytest.mark.browser]
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 HOSTILE = '<img src=x onerror="window.__pwned=1">'
+
+
+def _judgments(settings: Settings) -> list:
+    """Two trainers on four gold items (ana right every time, bob never); ana submits in the queue this hour; zed
+    opted out of the leaderboard."""
+    from app.annotation.gold import ensure_gold
+    from app.annotation.queue import Task, TaskQueue
+    from app.annotation.roles import RoleStore
+    from feedback.events import JudgedAnswer, TrainerJudgment
+
+    queue, roles = TaskQueue(settings), RoleStore(settings)
+    try:
+        ensure_gold(queue, n=4)
+        gold = queue.gold()
+        for name in ("ana", "zed", "bob"):
+            roles.grant(name, "trainer")
+        roles.set_leaderboard("zed", False)
+        answers = [{"answer_id": "a", "text": "x"}, {"answer_id": "b", "text": "y"}]
+        queue.add(Task("t-live", "compare", [{"role": "user", "content": "q"}], answers, conversation_id="c-live"))
+        queue.submit(roles.get("ana"), "t-live", ranks={"a": 1, "b": 2})
+        out = []
+        for name in ("ana", "zed"):
+            for k, (task_id, right) in enumerate(sorted(gold.items())):
+                task = queue.get(task_id)
+                top = right if name == "ana" else next(a["answer_id"] for a in task.answers if a["answer_id"] != right)
+                out.append(
+                    TrainerJudgment(
+                        event_id=f"j-{name}-{k}",
+                        ts=T0 + timedelta(minutes=k),
+                        user_id=name,
+                        consent=True,
+                        task_id=task_id,
+                        conversation_id=task.conversation_id,
+                        prompt=[Message(**m) for m in task.prompt],
+                        answers=[
+                            JudgedAnswer(
+                                answer_id=a["answer_id"], text=a["text"], rank=1 if a["answer_id"] == top else 2
+                            )
+                            for a in task.answers
+                        ],
+                        gold_task=True,
+                    )
+                )
+    finally:
+        queue.close()
+        roles.close()
+    return out
 
 
 def _world(settings: Settings) -> None:
@@ -64,7 +112,11 @@ def _world(settings: Settings) -> None:
                     value="up" if liked else "down",
                 )
             )
+    events += _judgments(settings)
     seed(settings.warehouse_path, events)
+    from pipelines.annotation_report import write_report
+
+    assert write_report(settings)["judgments"] == 8
     pii = CurateConfig(pii_model="")
     curated = cur.curate(cur.read_warehouse(settings.warehouse_path), pii, PiiScrubber(pii))
     snap = write_snapshot(curated, settings.datasets_dir)
@@ -140,7 +192,7 @@ def test_dashboard_needs_the_token_and_shows_its_plots(settings, model_backend, 
         assert page.locator("#ops-thumbs").count() == 0
 
         _login(page, live.url, ADMIN_TOKEN)
-        for plot in ("ops-thumbs", "ops-plan", "ops-canary", "ops-yield"):
+        for plot in ("ops-thumbs", "ops-plan", "ops-canary", "ops-yield", "ops-trainers"):
             page.locator(f"#{plot} img").first.wait_for(timeout=120_000)
             box = page.locator(f"#{plot} img").first.bounding_box()
             assert box and box["width"] > 200 and box["height"] > 100, plot
@@ -152,6 +204,12 @@ def test_dashboard_needs_the_token_and_shows_its_plots(settings, model_backend, 
             "t => document.body.textContent.includes(t)", arg="question 0 <img src=x", timeout=60_000
         )
         assert page.locator("img[src='x']").count() == 0 and page.evaluate("window.__pwned") is None
+        # The AI trainers: ana (4 of 4 gold items right) leads the leaderboard; zed, who opted out, is not on it.
+        page.wait_for_function(
+            "() => (document.querySelector('#ops-leaderboard')?.innerText || '').includes('ana')", timeout=60_000
+        )
+        board = page.locator("#ops-leaderboard").inner_text()
+        assert "4/4" in board and "0/4" not in board and "zed" not in board, board
         page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
     finally:
         live.stop()

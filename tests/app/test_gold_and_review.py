@@ -98,3 +98,24 @@ def test_a_disagreement_goes_to_a_reviewer_once_and_an_agreement_does_not(world)
     assert queue.next_for(roles.get("rex")) is None, "rex is the conversation's subject: not his to review"
     roles.grant("ray", "reviewer")
     assert queue.next_for(roles.get("ray")).task_id == "review-split"
+
+
+def test_a_task_id_is_queued_once_and_a_failing_follow_up_never_fails_the_judgment(world):
+    """Found by benchmarks/labeling.py: two last judgments of one item at once both routed it to review, and the
+    second's duplicate insert answered the trainer 500 after their judgment was recorded."""
+    from app.annotation.queue import QueueError
+
+    roles, queue = world
+    t = Task("once", "compare", PROMPT, ANSWERS, conversation_id="c1")
+    assert queue.add(t) == "once" and queue.add(t, if_absent=True) is None
+    with pytest.raises(QueueError, match="already queued") as e:
+        queue.add(t)
+    assert e.value.status == 409
+
+    def broken(_queue, _task):
+        raise RuntimeError("a follow-up failed")
+
+    queue.judged_listeners.insert(0, broken)
+    roles.grant("ana", "trainer")
+    sent = queue.submit(roles.get("ana"), "once", ranks={"x0": 1, "x1": 2, "x2": 3})
+    assert sent.event_id and queue.rankings("once") == {"ana": {"x0": 1, "x1": 2, "x2": 3}}
