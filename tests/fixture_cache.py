@@ -174,8 +174,8 @@ def _rmtree(path: Path) -> None:
 
 
 def _prune(base: Path, name: str, keep: Path) -> None:
-    """Delete the other keys of this fixture unused for an hour, and temporary directories abandoned by killed
-    builds (a live build holds its key's lock; one older than a day is dead)."""
+    """Delete the other keys of this fixture unused for an hour (and their lock files), and temporary directories
+    abandoned by killed builds (a live build holds its key's lock; one older than a day is dead)."""
     now = time.time()
     for other in base.glob(f"{name}-*"):
         suffix = other.name[len(name) + 1 :]
@@ -188,6 +188,14 @@ def _prune(base: Path, name: str, keep: Path) -> None:
             continue
         if now - last > STALE_AFTER_S:
             _rmtree(other)
+    for lock in base.glob(f".{name}-*.lock"):  # a key's lock file outlives its entry: drop it with the entry
+        key = lock.name[len(name) + 2 : -len(".lock")]
+        try:
+            if len(key) == 16 and _is_hex(key) and not (base / f"{name}-{key}").exists():
+                if now - lock.stat().st_mtime > STALE_AFTER_S:
+                    lock.unlink()
+        except OSError:
+            continue
     for tmp in base.glob(f".tmp-{name}-*"):
         suffix = tmp.name[len(name) + 6 :]
         if len(suffix) != 25 or not _is_hex(suffix.replace("-", "")):

@@ -132,3 +132,26 @@ def test_two_concurrent_builders_build_once(repo: Path) -> None:
     assert [p.returncode for p in procs] == [0, 0]
     assert outs[0] == outs[1] and (Path(outs[0]) / "model.txt").read_text() == "built"
     assert len((repo / "builds.txt").read_text().split()) == 1, "both processes built the fixture"
+
+
+def test_stale_keys_their_locks_and_abandoned_builds_are_pruned(repo: Path) -> None:
+    """After a build: another key unused for over an hour goes, with its lock file; a temporary directory from a
+    build killed over a day ago goes; a fresh one (a build in progress elsewhere) and a live entry's lock stay."""
+    import time
+
+    from tests.fixture_cache import cache_root
+
+    base = cache_root()
+    first = cached_dir("m", Builder(), config={"v": 1}, code=CODE, root=repo)
+    old_lock = base / f".{first.name}.lock"
+    assert old_lock.exists()
+    long_ago = time.time() - 2 * 86_400
+    os.utime(first / MARKER, (long_ago, long_ago))
+    os.utime(old_lock, (long_ago, long_ago))
+    dead, live = base / ".tmp-m-0123456789abcdef-deadbeef", base / ".tmp-m-fedcba9876543210-0badf00d"
+    dead.mkdir()
+    live.mkdir()
+    os.utime(dead, (long_ago, long_ago))
+    second = cached_dir("m", Builder(), config={"v": 2}, code=CODE, root=repo)
+    assert second.exists() and (base / f".{second.name}.lock").exists()
+    assert not first.exists() and not old_lock.exists() and not dead.exists() and live.exists()
