@@ -271,20 +271,7 @@ def stop(s: Settings, timeout_s: float = 30.0, kill: bool = False) -> bool:
     pid = _pid(s)
     if pid is None:
         return False
-    os.kill(pid, signal.SIGKILL if kill else signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        try:  # reap if it is our child
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        time.sleep(0.1)
-    else:
-        os.kill(pid, signal.SIGKILL)
+    _terminate(pid, timeout_s, kill)  # a broker that exits between two signals is not an error (it was one)
     (s.kafka_dir / "broker.pid").unlink(missing_ok=True)
     return True
 

@@ -130,12 +130,15 @@ def _stop_pid(pidfile: Path, timeout_s: float) -> bool:
     if pid is None:
         pidfile.unlink(missing_ok=True)
         return False
-    os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and _pid(pidfile) is not None:
-        time.sleep(0.2)
-    if _pid(pidfile) is not None:
-        os.killpg(pid, signal.SIGKILL)
+    try:  # the server may exit between the pid check and a signal: that is the outcome wanted, not an error
+        os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and _pid(pidfile) is not None:
+            time.sleep(0.2)
+        if _pid(pidfile) is not None:
+            os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
     pidfile.unlink(missing_ok=True)
     return True
 

@@ -89,7 +89,7 @@ def test_good_candidate_reaches_full_bad_one_is_rolled_back(settings, model_back
         live.stop()
 
 
-def _traffic_until_decided(ctl: Controller, live, seed: int, max_rounds: int = 12):
+def _traffic_until_decided(ctl: Controller, live, seed: int, max_rounds: int = 20):
     """Rounds of simulated users through the API, the controller looking after each (once ingest caught up),
     until it decides: it only ever sees what real traffic produced. Returns its state and the merged stats."""
     total = None

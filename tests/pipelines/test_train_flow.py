@@ -22,7 +22,19 @@ from tests.training.conftest import BASE, curate_into, overrides, simulated_even
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 CURATE = CurateConfig(eval_fraction=0.25)  # what curate_into uses: the same content gives the same snapshot
-SMALL_GATE = {"max_new_tokens": 8, "max_eval_prompts": 4, "batch_size": 8, "bootstrap_resamples": 100}
+# This test is about the flow (train, evaluate, gate, register, publish, taint), not the gate's figures: a few items
+# of each capability suite (the floor's own tests are tests/training/test_gate_gamed.py and test_capability.py).
+SMALL_GATE = {
+    "max_new_tokens": 8,
+    "max_eval_prompts": 4,
+    "batch_size": 8,
+    "bootstrap_resamples": 100,
+    "max_refqa_items": 8,
+    "max_ifeval_items": 4,
+    "max_mc_items": 8,
+    "refqa_max_new_tokens": 8,
+    "ifeval_max_new_tokens": 16,
+}
 
 
 @pytest.fixture(scope="module")
