@@ -178,6 +178,16 @@ def trainers_outputs(settings: Settings) -> tuple:
     return fig_trainers(status), status["agreement"], status["leaderboard"]
 
 
+def approve_handler(settings: Settings):
+    """The Approve button: record the operator's approval, then show the waiting list again."""
+
+    def on_approve(version: str | None, request: gr.Request) -> tuple:
+        msg = approve_candidate(settings, version, getattr(request, "username", None))
+        return msg, waiting_rows(autopilot_status(settings), approvals(settings))
+
+    return on_approve
+
+
 def build_dashboard(settings: Settings) -> gr.Blocks:
     prefect = f"http://{settings.prefect_host}:{settings.prefect_port}"
     mlflow = f"http://{settings.mlflow_host}:{settings.mlflow_port}"
@@ -230,6 +240,7 @@ def build_dashboard(settings: Settings) -> gr.Blocks:
             label="Sample of the conversations that trained it",
             wrap=True,
         )
+        trainers = trainers_section()
 
         def load() -> tuple:
             recs = release_records(settings)
@@ -264,23 +275,16 @@ def build_dashboard(settings: Settings) -> gr.Blocks:
                 snapshot_rows(snaps_),
                 version_rows(vs),
                 gr.Dropdown(choices=names, value=names[-1] if names else None),
+                *trainers_outputs(settings),
             )
 
-        outputs = [thumbs, plan, canary, current, history, waiting, to_approve, yields, snaps, runs, pick]
+        outputs = [thumbs, plan, canary, current, history, waiting, to_approve, yields, snaps, runs, pick, *trainers]
         page.load(load, outputs=outputs)
         refresh.click(load, outputs=outputs)
         gr.Timer(30).tick(load, outputs=outputs)
 
-        def on_approve(version: str | None, request: gr.Request) -> tuple:
-            msg = approve_candidate(settings, version, getattr(request, "username", None))
-            status, approved = autopilot_status(settings), approvals(settings)
-            return msg, waiting_rows(status, approved)
-
-        approve.click(on_approve, inputs=to_approve, outputs=[approve_msg, waiting], api_name="approve")
+        approve.click(approve_handler(settings), inputs=to_approve, outputs=[approve_msg, waiting], api_name="approve")
         pick.change(lambda v: lineage(settings, v), inputs=pick, outputs=[lineage_json, sample])
-        trainers = trainers_section()
-        for event in (page.load, refresh.click, gr.Timer(30).tick):
-            event(lambda: trainers_outputs(settings), outputs=list(trainers))
     return page
 
 

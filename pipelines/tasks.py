@@ -159,7 +159,8 @@ def check_training_inputs(settings: Settings, snapshot_id: str | None, cfg: trn.
     """Fail before any model is loaded: the config parses, the snapshot is usable (exists, not retired, no
     contributor's deletion pending), the parent is a registered chat model. Returns the snapshot id."""
     from training import registry
-    from training.runner import TrainingError, find_usable_snapshot, resolve_config
+    from training.runner import TrainingError, resolve_config
+    from training.snapshots import find_usable_snapshot
 
     try:
         _, recipe_cfg = resolve_config(cfg.recipe, cfg.config, list(cfg.overrides))

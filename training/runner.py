@@ -29,6 +29,7 @@ from training import registry
 from training.config import CONFIG_DIR, ConfigError, RecipeConfig, config_dict, config_hash, load_config
 from training.config import resolve_precision as _resolve_precision
 from training.errors import TrainingError
+from training.snapshots import find_usable_snapshot
 
 log = logging.getLogger("flywheel.training")
 
@@ -279,39 +280,6 @@ def prepare(method: str, args: argparse.Namespace, settings: Settings | None = N
         raise TrainingError(str(e)) from None
     work.mkdir(parents=True, exist_ok=True)
     return Job(method, settings, cfg, config_path, snapshot, parent, precision, work)
-
-
-def find_usable_snapshot(settings: Settings, ref: str | None, required: bool = True) -> dict[str, Any] | None:
-    """The snapshot to train on: exists, complete, not retired, and no contributor's deletion is pending."""
-    from training.snapshots import deletion_pending, load_snapshot, newest_snapshot
-
-    if ref in (None, "", "none") and not required:
-        return None
-    snap = newest_snapshot(settings) if ref in (None, "", "latest") else load_snapshot(settings, ref)
-    if snap is None:
-        if not required:
-            return None
-        raise TrainingError("there is no usable dataset snapshot yet: run `flywheel run curate` first")
-    if snap.get("retired"):
-        raise TrainingError(
-            f"snapshot {snap['snapshot_id']} is retired ({snap['retired'].get('reason')}): "
-            "run `flywheel run curate` for a fresh one"
-        )
-    from feedback.deletion import pending_deletions
-
-    waiting = pending_deletions(settings)
-    if waiting:
-        raise TrainingError(
-            f"{len(waiting)} deletion request(s) are still being carried out: training waits until "
-            "they are done (`flywheel status`), then curate again and train on the new snapshot"
-        )
-    pending = deletion_pending(settings, snap)
-    if pending:
-        raise TrainingError(
-            f"snapshot {snap['snapshot_id']} holds data of {pending} user(s) whose deletion is "
-            "pending: run `flywheel run curate` (it excludes them) and train on the new snapshot"
-        )
-    return snap
 
 
 def progress_callback(job: Job):

@@ -78,3 +78,34 @@ def deletion_pending(settings: Settings, snapshot: dict[str, Any]) -> int:
         return 0 if not deleted_users(settings) else 1  # no contributor list: any deletion may concern it
     gone = deleted_users(settings)
     return sum(1 for line in f.read_text().split() if line in gone) if gone else 0
+
+
+def find_usable_snapshot(settings: Settings, ref: str | None, required: bool = True) -> dict[str, Any] | None:
+    """The snapshot to train on: exists, complete, not retired, and no contributor's deletion is pending."""
+    if ref in (None, "", "none") and not required:
+        return None
+    snap = newest_snapshot(settings) if ref in (None, "", "latest") else load_snapshot(settings, ref)
+    if snap is None:
+        if not required:
+            return None
+        raise TrainingError("there is no usable dataset snapshot yet: run `flywheel run curate` first")
+    if snap.get("retired"):
+        raise TrainingError(
+            f"snapshot {snap['snapshot_id']} is retired ({snap['retired'].get('reason')}): "
+            "run `flywheel run curate` for a fresh one"
+        )
+    from feedback.deletion import pending_deletions
+
+    waiting = pending_deletions(settings)
+    if waiting:
+        raise TrainingError(
+            f"{len(waiting)} deletion request(s) are still being carried out: training waits until "
+            "they are done (`flywheel status`), then curate again and train on the new snapshot"
+        )
+    pending = deletion_pending(settings, snap)
+    if pending:
+        raise TrainingError(
+            f"snapshot {snap['snapshot_id']} holds data of {pending} user(s) whose deletion is "
+            "pending: run `flywheel run curate` (it excludes them) and train on the new snapshot"
+        )
+    return snap

@@ -27,6 +27,7 @@ from typing import Any, get_args
 
 import gradio as gr
 
+from app.annotation.gold import PROMPTS_FILE
 from app.annotation.queue import SKIP_REASONS, QueueError, Task, TaskQueue, queue_safe_response
 from app.annotation.roles import Annotator, RoleStore
 from feedback.events import AXES, AnswerFlag, AttackType, HarmCategory, Message, RedTeamFinding, Sampling
@@ -34,7 +35,7 @@ from feedback.settings import Settings
 
 PATH = "/train"
 MAX_K = 4
-POOL_FILE = Path(__file__).resolve().parents[2] / "cli" / "data" / "prompts.jsonl"
+POOL_FILE = PROMPTS_FILE  # the simulated users' prompt set, the gold items' source too
 FLAGS = list(get_args(AnswerFlag))
 
 
