@@ -55,6 +55,12 @@ BUSY_MESSAGE = "The model is busy, please retry in a moment."
 __all__ = ["BUSY_MESSAGE", "Busy", "ChatService", "NotYours", "TurnStream"]
 
 
+def _charge_usage(gate: FairGate, bucket: str, turn: TurnStream) -> None:
+    """A backend that does not charge as it computes (a model server) is charged an answer's usage when it ends."""
+    computed = max(0, (turn.prompt_tokens or 0) - (turn.cached_tokens or 0))
+    gate.counters.charge(bucket, prefill=computed, decode=turn.completion_tokens or 0)
+
+
 class NotYours(PermissionError):
     """A rating names a turn that was not served to the rater (unknown and foreign look the same)."""
 
@@ -166,8 +172,8 @@ class ChatService:
     ) -> TurnStream:
         """Raises ``InputError`` for bad input and ``Busy`` past the backend's bound, before any output.
 
-        ``bucket`` names the party the answer counts against for fair admission (an API key; default: the user),
-        see ``app.admission.FairGate``.
+        ``bucket`` names the party the answer counts against for fair admission and batching (an API key;
+        default: the user), see ``app.admission.FairGate`` and ``app.vtc``.
 
         On any failure the backend stream is closed before this returns; on success the caller owns the turn
         and must read or close it (``async with turn`` or ``aclosing(turn.deltas())``)."""
@@ -188,7 +194,7 @@ class ChatService:
             self.versions.unpin(version)
             raise
         try:
-            agen = backend.stream(messages, sampling, cache_scope=user_id)
+            agen = backend.stream(messages, sampling, cache_scope=user_id, party=bucket)
         except BaseException:
             gate.release(bucket)
             self.versions.unpin(version)
@@ -219,6 +225,8 @@ class ChatService:
                 gate.release(bucket)
                 self.versions.unpin(version)
             raise
+        if getattr(backend, "counters", None) is not gate.counters:  # the engine does not charge as it computes
+            turn.on_complete.append(functools.partial(_charge_usage, gate, bucket, turn))
         turn.on_complete.append(functools.partial(gate.release, bucket))
         self.metrics.in_flight.labels(version).inc()
         self.open_turns += 1
@@ -229,7 +237,11 @@ class ChatService:
         with self._gates_mu:
             gate = self._gates.get(backend)
             if gate is None:
-                gate = FairGate(getattr(backend, "max_concurrency", 8), getattr(backend, "max_queue", 16))
+                gate = FairGate(
+                    getattr(backend, "max_concurrency", 8),
+                    getattr(backend, "max_queue", 16),
+                    getattr(backend, "counters", None),  # the engine's own, charged as it computes
+                )
                 self._gates[backend] = gate
             return gate
 

@@ -32,12 +32,19 @@ class Backend(Protocol):
     name: str  # e.g. "embedded:/path" or "remote:http://host:port"
 
     def stream(
-        self, messages: list[dict[str, str]], sampling: Sampling, cache_scope: str | None = None
+        self,
+        messages: list[dict[str, str]],
+        sampling: Sampling,
+        cache_scope: str | None = None,
+        party: str | None = None,
     ) -> AsyncIterator[Chunk]:
         """Yield text deltas for the answer to ``messages`` (OpenAI-style role/content dicts).
 
         ``cache_scope`` (the app passes the user) bounds prefix reuse in engines that cache prompts: a request
         reuses only prefixes computed for its own scope. Backends without a prompt cache ignore it.
+
+        ``party`` (the app passes the API key or the browser user) is whom the answer counts against for fair
+        scheduling (``app.vtc``). Backends that schedule themselves expose their ``counters``; others ignore it.
 
         Raises ``Busy`` (before yielding anything) when over the concurrency bound.
         Cancelling the consumer (closing the async generator) frees the slot promptly.

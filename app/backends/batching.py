@@ -7,6 +7,11 @@ past ``max_concurrency + max_queue``, a slot freed the moment its consumer goes 
 own chat template, stop tokens and streamed text decoded the same way, and one event-loop wake-up per step rather
 than one per stream. So that contract lives here once, and an engine implements ``_iterate`` (admit, advance,
 emit) and ``_reset`` (forget the batch after a failed step).
+
+Who goes next is fair across parties (``party``: an API key, a browser user): a free slot goes to the waiting
+request whose party has the lowest virtual token counter (``app.vtc``), and the engine charges each party the
+prompt tokens it computes (``_charge_prefill``) and the tokens it generates (``_emit``) as it goes. The app's
+admission gate orders by the same ``counters``.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 from tokenizers.decoders import DecodeStream
 
 from app.backends.base import Busy, Chunk
+from app.vtc import TokenCounters
 from feedback.events import Sampling
 
 log = logging.getLogger(__name__)
@@ -42,6 +48,8 @@ class Request:
     decoder: DecodeStream
     rng: Any  # the engine's seeded generator (sampling only), None for greedy
     scope: str | None = None  # whose cached prefixes this request may reuse (engines with a prefix cache)
+    party: str = ""  # whose virtual token counter this request is charged to and ordered by
+    seq: int = 0  # arrival order, among requests of equal counters
     completion: int = 0
     cancelled: bool = False
     done: bool = False
@@ -94,6 +102,8 @@ class BatchingBackend:
         self._cv = threading.Condition()
         self._pending: collections.deque[Request] = collections.deque()
         self._inflight = 0  # admitted and not yet released: active rows + waiting requests
+        self._arrivals = 0
+        self.counters = TokenCounters()  # tokens served per party; the app's admission gate shares them
         self._closed = False
         self._rows: list[Request] = []  # admitted to the batch; touched only by the decode thread
         # Chunks of one step, handed to each event loop in one call: one wake-up per step, not one per stream.
@@ -166,15 +176,23 @@ class BatchingBackend:
             del msgs[drop]
 
     async def stream(
-        self, messages: list[dict[str, str]], sampling: Sampling, cache_scope: str | None = None
+        self,
+        messages: list[dict[str, str]],
+        sampling: Sampling,
+        cache_scope: str | None = None,
+        party: str | None = None,
     ) -> AsyncIterator[Chunk]:
         ids = self.encode(messages)
+        party = party if party is not None else cache_scope or ""
         with self._cv:
             if self._closed:
                 raise RuntimeError("backend is closed")
             if self._inflight >= self.max_concurrency + self.max_queue:
                 raise Busy(f"{self._inflight} requests in flight (bound {self.max_concurrency}+{self.max_queue})")
             self._inflight += 1
+            self._arrivals += 1
+            seq = self._arrivals
+        self.counters.enter(party)
         req = None
         try:  # from here on every path, a seed the engine rejects included, gives the slot back in `finally`
             rng = None
@@ -190,6 +208,8 @@ class BatchingBackend:
                 decoder=DecodeStream(skip_special_tokens=True),
                 rng=rng,
                 scope=cache_scope,
+                party=party,
+                seq=seq,
             )
             with self._cv:
                 self._pending.append(req)
@@ -210,6 +230,7 @@ class BatchingBackend:
                         self._pending.remove(req)
                     except ValueError:
                         pass
+            self.counters.exit(party)
 
     async def aclose(self) -> None:
         with self._cv:
@@ -220,16 +241,27 @@ class BatchingBackend:
     # ---- decode thread ----
 
     def _take_pending(self) -> list[Request]:
-        """Under the lock: the waiting requests that fit in free slots (and the prefill budget, if any)."""
+        """Under the lock: the waiting requests that fit in free slots (and the prefill budget, if any), the one
+        whose party has the lowest counter first."""
         new: list[Request] = []
         budget = self.prefill_budget
         while self._pending and len(self._rows) + len(new) < self.max_concurrency:
+            nxt = min(self._pending, key=self._order)
             if budget is not None:
-                if new and len(self._pending[0].ids) > budget:
+                if new and len(nxt.ids) > budget:
                     break
-                budget -= len(self._pending[0].ids)
-            new.append(self._pending.popleft())
+                budget -= len(nxt.ids)
+            self._pending.remove(nxt)
+            new.append(nxt)
         return new
+
+    def _order(self, req: Request) -> tuple[float, int]:
+        """Fair order: the party served least first, then the oldest."""
+        return self.counters.counter(req.party), req.seq
+
+    def _charge_prefill(self, req: Request, tokens: int) -> None:
+        """``tokens`` of ``req``'s prompt were computed (not taken from a cache): its party pays for them."""
+        self.counters.charge(req.party, prefill=tokens)
 
     def _run(self) -> None:
         try:
@@ -274,6 +306,7 @@ class BatchingBackend:
         if req.cancelled:
             return True
         req.completion += 1
+        self.counters.charge(req.party, decode=1)
         reason = None
         text = ""
         if tok in self._stop_ids:

@@ -149,6 +149,7 @@ class EmbeddedBackend(BatchingBackend):
     def _prefill(self, req: Request) -> None:
         cache = _new_cache(self.model.config)
         ids = torch.tensor([req.ids], device=self.device)
+        self._charge_prefill(req, len(req.ids))
         logits = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits
         tok = self._sample(logits[:, -1], [req])[0]
         if self._emit(req, tok):

@@ -300,7 +300,8 @@ class LlamaCppBackend(BatchingBackend):
         return len(slots)
 
     def _plan(self) -> tuple[list[Part], list[Request]]:
-        """This step's batch: each decoding row's last token, then prompt chunks within ``prefill_chunk``."""
+        """This step's batch: each decoding row's last token, then prompt chunks within ``prefill_chunk``, the
+        party served least first (``_order``): a flooder's long prompts wait behind a quiet user's short one."""
         parts: list[Part] = []
         outs: list[Request] = []
         for req in self._rows:
@@ -309,17 +310,17 @@ class LlamaCppBackend(BatchingBackend):
                 outs.append(req)
                 req.fed += 1
         budget = self.prefill_chunk
-        for req in self._rows:
+        for req in sorted((r for r in self._rows if r.fed < len(r.ids)), key=self._order):
             if budget <= 0:
                 break
-            if req.fed < len(req.ids):
-                chunk = req.ids[req.fed : req.fed + budget]
-                finishes = req.fed + len(chunk) == len(req.ids)
-                parts.append((req.slot, chunk, req.fed, finishes))
-                if finishes:
-                    outs.append(req)
-                req.fed += len(chunk)
-                budget -= len(chunk)
+            chunk = req.ids[req.fed : req.fed + budget]
+            finishes = req.fed + len(chunk) == len(req.ids)
+            parts.append((req.slot, chunk, req.fed, finishes))
+            if finishes:
+                outs.append(req)
+            req.fed += len(chunk)
+            budget -= len(chunk)
+            self._charge_prefill(req, len(chunk))
         return parts, outs
 
     def _sample(self, logits: np.ndarray, req: Request) -> int:

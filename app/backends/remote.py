@@ -45,7 +45,11 @@ class RemoteBackend:
         return min(1.0, self._inflight / self.max_concurrency)
 
     async def stream(
-        self, messages: list[dict[str, str]], sampling: Sampling, cache_scope: str | None = None
+        self,
+        messages: list[dict[str, str]],
+        sampling: Sampling,
+        cache_scope: str | None = None,
+        party: str | None = None,  # the app's gate orders by it and charges the usage (app/admission.py)
     ) -> AsyncIterator[Chunk]:
         if self._inflight >= self.max_concurrency:
             raise Busy(f"{self._inflight} streams open to {self.base_url} (bound {self.max_concurrency})")
