@@ -872,6 +872,8 @@ def run(
             "attack_p99": attack_p99,
             "p99_ratio": ratio,
             "samples": [len(quiet), len(attacked)],
+            "quiet_ms": [round(x, 1) for x in quiet],
+            "attack_ms": [round(x, 1) for x in attacked],
         },
         "attack_s": round(attack_s, 1),
         "phase_s": phase_s,
