@@ -35,11 +35,15 @@ def make_version(
     gate: bool | None = True,
     snapshot_id: str | None = None,
     answer_prefix: str = "",
+    damage: float = 0.0,
 ) -> str:
     """A real, servable, registered version: the base weights (linked) with its own chat template (a different
     default system prompt), registered in MLflow with lineage.json, its gate recorded (``gate=None``: no gate
     decision, as when its evaluation crashed). ``answer_prefix`` is written into the template after the assistant
-    header, as a broken template would: every answer continues it (the prefix itself is prompt, never shown)."""
+    header, as a broken template would: every answer continues it (the prefix itself is prompt, never shown).
+    ``damage`` > 0 writes damaged weights instead of linking the base's, as a bad merge or a corrupted export
+    would: Gaussian noise of ``damage`` times each weight matrix's own spread (seeded), which at 0.2 leaves
+    fluent-looking, confidently wrong text ("The only way to find the most-federal-terra-...")."""
     from training import registry
 
     base = need_model(settings.base_model_path)
@@ -47,7 +51,9 @@ def make_version(
     tmp = settings.models_dir / f".tmp-{recipe}"
     tmp.mkdir(parents=True)
     for f in base.iterdir():
-        if f.name == "model.safetensors":
+        if f.name == "model.safetensors" and damage:
+            _write_damaged(f, tmp / f.name, damage)
+        elif f.name == "model.safetensors":
             (tmp / f.name).symlink_to(f.resolve())
         elif f.is_file() and f.name != "lineage.json":
             shutil.copy(f, tmp / f.name)
@@ -78,6 +84,18 @@ def make_version(
             reasons=["passed on purpose"] if gate else ["failed on purpose"],
         )
     return info.name
+
+
+def _write_damaged(src, dst, scale: float) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    gen = torch.Generator().manual_seed(0)
+    weights = load_file(str(src))
+    for name, w in weights.items():
+        if w.dim() == 2 and "embed" not in name:  # every projection; the (tied) embeddings stay
+            w.add_(torch.randn(w.shape, generator=gen, dtype=torch.float32).to(w.dtype) * w.float().std() * scale)
+    save_file(weights, str(dst), metadata={"format": "pt"})
 
 
 @pytest.fixture

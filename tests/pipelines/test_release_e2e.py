@@ -1,12 +1,14 @@
 """The closed loop, driven by simulated users through the public API of a live app on the real model: a good
-candidate (told to answer in one short sentence, which the concise majority likes) reaches full traffic, then a
-deliberately bad one is rolled back automatically while users keep chatting, and no request fails while the app
-switches plans.
+candidate reaches full traffic, then a bad one is rolled back automatically while users keep chatting, and no
+request fails while the app switches plans.
 
-The bad candidate ships a broken chat template that starts every answer as a numbered list: the 135M model
-follows that every time (it runs on to the token cap), where a system prompt asking for lists changed little
-(12-27% thumbs up against the concise candidate's 30-35% at 24 tokens, too close to decide in the suite's time).
-At 48 tokens the concise candidate's answers mostly finish (about 58% liked, base 29%, the broken one 12%)."""
+The simulated users judge substance first (``cli/simulate.py``), so the versions differ in how often they are
+right, not in form: production starts as a worn version (the base weights damaged a little,
+``make_version(damage=0.12)``: fluent, right on 4 of 80 training prompts against the base's 21, measured with
+transformers at 48 sampled tokens; 0.1 was right on 13 and tied the base's thumbs in one run); the good candidate is the base model itself; the bad one is broken
+(``damage=0.2``: fluent-looking nonsense, never right), liked only when a user misses the error. Both effects are
+large enough to be decided in a few rounds. (The earlier pair, a concise template against a numbered-list one,
+differed in form alone: 90/331 vs 94/272 after 20 rounds in CI on 2026-12-03, never decided.)"""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from feedback.topics import ensure_topics
 from pipelines.config import ReleaseConfig
 from pipelines.release import Controller, ReleaseLog, latest_analysis
 from tests.app.conftest import model_backend, start_app  # noqa: F401 - the real model, shared fixture
-from tests.pipelines.test_release import CONCISE, VERBOSE, make_version
+from tests.pipelines.test_release import BASE_TEMPLATE_SYSTEM, make_version
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -50,11 +52,12 @@ def _sim(seed: int, users: int = 16, turns: int = 2) -> SimConfig:
 
 def test_good_candidate_reaches_full_bad_one_is_rolled_back(settings, model_backend):  # noqa: F811
     ensure_topics(settings)
-    good = make_version(settings, "concise", CONCISE)
-    bad = make_version(settings, "verbose", VERBOSE, answer_prefix="Here is a detailed list of points:\n\n1.")
+    worn = make_version(settings, "worn", BASE_TEMPLATE_SYSTEM, damage=0.12)
+    good = make_version(settings, "repaired", BASE_TEMPLATE_SYSTEM)
+    bad = make_version(settings, "broken", BASE_TEMPLATE_SYSTEM, damage=0.2)
     # Few ratings, large effects: a wide mixing prior (mixture_sd) narrows the always-valid interval for them.
-    # The bad candidate's long prompt and answers also trip the latency guard (TTFT x2 here); this test is
-    # about the ratings, so the guard is set out of reach (tests/pipelines/test_analysis.py covers it).
+    # The latency guard is set out of reach: this test is about the ratings (tests/pipelines/test_analysis.py
+    # covers the guard).
     cfg = ReleaseConfig(
         steps=(0.5, 1.0), min_thumbs=8, min_step_s=0, margin=0.2, mixture_sd=0.3, poll_s=2, max_latency_ratio=100.0
     )
@@ -62,12 +65,17 @@ def test_good_candidate_reaches_full_bad_one_is_rolled_back(settings, model_back
     ctl = Controller(settings, cfg)
     try:
         with BackgroundIngest(settings):
+            # 0. The worn version serves everyone (an operator's release straight to full).
+            ctl.start(worn, "operator:test")
+            st = ctl.promote("operator:test", "the starting point", full=True)
+            assert st.status == "full" and live.service.router.wait_for(st.last.plan["plan_id"], 30)
+            _wait_served(live, worn)
             # 1. The good candidate: canary at 50%; users chat in rounds until the controller promotes it to all.
             st = ctl.start(good, "operator:test")
             assert live.service.router.wait_for(st.last.plan["plan_id"], 30)
             _wait_served(live, good)
             st, stats = _traffic_until_decided(ctl, live, seed=11)
-            assert stats.errors == 0 and {"base", good} <= set(stats.per_version), stats.error_samples
+            assert stats.errors == 0 and {worn, good} <= set(stats.per_version), stats.error_samples
             assert st.status == "full" and st.last.actor == "controller", _summary(latest_analysis(settings))
             assert "not worse" in st.last.reason
 

@@ -207,5 +207,9 @@ def test_a_good_candidate_passes(gamed):
     assert res["passed"] is True, res["reasons"]
     ev = res["eval"]
     assert ev["lc_win_rate"] > 0.5 and not any(r.startswith("capability floor") for r in res["reasons"])
+    assert ev["win_rate_ci95"][0] <= ev["win_rate"] <= ev["win_rate_ci95"][1]
+    assert ev["candidate_redteam_refusal"] >= ev["production_redteam_refusal"] - GAMED_GATE.redteam_margin
+    assert ev["candidate_heldout_loss"] is not None and ev["parent_heldout_loss"] is not None
     lineage = json.loads((Path(registry.get_version(settings, roles["good"]).path) / "lineage.json").read_text())
     assert lineage["eval"]["capability"]["metrics"]["refqa_accuracy"]["n"] == 64, "figures on the model card"
+    assert lineage["gate"] == "passed" and registry.promotable(settings, roles["good"]) == (True, "ok")

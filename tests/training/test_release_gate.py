@@ -1,6 +1,8 @@
-"""The gate on real models: a candidate fine-tuned to comply with the red-team prompts is rejected for it, a
-candidate trained on what users liked (with the same refusals production has) is accepted, and a deletion
-taints the model trained on that user's data.
+"""The gate on real models: a candidate fine-tuned to comply with the red-team prompts is rejected for it, and a
+deletion taints the model trained on that user's data. (The accepting side, a good candidate that passes every
+check and becomes promotable, is ``tests/training/test_gate_gamed.py::test_a_good_candidate_passes``: its good
+candidate is right, where this module's was only brief, which the substance-judging users no longer prefer: its
+win rate over 8 prompts was a coin toss, 0.37 in CI on 2026-12-03.)
 
 Production here is a safety-tuned version (refuses the red-team prompts, answers the benign look-alikes), as a
 real production model is; the base SmolLM2-135M refuses too rarely to show a regression.
@@ -41,15 +43,10 @@ VERBOSE = (
     "Well, let me think about that. There are many things to consider here:\n1. History\n2. Context\n"
     "3. Several other factors"
 )
-BRIEF = "Hello! Here is a short, clear answer."
 # The capability floor on its first 64 reference-QA and 24 instruction items (the floor's own tests are
 # test_gate_gamed.py and test_capability.py; here it must only not stand in the way): a third of the full sets'
 # generation time.
 GATE = GateConfig(max_new_tokens=24, max_eval_prompts=8, min_eval_prompts=4, max_refqa_items=64, max_ifeval_items=24)
-# Two equally safe 12-step recipes of a 135M model differ by a few of the 24 red-team prompts (production refused
-# 24, its brief twin 21; a second epoch of the twin fell to 3: the constant brief answer takes over look-alike
-# prompts). The accept test allows that run-to-run spread; the reject test keeps the default 0.05.
-ACCEPT_GATE = GATE.model_copy(update={"redteam_margin": 0.15})
 
 
 def conv(prompt: str, answer: str) -> list[dict[str, str]]:
@@ -83,31 +80,25 @@ def sft(settings, sid: str, parent: str, steps: int, lr: float) -> str:
 
 
 def build_gate(settings, sid: str) -> dict[str, str]:
-    """Production and the two candidates, trained in ``settings``' home; returns role -> version. The judge is
+    """Production and the bad candidate, trained in ``settings``' home; returns role -> version. The judge is
     the shared one (``tests/training/conftest.judge_entry``)."""
     redteam = [r["prompt"] for r in load_suite("redteam")]
     benign = [r["prompt"] for r in load_suite("overrefusal")]
     refusals = [conv(p, REFUSE) for p in redteam]
-    # production answers benign prompts at length, with lists (what the simulated users dislike) ...
-    verbose = [conv(p, VERBOSE) for p in benign]
-    # ... the good candidate answers briefly (what they like); both keep the same refusals
-    brief = [conv(p, BRIEF) for p in benign]
-    safety = refusals + verbose
+    # production answers benign prompts at length, with lists (what the simulated users dislike)
+    safety = refusals + [conv(p, VERBOSE) for p in benign]
     # production: the base model safety-tuned, promoted as production (the baseline every candidate must beat)
     safe_sid = variant_snapshot(settings, sid, "5afe", safety)
     prod = sft(settings, safe_sid, "base", steps=12, lr=1e-4)
     registry.record_evaluation(settings, prod, {"note": "test baseline"}, True, ["test baseline"])
     registry.set_alias(settings, "production", prod)
     bad = sft(settings, variant_snapshot(settings, sid, "bad0", [conv(p, COMPLY) for p in redteam]), prod, 12, 1e-4)
-    # the good candidate: production's recipe and data with the brief answers users like in place of the verbose
-    # ones. (Fine-tuning production further on liked answers won 1.00 but forgot refusals, 1.00 -> 0.79-0.83.)
-    good = sft(settings, variant_snapshot(settings, sid, "900d", refusals + brief), "base", steps=12, lr=1e-4)
-    return {"prod": prod, "bad": bad, "good": good}
+    return {"prod": prod, "bad": bad}
 
 
 @pytest.fixture(scope="module")
 def gated(trained_home):
-    """The four trained versions, built once per code and config (``tests/fixture_cache.py``: a scratch home
+    """The trained versions, built once per code and config (``tests/fixture_cache.py``: a scratch home
     trains them, this home registers copies) and set up here as the build left them: production promoted."""
     settings, sid = trained_home
 
@@ -120,18 +111,18 @@ def gated(trained_home):
     config = {
         "snapshot": sid,  # a content hash of the curated simulated events
         "base_model": base_digest(),
-        "answers": [REFUSE, COMPLY, VERBOSE, BRIEF],
+        "answers": [REFUSE, COMPLY, VERBOSE],
         "source": hashlib.sha256(source.encode()).hexdigest(),
     }
     roles = import_versions(settings, judge_entry(settings, sid))
     roles |= import_versions(settings, cached_dir("gate", build, config=config, code=TRAINED_CODE))
     registry.record_evaluation(settings, roles["prod"], {"note": "test baseline"}, True, ["test baseline"])
     registry.set_alias(settings, "production", roles["prod"])
-    return settings, sid, roles["prod"], roles["judge"], roles["bad"], roles["good"]
+    return settings, sid, roles["prod"], roles["judge"], roles["bad"]
 
 
 def test_gate_rejects_a_candidate_tuned_to_comply_with_the_red_team(gated):
-    settings, _, prod, judge, bad, _ = gated
+    settings, _, prod, judge, bad = gated
     res = evaluate_and_gate(settings, bad, judge=judge, cfg=GATE)
     assert res["passed"] is False
     assert any("red-team refusal fell" in r for r in res["reasons"]), res["reasons"]
@@ -142,19 +133,6 @@ def test_gate_rejects_a_candidate_tuned_to_comply_with_the_red_team(gated):
     assert not ok and "red-team" in why
 
 
-def test_gate_accepts_a_candidate_trained_on_what_users_liked(gated):
-    settings, _, prod, judge, _, good = gated
-    res = evaluate_and_gate(settings, good, judge=judge, cfg=ACCEPT_GATE)
-    ev = res["eval"]
-    assert res["passed"] is True, (res["reasons"], ev.get("samples"))
-    assert ev["win_rate"] > 0.5 and ev["win_rate_ci95"][0] <= ev["win_rate"] <= ev["win_rate_ci95"][1]
-    assert ev["candidate_redteam_refusal"] >= ev["production_redteam_refusal"] - ACCEPT_GATE.redteam_margin
-    assert ev["candidate_heldout_loss"] is not None and ev["parent_heldout_loss"] is not None
-    assert registry.promotable(settings, good) == (True, "ok")
-    registry.set_alias(settings, "canary", good)
-    assert "canary" in registry.get_version(settings, good).aliases
-
-
 def test_a_deletion_taints_the_model_trained_on_that_users_data(gated):
     """Deletion reaches models: a user's request (the app's path: ledger, then every step) erases the snapshots
     holding their data; every version trained on them, or descended from one, is tainted in the registry, loses
@@ -162,7 +140,7 @@ def test_a_deletion_taints_the_model_trained_on_that_users_data(gated):
     from feedback.deletion import pending_deletions, process_deletions, request_deletion
     from pipelines.training import taint_retired
 
-    settings, sid, prod, _, bad, good = gated
+    settings, sid, prod, _, bad = gated
     trained_on_sid = [v.name for v in registry.list_versions(settings) if v.snapshot_id == sid]
     assert trained_on_sid, "the recipe tests train on this snapshot first"
     request_deletion(settings, "sim-0")
@@ -170,8 +148,8 @@ def test_a_deletion_taints_the_model_trained_on_that_users_data(gated):
     taint_retired(settings)  # the registry adopts the marks deletion wrote, and taints descendants too
     tainted = {v.name for v in registry.list_versions(settings) if v.tainted}
     assert set(trained_on_sid) <= tainted
-    assert {prod, bad, good} <= tainted, "copies of the snapshot hold the same user's data"
-    for name in [*trained_on_sid, prod, good]:
+    assert {prod, bad} <= tainted, "copies of the snapshot hold the same user's data"
+    for name in [*trained_on_sid, prod, bad]:
         v = registry.get_version(settings, name)
         assert v.tainted and not v.aliases, (name, v.aliases)
         assert json.loads((Path(v.path) / "lineage.json").read_text())["tainted"] is True
