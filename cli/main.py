@@ -204,7 +204,7 @@ def _mount_parts() -> None:
     from cli.app_cmd import app_cmd
     from cli.datasets import datasets_app
     from cli.deletions import deletions_app
-    from cli.demo import demo
+    from cli.demo_cmd import demo
     from cli.flows import run_flow
     from cli.keys import keys_app
     from cli.models import models_app

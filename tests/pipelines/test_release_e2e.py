@@ -5,10 +5,11 @@ request fails while the app switches plans.
 The simulated users judge substance first (``cli/simulate.py``), so the versions differ in how often they are
 right, not in form: production starts as a worn version (the base weights damaged a little,
 ``make_version(damage=0.12)``: fluent, right on 4 of 80 training prompts against the base's 21, measured with
-transformers at 48 sampled tokens; 0.1 was right on 13 and tied the base's thumbs in one run); the good candidate is the base model itself; the bad one is broken
-(``damage=0.2``: fluent-looking nonsense, never right), liked only when a user misses the error. Both effects are
-large enough to be decided in a few rounds. (The earlier pair, a concise template against a numbered-list one,
-differed in form alone: 90/331 vs 94/272 after 20 rounds in CI on 2026-12-03, never decided.)"""
+transformers at 48 sampled tokens; 0.1 was right on 13 and tied the base's thumbs in one run); the good candidate
+is the base model itself; the bad one is broken (``damage=0.2``: fluent-looking nonsense, never right), liked
+only when a user misses the error. Both effects are large enough to be decided in a few rounds. (The earlier
+pair, a concise template against a numbered-list one, differed in form alone: 90/331 vs 94/272 after 20 rounds
+in CI on 2026-12-03, never decided.)"""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import time
 
 import pytest
 
-from cli.demo import BackgroundIngest
+from cli.demo_stack import BackgroundIngest
 from cli.simulate import SimConfig, run_simulation
 from feedback.topics import ensure_topics
 from pipelines.config import ReleaseConfig
