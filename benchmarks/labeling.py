@@ -16,8 +16,9 @@ Reports:
 - ``gold_accuracy_recovered``: each trainer's accuracy on gold items (``pipelines.agreement.trust_scores``) against
   the accuracy their ``p`` implies, ``p + (1 - p) / 2`` on two answers, and the rank correlation of trust with ``p``.
 
-Not measured here (needs training runs): a candidate trained with trainer data against one trained on end-user
-ratings alone at the same number of judgments.
+With ``--effect``, also the model effect (``benchmarks/labeling_effect.py``, about 15 minutes on 2 cores): an SFT
+candidate trained on simulated trainers' rewrites against one trained on what simulated end users liked, at the
+same number of judgments, on held-out correctness and the gate's capability figures, paired.
 """
 
 from __future__ import annotations
@@ -203,9 +204,14 @@ def main() -> None:
     ap.add_argument("--gold", type=int, default=24)
     ap.add_argument("--think-ms", type=float, default=5.0)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--effect", action="store_true", help="also train and measure the model effect (~15 min)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     out = run(a.trainers, a.items, a.overlap, a.think_ms, a.gold, a.seed)
+    if a.effect:
+        from benchmarks import labeling_effect
+
+        out["model_effect"] = labeling_effect.run(seed=a.seed, say=(lambda m: None) if a.json else print)
     if a.json:
         print(json.dumps(out))
         return
@@ -219,6 +225,10 @@ def main() -> None:
         print(f"  t{t}: p={p:.2f}  gold accuracy {out['gold_accuracy_recovered'][t]} (expected "
               f"{out['gold_accuracy_expected'][t]:.2f})  {out['tasks_per_hour'][f't{t}']} tasks/h")  # fmt: skip
     print(f"trust vs p: Spearman {out['trust_rank_corr']}; items routed to review: {out['routed_to_review']}")
+    if "model_effect" in out:
+        from benchmarks.labeling_effect import summary_lines
+
+        print("model effect: " + "\n  ".join(summary_lines(out["model_effect"])))
 
 
 if __name__ == "__main__":
