@@ -26,9 +26,11 @@ scratch home (MLflow's SQLite store). Measured, paired on identical items (``tra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -141,7 +143,8 @@ def train_arm(settings: Settings, sid: str) -> str:
     a = argparse.Namespace(
         snapshot=sid, parent="base", config="tiny", json=True, overrides=list(recipe_overrides("sft"))
     )
-    return run_job("sft", sft.train, a, settings)["version"]
+    with contextlib.redirect_stdout(sys.stderr):  # the trainer prints its logs: keep stdout for --json
+        return run_job("sft", sft.train, a, settings)["version"]
 
 
 def measure_model(path: str, held: list[PromptItem], suites: capability.Suites) -> dict[str, Any]:
