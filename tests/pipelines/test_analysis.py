@@ -6,6 +6,8 @@ from __future__ import annotations
 import random
 from datetime import timedelta
 
+import pytest
+
 from feedback.events import ChatTurn, Feedback, Message
 from pipelines import analysis
 from pipelines.config import ReleaseConfig
@@ -131,6 +133,7 @@ def test_errors_and_latency_regressions_roll_back(tmp_path):
     assert slow.decision == "rollback" and "latency regressed" in slow.reasons[0]
 
 
+@pytest.mark.slow  # 20 s of simulated looks: in `make test`, not in the fast tier
 def test_repeated_looks_do_not_invent_a_difference():
     """A/A: 200 simulated releases, each looked at after every 10 ratings up to 400 per arm. With a fixed-sample
     95% test, peeking like this 'finds' a difference far more often than 5%; the always-valid interval may not."""

@@ -77,6 +77,7 @@ def test_a_bad_policy_stops_the_autopilot_in_one_sentence(monkeypatch, capsys):
     assert "\n" not in err
 
 
+@pytest.mark.slow  # a fresh interpreter per import order (11 s): in `make test`, not in the fast tier
 def test_no_import_circle_through_the_train_deployment():
     """flows -> tasks -> serve -> flows was a circle through TRAIN_DEPLOYMENT; the name now lives in config."""
     code = (
