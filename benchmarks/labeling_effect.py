@@ -41,7 +41,7 @@ import torch
 from cli.prompt_set import PromptItem, load_prompt_set
 from cli.simulate import Answer, SimConfig, SimUser
 from feedback.settings import Settings, get_settings
-from training import capability
+from training import capability, registry
 from training.defaults import recipe_overrides
 from training.gate_config import GateConfig
 from training.measure import generate
@@ -192,9 +192,8 @@ def run(judgments: int = 60, k: int = 3, seed: int = 1, say=print) -> dict[str, 
         say(f"[effect] sampling {k} answers to each of {len(train_items)} training prompts from the base model ...")
         samples = sample_answers(base_model, base_tok, train_items, k, EVAL.max_new_tokens, seed)
         del base_model
-        held_rows = [conv(i.prompt, ideal_answer(i)) for i in held_sft]
-        held_rows = [{"messages": m, "model_version": "base", "source": "trainer", "judge": None, "weight": 1.0}
-                     for m in held_rows]  # fmt: skip
+        held_rows = [{"messages": conv(i.prompt, ideal_answer(i)), "model_version": "base", "source": "trainer",
+                      "judge": None, "weight": 1.0} for i in held_sft]  # fmt: skip
         arms: dict[str, dict[str, Any]] = {}
         for arm, build in (("users", user_rows), ("trainers", trainer_rows)):
             rows, info = build(train_items, samples, seed)
@@ -202,8 +201,6 @@ def run(judgments: int = 60, k: int = 3, seed: int = 1, say=print) -> dict[str, 
                 f"({info['rows_right']} right); training SFT ...")  # fmt: skip
             t = time.monotonic()
             version = train_arm(settings, write_arm_snapshot(settings, arm, rows, held_rows))
-            from training import registry
-
             arms[arm] = info | {"version": version, "path": registry.get_version(settings, version).path,
                                 "train_s": round(time.monotonic() - t, 1)}  # fmt: skip
         measured = {}
