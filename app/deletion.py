@@ -8,8 +8,10 @@ Order matters, so nothing can be lost or half-done silently:
 2. the user's payload keys are destroyed in this process (its cached key goes too), so every sealed copy of
    their turns and ratings in Kafka and in outboxes is unreadable from now on;
 3. the request is recorded in the durable deletion ledger (``feedback.deletion``);
-4. the app's own session store forgets them (conversations, turn ownership, consent), and every loaded model
-   version drops the prompt prefixes it cached for them (``ChatService.forget_cached_prompts``);
+4. the app's own session store forgets them (conversations, turn ownership, consent), every loaded model
+   version drops the prompt prefixes it cached for them (``ChatService.forget_cached_prompts``), and each of
+   ``ChatService.withdrawal_listeners`` forgets them too (the trainers' task queue: tasks showing their
+   conversation, their drafts);
 5. ``feedback.deletion.process_deletions`` purges the warehouse, erases snapshots, taints models trained on
    them and compacts the warehouse file. If the warehouse is busy the request stays pending and a background
    worker retries every few seconds; ``pending_deletions(settings)`` lists it and training refuses to start.
@@ -55,6 +57,8 @@ def delete_user(service: ChatService, user_id: str) -> dict[str, Any]:
         ledger.close()
     service.sessions.delete_user(user_id)
     service.forget_cached_prompts(user_id)
+    for forget in service.withdrawal_listeners:  # e.g. the trainers' task queue (tasks showing their conversations)
+        forget(user_id, True)
     try:
         process_deletions(service.settings, timeout_s=10.0)
     except Exception:  # noqa: BLE001 - the request is in the ledger; the worker retries

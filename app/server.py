@@ -243,6 +243,7 @@ def create_app(
     service = ChatService(settings, backends, router, sessions, producer, Metrics())
     roles, tasks = RoleStore(settings), TaskQueue(settings, producer=producer)
     service.report_listeners.append(functools.partial(queue_review, tasks))  # a user's report -> the review queue
+    service.withdrawal_listeners.append(tasks.forget_user)  # deleted or withdrawn: their conversations leave the queue
     tasks.judged_listeners.append(route_disagreement)  # an item its annotators disagree on -> the review queue
     ensure_gold(tasks)  # gold items with known answers, mixed into trainers' tasks unannounced
 

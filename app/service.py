@@ -83,6 +83,9 @@ class ChatService:
         self.sessions = sessions
         self.producer = producer
         self.report_listeners: list[Callable[[UserReport, tuple[list[dict[str, str]], str] | None], None]] = []
+        # other stores a user's withdrawal must reach, called with (user_id, deleted): a deletion (True) or a
+        # revoked consent (False); e.g. the trainers' queue (``TaskQueue.forget_user``)
+        self.withdrawal_listeners: list[Callable[[str, bool], object]] = []
         self.metrics = metrics
         self.fallbacks: set[str] = set()
         self._gates: weakref.WeakKeyDictionary[Backend, FairGate] = weakref.WeakKeyDictionary()
@@ -400,3 +403,6 @@ class ChatService:
             UserAction(user_id=user_id, consent=consent, action="consent_granted" if consent else "consent_revoked")
         )
         self.sessions.set_consent(user_id, consent)
+        if not consent:
+            for forget in self.withdrawal_listeners:  # their conversations are no longer shown to trainers
+                forget(user_id, False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import secrets
 import sqlite3
 import threading
@@ -140,6 +141,28 @@ class Sessions:
                 "messages = excluded.messages, updated_at = excluded.updated_at WHERE user_id = excluded.user_id",
                 (conversation_id, user_id, title, json.dumps(messages), time.time()),
             )
+
+    def consented_prompt(self, rng: random.Random, recent: int = 200) -> tuple[str, str, list[dict[str, str]]] | None:
+        """(user_id, conversation_id, messages) of one of the ``recent`` latest conversations of users who consent
+        to training use, cut after its last user message, text turns only: what a trainer's compare task shows.
+        None when no consented conversation is stored."""
+        with self._mu:
+            rows = self._db.execute(
+                "SELECT c.user_id, c.conversation_id, c.messages FROM conversations c JOIN users u USING (user_id) "
+                "WHERE u.consent = 1 ORDER BY c.updated_at DESC LIMIT ?",
+                (recent,),
+            ).fetchall()
+        rng.shuffle(rows)
+        for user_id, conversation_id, raw in rows:
+            msgs = [
+                {"role": m["role"], "content": m["content"]}
+                for m in json.loads(raw)
+                if isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)
+            ]
+            last_user = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=None)
+            if last_user is not None and msgs[last_user]["content"].strip():
+                return user_id, conversation_id, msgs[: last_user + 1]
+        return None
 
     def list_conversations(self, user_id: str, limit: int = 50) -> list[tuple[str, str]]:
         """(title, conversation_id), newest first."""

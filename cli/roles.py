@@ -3,6 +3,7 @@
     flywheel roles grant ana trainer --token $TOKEN    # prints ana's sign-in token for /train once (first grant)
     flywheel roles revoke ana trainer --token $TOKEN
     flywheel roles rotate ana --token $TOKEN           # a new sign-in token; the old one stops working
+    flywheel roles topics ana fact,arithmetic --token $TOKEN  # what ana knows best: routed to her first
     flywheel roles list [--json]
     flywheel roles report [--json]                     # queue depth, throughput, agreement, per-annotator trust
 
@@ -21,7 +22,7 @@ from cli.releases import TOKEN, _fail, _operator
 from feedback.settings import get_settings
 
 JSON = typer.Option(False, "--json", help="Print one JSON object.")
-roles_app = typer.Typer(help="Annotator roles: grant, revoke, rotate, list, report.", no_args_is_help=True)
+roles_app = typer.Typer(help="Annotator roles: grant, revoke, rotate, topics, list, report.", no_args_is_help=True)
 console = Console()
 
 
@@ -83,6 +84,28 @@ def rotate(name: str, token: str = TOKEN, as_json: bool = JSON) -> None:
     print(json.dumps({"name": name, "token": new}) if as_json else new)
 
 
+@roles_app.command("topics")
+def topics(
+    name: str,
+    topics: str = typer.Argument("", help="Comma-separated, e.g. fact,arithmetic,harmful,report:wrong; empty clears."),
+    token: str = TOKEN,
+    as_json: bool = JSON,
+) -> None:
+    """What NAME knows best: the trainers' queue hands them tasks on these topics before the rest."""
+    _operator(token, as_json)
+    store = _store()
+    try:
+        kept = store.set_topics(name, topics.split(","))
+    except RoleError as e:
+        _fail(str(e), as_json)
+    finally:
+        store.close()
+    if as_json:
+        print(json.dumps({"name": name, "topics": list(kept)}))
+    else:
+        console.print(f"{name}: {', '.join(kept) or 'no topics (every task in priority order)'}")
+
+
 @roles_app.command("list")
 def list_roles(as_json: bool = JSON) -> None:
     """Every annotator and their roles (tokens are never shown again)."""
@@ -92,10 +115,12 @@ def list_roles(as_json: bool = JSON) -> None:
     finally:
         store.close()
     if as_json:
-        print(json.dumps({"annotators": [{"name": a.name, "roles": list(a.roles)} for a in people]}))
+        rows = [{"name": a.name, "roles": list(a.roles), "topics": list(a.topics)} for a in people]
+        print(json.dumps({"annotators": rows}))
         return
     for a in people:
-        console.print(f"{a.name:20} {', '.join(a.roles) or '(no role)'}")
+        topics_note = f"  topics: {', '.join(a.topics)}" if a.topics else ""
+        console.print(f"{a.name:20} {', '.join(a.roles) or '(no role)'}{topics_note}")
     if not people:
         console.print("no annotators yet: `flywheel roles grant <name> trainer --token ...`")
 

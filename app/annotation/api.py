@@ -6,6 +6,7 @@
     POST /annotation/tasks/{task_id}/skip       {"reason"}
     PUT  /annotation/tasks/{task_id}/draft      {...}            GET the same path: the saved draft
     PUT  /annotation/me/leaderboard             {"shown": false}  opt out of the ops page's leaderboard (or back in)
+    PUT  /annotation/me/topics                  {"topics": ["fact", "arithmetic"]}  what one knows best: routed first
 
 401 without a valid token, 403 for a task the annotator may not take (role, own item), 404 no such task, 409 too
 late to edit or skipped, 422 an inconsistent judgment, 429 too many submissions a minute; every error is one
@@ -21,7 +22,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.annotation.queue import QueueError, TaskQueue
-from app.annotation.roles import Annotator, RoleStore
+from app.annotation.roles import Annotator, RoleError, RoleStore
 from feedback.spool import SpoolFull
 
 PREFIX = "/annotation"
@@ -40,6 +41,11 @@ class JudgmentIn(BaseModel):
 class LeaderboardIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     shown: bool
+
+
+class TopicsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    topics: list[str] = Field(max_length=64)
 
 
 class SkipIn(BaseModel):
@@ -120,5 +126,16 @@ def build_annotation_api(queue: TaskQueue, roles: RoleStore) -> APIRouter:
             return unauthorized()
         roles.set_leaderboard(a.name, body.shown)
         return {"annotator": a.name, "leaderboard": body.shown}
+
+    @r.put("/me/topics")
+    def topics(body: TopicsIn, request: Request) -> Any:
+        """What one knows best: the queue hands tasks on these topics to this annotator before the rest."""
+        a = who(request)
+        if a is None:
+            return unauthorized()
+        try:
+            return {"annotator": a.name, "topics": list(roles.set_topics(a.name, body.topics))}
+        except RoleError as e:
+            return _error(422, str(e))
 
     return r

@@ -47,7 +47,11 @@ def gold_tasks(n: int = 24, seed: int = 0, path: Path = PROMPTS_FILE) -> list[Ta
         rng.shuffle(answers)  # stored order is not shown (TaskView shuffles per annotator), but keep it uninformative
         task_id = f"{GOLD_PREFIX}{item['id']}"
         prompt = [{"role": "user", "content": item["prompt"]}]
-        tasks.append(Task(task_id, "compare", prompt, answers, conversation_id=task_id, gold_answer_id="right"))
+        tasks.append(
+            Task(
+                task_id, "compare", prompt, answers, conversation_id=task_id, gold_answer_id="right", topic=item["kind"]
+            )
+        )
     return tasks
 
 

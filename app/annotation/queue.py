@@ -18,7 +18,10 @@ annotator's latest judgment of a task), never after; ``max_per_minute`` submissi
 module while a task is being judged (``TaskView``): the answers are labelled A-D, in an order shuffled per
 annotator.
 
-Priority is ``weights[kind] * priority``, oldest first among equals; an annotator's ``topic`` puts that topic first.
+Routing by topic: a task carries a topic (a prompt-set kind such as ``fact`` or ``harmful``, ``report:<category>``,
+``redteam:<harm category>``); a topic asked for in the request comes first, then the annotator's own topics
+(``RoleStore.set_topics``: what they know best), then everything else. Within each, priority is
+``weights[kind] * priority``, oldest first among equals.
 """
 
 from __future__ import annotations
@@ -113,6 +116,7 @@ class TaskQueue:
 
     def __init__(self, settings: Settings, producer: Any = None, config: QueueConfig | None = None):
         self._db = connect(settings)
+        self._db.execute("PRAGMA secure_delete=ON")  # a forgotten user's text is overwritten, not left in free pages
         self._db.executescript(SCHEMA)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(assignments)")}
         if "ranking" not in columns:  # a queue file from before the routing of disagreements
@@ -189,6 +193,7 @@ class TaskQueue:
         if gold is not None:
             return self.view(gold, who.name)
         weights = " ".join(f"WHEN '{k}' THEN {float(self.cfg.weights.get(k, 1.0))}" for k in kinds)
+        mine = ",".join("?" * max(1, len(who.topics)))
         rows = self._db.execute(
             f"""SELECT t.task_id FROM tasks t
                 WHERE t.kind IN ({",".join("?" * len(kinds))})
@@ -197,10 +202,10 @@ class TaskQueue:
                                   AND a.status IN ('submitted', 'skipped'))
                   AND (SELECT count(*) FROM assignments a WHERE a.task_id = t.task_id AND a.status = 'submitted')
                       < t.overlap AND t.gold_answer_id IS NULL
-                ORDER BY (coalesce(t.topic, '') = ?) DESC, (CASE t.kind {weights} END) * t.priority DESC,
-                         t.created_at, t.task_id
+                ORDER BY (coalesce(t.topic, '') = ?) DESC, (coalesce(t.topic, '') IN ({mine})) DESC,
+                         (CASE t.kind {weights} END) * t.priority DESC, t.created_at, t.task_id
                 LIMIT 1""",
-            (*kinds, who.name, who.name, who.name, topic or "\x00"),
+            (*kinds, who.name, who.name, who.name, topic or "\x00", *(who.topics or ("\x00",))),
         ).fetchone()
         return self.view(rows[0], who.name) if rows else None
 
@@ -359,6 +364,39 @@ class TaskQueue:
                 log.exception("after judging %s: %s failed", task_id, getattr(listener, "__name__", listener))
         return judgment
 
+    # ---- deletion -----------------------------------------------------------------------------------------------
+    def tasks_about(self, user_id: str) -> list[str]:
+        """Ids of the tasks showing this user's conversation or made from their submission."""
+        rows = self._db.execute("SELECT task_id FROM tasks WHERE subject_user_id = ? OR author = ?", (user_id, user_id))
+        return [t for (t,) in rows]
+
+    def forget_user(self, user_id: str, deleted: bool = True) -> int:
+        """A user's withdrawal reaches the queue (``ChatService.withdrawal_listeners``). A revoked consent
+        (``deleted`` False) removes every task showing their conversation (``subject_user_id``), with every
+        annotator's drafts and assignments on it. A deletion also removes the tasks made from their submissions
+        (``author``) and their own drafts and assignments as an annotator. Freed pages are overwritten and the WAL
+        truncated, as in the session store. Returns the rows removed."""
+        about, args = (
+            ("subject_user_id = ? OR author = ?", (user_id, user_id))
+            if deleted
+            else ("subject_user_id = ?", (user_id,))
+        )
+        own, own_args = ("annotator = ? OR ", (user_id,)) if deleted else ("", ())
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                n = self._db.execute(
+                    f"DELETE FROM assignments WHERE {own}task_id IN (SELECT task_id FROM tasks WHERE {about})",
+                    (*own_args, *args),
+                ).rowcount
+                n += self._db.execute(f"DELETE FROM tasks WHERE {about}", args).rowcount
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return n
+
     # ---- figures -----------------------------------------------------------------------------------------------
     def depth(self) -> dict[str, int]:
         """Open tasks per kind (fewer submissions than their overlap; gold tasks are not work waiting)."""
@@ -427,5 +465,6 @@ def queue_safe_response(queue: TaskQueue, finding: Any) -> str:
             conversation_id=finding.conversation_id,
             author=finding.user_id,
             priority=1.0 + finding.success / 5,
+            topic=f"redteam:{finding.harm_category}",
         )
     )

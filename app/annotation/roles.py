@@ -31,6 +31,8 @@ Role = Literal["trainer", "red_teamer", "reviewer", "operator"]
 ROLES: tuple[str, ...] = get_args(Role)
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{1,39}$")
 TOKEN_PREFIX = "fwt_"
+TOPIC = re.compile(r"^[a-z][a-z0-9_:-]{0,39}$")
+MAX_TOPICS = 8
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS annotators (
@@ -51,6 +53,7 @@ class Annotator:
     name: str
     roles: tuple[str, ...]
     leaderboard: bool
+    topics: tuple[str, ...] = ()  # what they know best: the queue routes tasks on these topics to them first
 
 
 def _sha(token: str) -> str:
@@ -77,6 +80,8 @@ class RoleStore:
     def __init__(self, settings: Settings):
         self._db = connect(settings)
         self._db.executescript(SCHEMA)
+        if "topics" not in {row[1] for row in self._db.execute("PRAGMA table_info(annotators)")}:
+            self._db.execute("ALTER TABLE annotators ADD COLUMN topics TEXT NOT NULL DEFAULT ''")  # an older file
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -92,7 +97,10 @@ class RoleStore:
         with self._lock:
             if self._db.execute("SELECT 1 FROM annotators WHERE name = ?", (name,)).fetchone() is None:
                 token = TOKEN_PREFIX + secrets.token_urlsafe(24)
-                self._db.execute("INSERT INTO annotators VALUES (?, ?, ?, 1)", (name, _sha(token), time.time()))
+                self._db.execute(
+                    "INSERT INTO annotators (name, token_sha256, created_at) VALUES (?, ?, ?)",
+                    (name, _sha(token), time.time()),
+                )
             self._db.execute("INSERT OR IGNORE INTO grants VALUES (?, ?, ?, ?)", (name, role, by, time.time()))
         return token
 
@@ -114,6 +122,20 @@ class RoleStore:
         with self._lock:
             self._db.execute("UPDATE annotators SET leaderboard = ? WHERE name = ?", (int(shown), name))
 
+    def set_topics(self, name: str, topics: list[str]) -> tuple[str, ...]:
+        """Replace what ``name`` knows best (e.g. ``fact``, ``arithmetic``, ``harmful``, ``report:wrong``)."""
+        clean = tuple(dict.fromkeys(t.strip().lower() for t in topics if t and t.strip()))
+        bad = next((t for t in clean if not TOPIC.match(t)), None)
+        if bad is not None:
+            raise RoleError(f"topic {bad[:40]!r} is not a name: lower-case letters, digits, '_', ':' or '-'")
+        if len(clean) > MAX_TOPICS:
+            raise RoleError(f"at most {MAX_TOPICS} topics per annotator, not {len(clean)}")
+        with self._lock:
+            cur = self._db.execute("UPDATE annotators SET topics = ? WHERE name = ?", (",".join(clean), name))
+        if not cur.rowcount:
+            raise RoleError(f"no annotator named {name!r}: grant them a role first")
+        return clean
+
     def check(self, name: str, token: str) -> Annotator | None:
         """The annotator when the token is theirs and they hold a role; None otherwise (constant-time compare)."""
         row = self._db.execute("SELECT token_sha256 FROM annotators WHERE name = ?", (name or "",)).fetchone()
@@ -130,11 +152,11 @@ class RoleStore:
         return self.check(row[0], token) if row else None
 
     def get(self, name: str) -> Annotator | None:
-        row = self._db.execute("SELECT leaderboard FROM annotators WHERE name = ?", (name,)).fetchone()
+        row = self._db.execute("SELECT leaderboard, topics FROM annotators WHERE name = ?", (name,)).fetchone()
         if row is None:
             return None
         roles = tuple(r for (r,) in self._db.execute("SELECT role FROM grants WHERE name = ? ORDER BY role", (name,)))
-        return Annotator(name, roles, bool(row[0]))
+        return Annotator(name, roles, bool(row[0]), tuple(t for t in row[1].split(",") if t))
 
     def list(self) -> list[Annotator]:
         names = [n for (n,) in self._db.execute("SELECT name FROM annotators ORDER BY name")]

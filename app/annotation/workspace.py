@@ -5,8 +5,9 @@ Sign in with an annotator name and the token an operator's grant printed (``flyw
 - **Compare and rewrite**: the next task (``TaskQueue.next_for``): the conversation, then answers A-D with no
   version names; a rank for each (ties allowed), helpfulness / truthfulness / harmlessness 1-5, flags, "all bad",
   and an optional better answer that ranks first. Save draft, Submit, Skip with a reason. With nothing queued the
-  workspace makes a task from the prompt pool: K answers from the loaded versions (two samples of one when only
-  one is loaded).
+  workspace makes a task: a consented user's real conversation (half the time, when one is stored) or a prompt
+  from the pool (the prompt set's training split), with K answers from the loaded versions (samples of one when
+  only one is loaded). Tasks carry a topic; the queue gives an annotator their own topics first.
 - **Red team**: free adversarial chat with any loaded version, one attack at a time; tag a harm category and an
   attack type, rate your own success, optionally write the safe response, file the finding (a
   ``RedTeamFinding`` event). A finding rated 3 or more also queues a "write the safe response" task for someone
@@ -17,8 +18,10 @@ Every text is shown in a plain ``Textbox``: nothing a user, a model or a trainer
 
 from __future__ import annotations
 
+import functools
 import json
 import random
+import re
 import time
 import uuid
 from pathlib import Path
@@ -39,13 +42,24 @@ POOL_FILE = PROMPTS_FILE  # the simulated users' prompt set, the gold items' sou
 FLAGS = list(get_args(AnswerFlag))
 
 
-def pool_prompts(path: Path = POOL_FILE) -> list[str]:
-    """Prompts trainers may be asked about when no consented conversation is queued (the shipped prompt set)."""
-    out = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            out.append(json.loads(line)["prompt"])
-    return out
+ARITHMETIC = re.compile(r"\d\s*[-+*/x\u00d7\u00f7]\s*\d")
+
+
+@functools.cache
+def pool_items(path: Path = POOL_FILE) -> tuple[dict[str, Any], ...]:
+    """Prompts trainers may be asked about when no consented conversation is picked: the shipped prompt set's
+    training split. Its held-out split never becomes a task (a trainer's rewrite of it would be trained on, and the
+    gate's and the demo's held-out users would no longer be unseen)."""
+    rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return tuple(r for r in rows if r.get("split") == "train")
+
+
+def topic_of(text: str) -> str:
+    """A task's topic for routing: the prompt set's kind when the prompt is one of its items, ``arithmetic`` for a
+    sum, else ``general``."""
+    key = " ".join(text.split()).casefold()
+    kinds = {" ".join(r["prompt"].split()).casefold(): r["kind"] for r in pool_items()}
+    return kinds.get(key) or ("arithmetic" if ARITHMETIC.search(text) else "general")
 
 
 async def answer_with(service: Any, user: str, version: str, messages: list[dict[str, str]], seed: int) -> str:
@@ -68,9 +82,20 @@ async def answer_with(service: Any, user: str, version: str, messages: list[dict
     return turn.text.strip()
 
 
-async def make_compare_task(service: Any, queue: TaskQueue, rng: random.Random, k: int = 3) -> str:
-    """A compare task from a pool prompt: K answers from the loaded versions (and samples, past their count)."""
-    prompt = [{"role": "user", "content": rng.choice(pool_prompts())}]
+async def make_compare_task(
+    service: Any, queue: TaskQueue, rng: random.Random, k: int = 3, conversation_share: float = 0.5
+) -> str:
+    """A compare task: K answers from the loaded versions (and samples, past their count) to a real conversation of
+    a user who consents to training use (``conversation_share`` of the time, when one is stored), else to a pool
+    prompt. A conversation's task names its user (``subject_user_id``): they never judge it, and their deletion
+    or withdrawn consent takes it and its judgments away."""
+    picked = service.sessions.consented_prompt(rng) if rng.random() < conversation_share else None
+    task_id = f"{'conv' if picked else 'pool'}-{uuid.uuid4().hex[:12]}"
+    if picked:
+        subject, conversation_id, prompt = picked
+    else:
+        subject, conversation_id = None, task_id
+        prompt = [{"role": "user", "content": rng.choice(pool_items())["prompt"]}]
     versions = sorted(service.loaded) or [service.default_version]
     answers = []
     for i in range(k):
@@ -79,8 +104,16 @@ async def make_compare_task(service: Any, queue: TaskQueue, rng: random.Random, 
         answers.append(
             {"answer_id": f"a{i}-{uuid.uuid4().hex[:8]}", "text": text or "(empty answer)", "model_version": version}
         )
-    task_id = f"pool-{uuid.uuid4().hex[:12]}"
-    return queue.add(Task(task_id, "compare", prompt, answers, conversation_id=task_id))
+    task = Task(
+        task_id,
+        "compare",
+        prompt,
+        answers,
+        conversation_id=conversation_id,
+        subject_user_id=subject,
+        topic=topic_of(prompt[-1]["content"]),
+    )
+    return queue.add(task)
 
 
 FIRST = "Take a task first (Next task)."
@@ -133,9 +166,7 @@ class Handlers:
             try:
                 await make_compare_task(self.service, self.queue, self.rng)
             except Exception as e:  # noqa: BLE001 - the workspace says what happened, the queue stays as it was
-                raise gr.Error(
-                    f"Could not make a new task from the pool ({type(e).__name__}); try again shortly."
-                ) from None
+                raise gr.Error(f"Could not make a new task ({type(e).__name__}); try again shortly.") from None
             view = self.queue.next_for(a)
         st = {"task_id": view.task_id, "ids": view.answer_ids, "t0": time.time()} if view else {}
         draft = self.queue.draft(a.name, view.task_id) if view else None

@@ -125,6 +125,75 @@ def test_roles_route_kinds_and_priorities(world):
     assert queue.next_for(roles.get("red")) is None, "a red-teamer's own finding goes to someone else"
 
 
+def test_topics_route_tasks_to_those_who_know_them(world):
+    _, roles, queue = world
+    for name in ("ana", "bob"):
+        roles.grant(name, "trainer")
+    assert roles.set_topics("ana", ["Arithmetic", "harmful", "arithmetic"]) == ("arithmetic", "harmful")
+    with pytest.raises(RoleError, match="not a name"):
+        roles.set_topics("ana", ["<script>"])
+    with pytest.raises(RoleError, match="grant them a role first"):
+        roles.set_topics("nobody", ["fact"])
+    queue.add(task(0, topic="fact", priority=3.0))
+    queue.add(task(1, topic="arithmetic"))
+    ana, bob = roles.get("ana"), roles.get("bob")
+    assert ana.topics == ("arithmetic", "harmful") and bob.topics == ()
+    assert queue.next_for(ana).task_id == "task-1", "her topic before a higher priority elsewhere"
+    assert queue.next_for(bob).task_id == "task-0", "no topics: priority order"
+    assert queue.next_for(ana, topic="fact").task_id == "task-0", "a topic asked for comes first"
+    assert roles.set_topics("ana", []) == () and queue.next_for(roles.get("ana")).task_id == "task-0"
+
+
+def test_a_withdrawal_takes_the_users_tasks_and_drafts_out_of_the_queue(world):
+    _, roles, queue = world
+    roles.grant("ana", "trainer")
+    roles.grant("red", "red_teamer")
+    queue.add(task(0, subject_user_id="u-consent"))
+    queue.add(task(1, subject_user_id="u-delete"))
+    queue.add(task(2, kind="safe_response", answers=ANSWERS[:1], author="red"))
+    queue.add(task(3))
+    queue.save_draft("ana", "task-0", {"rewrite": "draft about u-consent"})
+    queue.save_draft("red", "task-3", {"rewrite": "red's own draft"})
+    assert queue.forget_user("u-consent", deleted=False) == 2 and queue.get("task-0") is None
+    assert queue.draft("ana", "task-0") is None and queue.get("task-1") is not None
+    assert queue.forget_user("u-delete") == 1 and queue.tasks_about("u-delete") == []
+    assert queue.forget_user("red", deleted=False) == 0 and queue.get("task-2") is not None, "consent: subjects only"
+    assert queue.forget_user("red") == 2, "a deleted annotator's finding task and own draft go"
+    assert queue.get("task-2") is None and queue.draft("red", "task-3") is None and queue.get("task-3") is not None
+
+
+def test_compare_tasks_come_from_consented_conversations_or_the_training_pool(tmp_path):
+    import random
+
+    from app.annotation.workspace import pool_items, topic_of
+    from app.sessions import Sessions
+
+    s = Settings(home=tmp_path / "home")
+    sessions = Sessions(s)
+    try:
+        assert sessions.consented_prompt(random.Random(0)) is None
+        convo = [
+            {"role": "user", "content": "What is 12 * 7?"},
+            {"role": "assistant", "content": "84."},
+            {"role": "user", "content": "And 12 * 8?"},
+            {"role": "assistant", "content": "96."},
+        ]
+        sessions.save_conversation("u-no", "c-no", [{"role": "user", "content": "private, not consented"}])
+        sessions.set_consent("u-yes", True)
+        sessions.save_conversation("u-yes", "c-yes", convo)
+        for seed in range(5):
+            user, conversation, prompt = sessions.consented_prompt(random.Random(seed))
+            assert (user, conversation) == ("u-yes", "c-yes") and prompt == convo[:3], "cut after the last question"
+        sessions.set_consent("u-yes", False)
+        assert sessions.consented_prompt(random.Random(0)) is None
+    finally:
+        sessions.close()
+    items = pool_items()
+    assert items and {r["split"] for r in items} == {"train"}, "held-out prompts never become trainers' tasks"
+    assert topic_of(items[0]["prompt"]) == items[0]["kind"] and topic_of("And 12 * 8?") == "arithmetic"
+    assert topic_of("Tell me about your day") == "general"
+
+
 @pytest.mark.integration
 def test_a_submitted_judgment_reaches_the_warehouse_and_becomes_pairs(tmp_path, kafka_broker):
     from feedback.ingest import IngestConsumer
@@ -206,3 +275,9 @@ def test_the_http_api_answers_each_refusal_with_its_status(world):
     assert c.put("/annotation/me/leaderboard", json={"shown": "maybe"}, headers=ana).status_code == 422
     assert c.put("/annotation/me/leaderboard", json={"shown": False}, headers=ana).json()["leaderboard"] is False
     assert roles.get("ana").leaderboard is False and roles.get("red").leaderboard is True
+    # what one knows best: one's own, a bad topic is a 422 with its sentence
+    assert c.put("/annotation/me/topics", json={"topics": ["fact"]}).status_code == 401
+    bad = c.put("/annotation/me/topics", json={"topics": ["<b>x</b>"]}, headers=ana)
+    assert bad.status_code == 422 and "not a name" in bad.json()["error"]["message"]
+    assert c.put("/annotation/me/topics", json={"topics": ["fact"]}, headers=ana).json()["topics"] == ["fact"]
+    assert roles.get("ana").topics == ("fact",) and roles.get("red").topics == ()

@@ -20,6 +20,8 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 from openai import OpenAI
 
+from app.annotation.queue import Task, TaskQueue
+from app.annotation.roles import RoleStore
 from feedback.deletion import DELETION_DEADLINE_S, pending_deletions, process_deletions, request_deletion
 from feedback.events import ChatTurn, Message
 from feedback.producer import EventProducer
@@ -99,6 +101,19 @@ def test_deletion_reaches_every_store_within_the_stated_time(live, settings, kaf
     )
     victim_id = f"api:{VICTIM}"
     live.service.sessions.save_conversation(victim_id, "conv-ui", [{"role": "user", "content": marker}])
+    # The trainers' queue: the victim's report of their answer (a review task about them), and a compare task
+    # showing their consented conversation with a trainer's draft on it. Before, a deletion left both behind.
+    rep = httpx.post(
+        f"{live.api}/reports", json={"turn_id": r.id, "category": "wrong", "reason": "no", "user": VICTIM}, timeout=30
+    )
+    assert rep.status_code == 200, rep.text
+    roles, queue = RoleStore(settings), TaskQueue(settings)
+    roles.grant("tr1", "trainer")
+    prompt = [{"role": "user", "content": f"My secret word is {marker}."}]
+    answers = [{"answer_id": f"a{i}", "text": f"ok {i}", "model_version": "base"} for i in range(2)]
+    queue.add(Task("conv-victim", "compare", prompt, answers, "conv-ui", subject_user_id=victim_id))
+    queue.save_draft("tr1", "conv-victim", {"rewrite": f"Your word is {marker}."})
+    assert {queue.get(t).kind for t in queue.tasks_about(victim_id)} == {"review", "compare"}
     snap = _snapshot(settings.datasets_dir, "snap-victim", [victim_id, "api:other"], marker)
     keep = _snapshot(settings.datasets_dir, "snap-other", ["api:other"], "nothing of theirs")
     model_dir = settings.models_dir / "dpo-0001"
@@ -178,6 +193,7 @@ def test_deletion_reaches_every_store_within_the_stated_time(live, settings, kaf
     stores = {
         "warehouse file": [settings.warehouse_path.parent / n for n in ("warehouse.duckdb", "warehouse.duckdb.wal")],
         "session store": list((settings.home / "app").glob("sessions.sqlite*")),
+        "trainers' queue": list((settings.home / "app").glob("annotation.sqlite*")),
         "snapshots": [p for p in settings.datasets_dir.rglob("*") if p.is_file()],
         "spool": [p for p in settings.spool_path.rglob("*") if p.is_file()],
         "kafka log": [
@@ -192,6 +208,10 @@ def test_deletion_reaches_every_store_within_the_stated_time(live, settings, kaf
     assert list(keep.rglob("*.parquet")), "a snapshot without the user is untouched"
     assert json.loads((model_dir / "lineage.json").read_text())["tainted"] is True
     assert live.service.sessions.list_conversations(victim_id) == []
+    assert queue.tasks_about(victim_id) == [], "tasks about the user leave the queue"
+    assert queue.draft("tr1", "conv-victim") is None
+    roles.close()
+    queue.close()
 
     # Kafka: the victim's sealed records are unreadable now; nobody can open them.
     ks = KeyStore(settings)

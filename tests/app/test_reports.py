@@ -33,6 +33,15 @@ def test_a_report_reaches_kafka_and_the_review_queue(live, settings):
         task = queue.next_for(roles.get("rev"))
         assert task is not None and task.kind == "review" and task.task_id.startswith("report-")
         assert queue.get(task.task_id).subject_user_id == report.user_id, "the reporter never reviews their own"
+        # alice withdraws her consent: the task showing her conversation leaves the queue (it stayed before)
+        c.chat.completions.create(
+            model="flywheel",
+            messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=2,
+            user="alice",
+            extra_headers={"X-Flywheel-Consent": "0"},
+        )
+        assert queue.tasks_about(report.user_id) == [] and queue.get(task.task_id) is None
     finally:
         roles.close()
         queue.close()
