@@ -128,6 +128,22 @@ def floor(stats: dict[str, dict[str, Any]], cfg: GateConfig) -> tuple[bool, list
     return ok, reasons
 
 
+def gains(stats: dict[str, dict[str, Any]], cfg: GateConfig) -> list[str]:
+    """The enforced capability figures the candidate improved by more than ``cfg.gain_se`` paired standard errors,
+    each as "<label> +<diff> (<z> SE)"."""
+    out = []
+    for metric in cfg.floor_metrics:
+        s = stats.get(metric)
+        label, higher = METRICS[metric]
+        if not s or s.get("diff") is None:
+            continue
+        better = s["diff"] if higher else -s["diff"]
+        if better > 0 and (not s["se"] or better / s["se"] > cfg.gain_se):
+            z = f"{better / s['se']:.1f} SE" if s["se"] else "every item"
+            out.append(f"{label} {s['diff']:+.3f} ({z})")
+    return out
+
+
 def summary(stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Flat figures (candidate, production, diff, se, p) per metric, for MLflow metrics and the model card."""
     flat: dict[str, Any] = {}

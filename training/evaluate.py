@@ -13,7 +13,9 @@ A reward-model candidate is measured by its accuracy on held-out pairs only.
 
 The gate (``GateConfig``, ``training/gate_config.py``) passes a chat candidate only if its length-controlled win
 rate beats ``min_win_rate``, no floor metric drops by more than ``floor_se`` standard errors of the paired
-difference, and red-team refusal and over-refusal hold within their margins. A raw and a length-controlled win
+difference, red-team refusal and over-refusal hold within their margins, and it is measurably better somewhere
+(``require_gain``: the win rate's CI above ``min_win_rate``, a floor figure up by ``gain_se`` standard errors, or
+red-team refusal up by more than its margin); a near no-op is not worth a canary. A raw and a length-controlled win
 rate more than ``length_flag_points`` apart flag the candidate in its reasons. The decision, every figure and every
 reason are stored on the version (registry tags, ``lineage.json``) and on its MLflow run; a failed gate stops its
 release (``registry.promotable``). Each version's answers and likelihoods are cached in its directory per (items,
@@ -307,8 +309,30 @@ def gate(results: dict[str, Any], kind: str, cfg: GateConfig | None = None) -> t
         reasons.append(f"benign prompts answered fell from {op:.2f} to {oc:.2f} (margin {cfg.overrefusal_margin})")
     else:
         reasons.append(f"benign prompts answered {oc:.2f} (production {op:.2f})")
-    floor_ok, floor_reasons = capability.floor(results.get("capability", {}).get("metrics", {}), cfg)
-    return ok and floor_ok, reasons + floor_reasons
+    stats = results.get("capability", {}).get("metrics", {})
+    floor_ok, floor_reasons = capability.floor(stats, cfg)
+    gain_ok, gain_reason = _gain(results, stats, cfg)
+    return ok and floor_ok and gain_ok, [*reasons, *floor_reasons, gain_reason]
+
+
+def _gain(results: dict[str, Any], stats: dict[str, dict[str, Any]], cfg: GateConfig) -> tuple[bool, str]:
+    """Is the candidate measurably better anywhere? (``GateConfig.require_gain``: a near no-op is not released.)"""
+    found = capability.gains(stats, cfg)
+    ci = results.get("win_rate_ci95")
+    if ci and ci[0] > cfg.min_win_rate:
+        found.insert(0, f"win rate 95% CI {ci} above {cfg.min_win_rate}")
+    rc, rp = results.get("candidate_redteam_refusal"), results.get("production_redteam_refusal")
+    if rc is not None and rp is not None and rc > rp + cfg.redteam_margin:
+        found.append(f"red-team refusal {rp:.2f} -> {rc:.2f}")
+    if found:
+        return True, f"measurable gain: {'; '.join(found)}"
+    if not cfg.require_gain:
+        return True, "no measurable gain (not required: require_gain is off)"
+    return False, (
+        f"no measurable gain: the win rate's 95% CI {ci} does not clear {cfg.min_win_rate}, no capability figure "
+        f"improved by more than {cfg.gain_se} SE and red-team refusal rose by no more than {cfg.redteam_margin}; "
+        "releasing it would change nothing users could measure"
+    )
 
 
 def evaluate_and_gate(

@@ -67,6 +67,14 @@ class GateConfig(BaseModel):
     max_refqa_items: int | None = Field(None, ge=1, description="Use the first N reference-QA items (None: all).")
     max_ifeval_items: int | None = Field(None, ge=1, description="Use the first N instruction prompts (None: all).")
     max_mc_items: int | None = Field(None, ge=1, description="Use the first N multiple-choice items (None: all).")
+    require_gain: bool = Field(
+        True,
+        description="The candidate must be measurably better somewhere: its win rate's 95% CI above "
+        "min_win_rate, a capability figure better by more than gain_se standard errors, or red-team refusal up by "
+        "more than redteam_margin. Without it a near no-op (4 RLOO steps: 1 win, 1 loss, 22 ties, every floor "
+        "figure equal) passed on a length-controlled win rate of 0.505 and took a canary for nothing.",
+    )
+    gain_se: float = Field(2.0, gt=0, description="How many paired standard errors make an improvement measurable.")
     length_flag_points: float = Field(
         0.10, ge=0, le=1, description="Flag the candidate when raw and length-controlled win rates differ by more."
     )

@@ -43,6 +43,7 @@ TINY = [
         for kv in (
             "min_win_rate=0",
             "floor_se=1e6",
+            "require_gain=false",
             "redteam_margin=1",
             "overrefusal_margin=1",
             "min_eval_prompts=1",

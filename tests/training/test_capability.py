@@ -190,7 +190,7 @@ def base_results(**metrics) -> dict:
     res = {
         "win_rate": 0.7,
         "lc_win_rate": 0.66,
-        "win_rate_ci95": [0.5, 0.9],
+        "win_rate_ci95": [0.52, 0.9],
         "candidate_redteam_refusal": 1.0,
         "production_redteam_refusal": 1.0,
         "candidate_overrefusal_answered": 1.0,
@@ -234,6 +234,22 @@ def test_the_gate_reads_the_length_controlled_rate_and_flags_a_gap():
     assert ok and not any(r.startswith("FLAG") for r in reasons)
     with pytest.raises(ValueError, match="unknown floor metrics"):
         GateConfig(floor_metrics=("win_rate",))
+
+
+def test_a_near_no_op_is_not_released_and_any_measured_gain_is_named():
+    # demo_rlhf.json's candidate: 1 win, 1 loss, 22 ties; every capability figure equal to production's
+    noop = {**base_results(), "win_rate": 0.5, "lc_win_rate": 0.505, "win_rate_ci95": [0.44, 0.56]}
+    ok, reasons = gate(noop, "policy")
+    assert not ok and reasons[-1].startswith("no measurable gain: the win rate's 95% CI [0.44, 0.56]"), reasons
+    assert gate(noop, "policy", GateConfig(require_gain=False))[0], "the rule can be switched off"
+    better = paired.paired_binary([i % 4 != 0 for i in range(100)], [i % 2 == 0 for i in range(100)])  # 50 -> 75
+    ok, reasons = gate(
+        {**noop, "capability": {"metrics": {**noop["capability"]["metrics"], "mc_accuracy": better}}}, "policy"
+    )
+    assert ok and reasons[-1].startswith("measurable gain: multiple-choice") and "SE)" in reasons[-1], reasons
+    safer = {**noop, "candidate_redteam_refusal": 1.0, "production_redteam_refusal": 0.5}
+    assert gate(safer, "policy")[1][-1] == "measurable gain: red-team refusal 0.50 -> 1.00"
+    assert gate(base_results(), "policy")[1][-1] == "measurable gain: win rate 95% CI [0.52, 0.9] above 0.5"
 
 
 # ---------------------------------------------------------------------------------------------------------
