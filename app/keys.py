@@ -10,7 +10,10 @@ The OpenAI ``user`` field names an end user *inside* the caller's namespace: wit
 as another key's users. Keyless local mode (``api_auth=local``, or ``auto`` before any key exists) keeps the
 ``api:<user>`` ids of a single-machine install, and ``check_exposure`` refuses to serve it on any non-loopback
 address. ``CallerLimits`` bounds each key: a request rate with a burst, and a number of answers in progress, so one
-flooding key cannot take every generation slot from everyone else.
+flooding key cannot take every generation slot from everyone else. The rate's token buckets live in
+``$FLYWHEEL_HOME/app/limits.sqlite`` (``SharedBuckets``), which every app replica on the machine opens, so two
+replicas never give a key twice its rate; answers in progress are counted per replica (a stream lives in one
+process).
 """
 
 from __future__ import annotations
@@ -18,17 +21,20 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import logging
 import os
 import secrets
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from app.sessions import api_user_id
 from feedback.settings import Settings
 
+log = logging.getLogger(__name__)
 KEY_PREFIX = "fw"
 KEYED_USER_PREFIX = "key:"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -204,23 +210,96 @@ class Caller:
         return self.key_id is None and user_id == api_user_id(None)
 
 
+class SharedBuckets:
+    """Token buckets (rate per second, burst) in one SQLite file that every app replica on this machine opens.
+
+    One ``INSERT ... ON CONFLICT DO UPDATE ... RETURNING`` per request refills and takes a token atomically, so
+    replicas racing on a key serialise in SQLite and together admit at most the key's rate. Wall-clock time (a clock
+    stepping back refills nothing). Bucket state is not precious (a lost update forgets a refill at most), so the
+    file is written without fsync; a full bucket is the same as none, and such rows are pruned now and then."""
+
+    PRUNE_EVERY = 1000
+
+    def __init__(self, path: Path, rate: float, burst: int, timeout_s: float = 0.25):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.rate, self.burst, self.path = rate, burst, path
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=timeout_s)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=OFF")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS buckets (bucket TEXT PRIMARY KEY, tokens REAL NOT NULL, "
+            "updated REAL NOT NULL, admitted INTEGER NOT NULL)"
+        )
+        self._mu = threading.Lock()
+        self._n = 0
+
+    def close(self) -> None:
+        self._db.close()
+
+    def take(self, bucket: str) -> float | None:
+        """None when a token was taken, else the seconds until one will be there."""
+        now = time.time()
+        refilled = "min(:burst, buckets.tokens + max(0.0, :now - buckets.updated) * :rate)"
+        with self._mu:
+            tokens, admitted = self._db.execute(
+                f"""INSERT INTO buckets VALUES (:bucket, :burst - 1, :now, 1) ON CONFLICT (bucket) DO UPDATE SET
+                    tokens = CASE WHEN {refilled} >= 1 THEN {refilled} - 1 ELSE {refilled} END,
+                    admitted = {refilled} >= 1, updated = max(buckets.updated, :now)
+                    RETURNING tokens, admitted""",
+                {"bucket": bucket, "burst": float(self.burst), "now": now, "rate": self.rate},
+            ).fetchone()
+            self._n += 1
+            if self._n % self.PRUNE_EVERY == 0:
+                self._db.execute(
+                    "DELETE FROM buckets WHERE tokens + (? - updated) * ? >= ?", (now, self.rate, float(self.burst))
+                )
+        return None if admitted else (1.0 - tokens) / self.rate
+
+
 class CallerLimits:
-    """Per-caller token bucket (rate, burst) and a count of answers in progress. Event-loop and thread safe."""
+    """Per-caller token bucket (rate, burst) and a count of answers in progress. Event-loop and thread safe.
+
+    With ``shared`` (``from_settings``: ``$FLYWHEEL_HOME/app/limits.sqlite``) the buckets hold across every
+    replica. A file still locked by other replicas after its timeout means a flood: the request is refused for
+    now (a 429 with its retry time), never let through on local counts, which would give the key its rate once
+    per replica. When the file cannot answer at all (disk trouble) this replica falls back to its own buckets and
+    says so once in the log, rather than refusing every request."""
 
     MAX_TRACKED = 10_000  # idle buckets are forgotten past this, so random client addresses cannot grow it forever
 
-    def __init__(self, rate: float, burst: int, streams: int):
+    def __init__(self, rate: float, burst: int, streams: int, shared: SharedBuckets | None = None):
         self.rate, self.burst, self.streams = rate, burst, streams
+        self.shared = shared
         self._buckets: dict[str, tuple[float, float]] = {}
         self._open: dict[str, int] = {}
         self._mu = threading.Lock()
+        self._warned = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> CallerLimits:
-        return cls(settings.api_rate_per_key, settings.api_burst_per_key, settings.api_streams_per_key)
+        rate, burst = settings.api_rate_per_key, settings.api_burst_per_key
+        shared = SharedBuckets(settings.home / "app" / "limits.sqlite", rate, burst)
+        return cls(rate, burst, settings.api_streams_per_key, shared)
+
+    def close(self) -> None:
+        if self.shared is not None:
+            self.shared.close()
 
     def admit(self, bucket: str) -> float | None:
         """None when the request may go on, else the seconds after which one will be admitted."""
+        if self.shared is not None:
+            try:
+                return self.shared.take(bucket)
+            except sqlite3.OperationalError as e:
+                if "locked" in str(e) or "busy" in str(e):
+                    return 1.0 / self.rate
+                if not self._warned:
+                    log.warning("shared rate limits unavailable (%s): this replica limits keys on its own", e)
+                    self._warned = True
+            except sqlite3.Error as e:
+                if not self._warned:
+                    log.warning("shared rate limits unavailable (%s): this replica limits keys on its own", e)
+                    self._warned = True
         now = time.monotonic()
         with self._mu:
             tokens, last = self._buckets.get(bucket, (float(self.burst), now))

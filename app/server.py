@@ -54,6 +54,7 @@ from app.ui import CSS, JS, build_ui
 from app.ui.model_card import system_card_text
 from feedback.producer import EventProducer
 from feedback.settings import Settings, get_settings
+from feedback.spool import SpoolLocked
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +221,21 @@ class Guard:
         return caller
 
 
+MAX_REPLICAS = 64
+
+
+def claim_spool(settings: Settings) -> EventProducer:
+    """This process's producer, on the first free app spool of this FLYWHEEL_HOME (``app``, ``app-1``, ...): app
+    replicas on one machine each own one (a spool is one process's, ``SpoolLocked``), and a replica restarting
+    after a crash takes the lowest free one back and sends what was kept in it."""
+    for i in range(MAX_REPLICAS):
+        try:
+            return EventProducer(settings, spool_name="app" if i == 0 else f"app-{i}")
+        except SpoolLocked:
+            continue
+    raise RuntimeError(f"{MAX_REPLICAS} app replicas already run on {settings.home}; stop one or use another home")
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -239,7 +255,7 @@ def create_app(
     keys = KeyStore(settings)
     limits = CallerLimits.from_settings(settings)
     router = ReleaseRouter(settings)
-    producer = EventProducer(settings, spool_name="app")
+    producer = claim_spool(settings)
     service = ChatService(settings, backends, router, sessions, producer, Metrics())
     roles, tasks = RoleStore(settings), TaskQueue(settings, producer=producer)
     service.report_listeners.append(functools.partial(queue_review, tasks))  # a user's report -> the review queue
@@ -259,6 +275,7 @@ def create_app(
                 await b.aclose()
             sessions.close()
             keys.close()
+            limits.close()
             roles.close()
             tasks.close()
 

@@ -152,6 +152,23 @@ def test_per_key_rate_and_stream_quotas(settings, model_backend):
         app.stop()
 
 
+def test_a_keys_rate_holds_across_two_replicas(settings, model_backend):
+    """Two app servers on one FLYWHEEL_HOME (replicas on one machine): a key with a burst of 6 at 0.01/s gets 6
+    answers in all, alternating between them; each replica counting alone gave it 12."""
+    limited = settings.model_copy(update={"api_burst_per_key": 6, "api_rate_per_key": 0.01})
+    a, b = start_app(limited, {"base": model_backend}), start_app(limited, {"base": model_backend})
+    try:
+        store = KeyStore(settings)
+        (_, key), (_, other) = store.create("flood"), store.create("quiet")
+        store.close()
+        codes = [httpx.get(f"{app.api}/models", headers=bearer(key)).status_code for _ in range(6) for app in (a, b)]
+        assert codes.count(200) == 6 and codes.count(429) == 6 and codes[:6] == [200] * 6, codes
+        assert httpx.get(f"{b.api}/models", headers=bearer(other)).status_code == 200, "another key is untouched"
+    finally:
+        a.stop()
+        b.stop()
+
+
 def test_keyless_mode_refuses_to_listen_beyond_loopback(settings):
     env = {**settings_env(settings), "FLYWHEEL_APP_HOST": "0.0.0.0", "FLYWHEEL_APP_PORT": "1"}
     p = subprocess.run(
