@@ -25,6 +25,7 @@ settings, measuring code): its weights never change, so a second evaluation gene
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import time
@@ -107,10 +108,13 @@ def redteam_suite(snapshot: dict[str, Any] | None) -> list[dict[str, Any]]:
 # A version's answers and likelihoods, cached in its directory (a version's weights never change)
 # ---------------------------------------------------------------------------------------------------------
 def _code_digest() -> str:
-    """The measuring code's own hash: a change to how answers or likelihoods are computed invalidates the cache."""
+    """The measuring code's own hash: a change to how answers or likelihoods are computed invalidates the cache.
+    Only that code: the gate's rules and scoring (the rest of ``capability.py``) read the cached answers, so a
+    change to a rule re-scores them without generating again (it regenerated 5 minutes of answers before)."""
     here = Path(__file__).resolve().parent
-    files = ("measure.py", "capability.py", "modeling.py")
-    return hashlib.sha256(b"".join((here / f).read_bytes() for f in files)).hexdigest()
+    sources = [(here / f).read_bytes() for f in ("measure.py", "modeling.py")]
+    sources.append(inspect.getsource(capability.likelihoods).encode())
+    return hashlib.sha256(b"".join(sources)).hexdigest()
 
 
 def _cache_file(info: registry.VersionInfo, kind: str, payload: Any) -> Path:
