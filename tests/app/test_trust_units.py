@@ -160,50 +160,16 @@ def test_fair_gate_serves_the_quiet_party_first_and_never_loses_a_slot():
     assert asyncio.run(scenario()) == ["quiet", "flood"]
 
 
-HAMMER = """
-import sys, time
-from pathlib import Path
-from app.keys import CallerLimits, SharedBuckets
-path, seconds, rate, burst, shared = sys.argv[1], *map(float, sys.argv[2:5]), sys.argv[5] == "1"
-lim = CallerLimits(rate, int(burst), 1, SharedBuckets(Path(path), rate, int(burst)) if shared else None)
-print("ready", flush=True)
-at = float(sys.stdin.readline())
-time.sleep(max(0.0, at - time.time()))
-admitted, t0 = 0, time.time()
-while time.time() < at + seconds:
-    admitted += lim.admit("key:k1") is None
-print(admitted, t0, time.time(), flush=True)
-"""
-
-
 @pytest.mark.parametrize("shared", [True, False])
 def test_two_replicas_never_give_a_key_twice_its_rate(tmp_path, shared):
     """Two processes (replicas) admit on one key as fast as they can for 2 s at 20/s with a burst of 5: on the
     shared file they admit the key's limit together; each with its own buckets (as before), twice that. (The
     shared buckets first let 77 through: a call that waited for the lock wrote back an older clock reading, and the
     next refill counted that interval twice.)"""
-    import subprocess
-    import sys
+    from benchmarks.limits import overshoot
 
-    from tests.conftest import REPO
-
-    args = [str(tmp_path / "limits.sqlite"), "2", "20", "5", "1" if shared else "0"]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", HAMMER, *args], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
-        for _ in range(2)
-    ]
-    assert [p.stdout.readline().strip() for p in procs] == ["ready", "ready"]
-    at = time.time() + 0.5
-    for p in procs:
-        p.stdin.write(f"{at}\n")
-        p.stdin.flush()
-    runs = [p.communicate(timeout=60)[0].split() for p in procs]
-    counts = [int(r[0]) for r in runs]
-    span = max(float(r[2]) for r in runs) - min(float(r[1]) for r in runs)
-    limit = 5 + 20 * span
+    r = overshoot(tmp_path / "limits.sqlite", shared, seconds=2.0, rate=20.0, burst=5)
     if shared:
-        assert limit - 5 <= sum(counts) <= limit + 1, (counts, span)
+        assert r["limit"] - 5 <= sum(r["admitted"]) <= r["limit"] + 1, r
     else:
-        assert sum(counts) >= 2 * (limit - 5), f"each replica on its own admits the whole rate: {counts}"
+        assert sum(r["admitted"]) >= 2 * (r["limit"] - 5), f"each replica on its own admits the whole rate: {r}"
