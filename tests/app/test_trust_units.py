@@ -160,6 +160,7 @@ def test_fair_gate_serves_the_quiet_party_first_and_never_loses_a_slot():
     assert asyncio.run(scenario()) == ["quiet", "flood"]
 
 
+@pytest.mark.slow  # two processes for 2 s each way (~10 s): in make test, not in test-fast
 @pytest.mark.parametrize("shared", [True, False])
 def test_two_replicas_never_give_a_key_twice_its_rate(tmp_path, shared):
     """Two processes (replicas) admit on one key as fast as they can for 2 s at 20/s with a burst of 5: on the
