@@ -86,6 +86,7 @@ class DemoConfig:
     gate: dict[str, Any] = field(default_factory=dict)  # training.gate_config.GateConfig fields
     canary_share: float = 0.5
     min_thumbs: int = 20
+    release_margin: float = 0.05  # the controller's "not worse by" margin (ReleaseConfig.margin)
     seed: int = 1
     eval_fraction: float = 0.25  # of conversations held out: the gate needs >= 4 held-out prompts
     timeout_minutes: float = 45.0
@@ -120,6 +121,7 @@ def release_settings(cfg: DemoConfig) -> dict[str, Any]:
         "policy": "auto",
         "steps": (cfg.canary_share, 1.0),
         "min_thumbs": cfg.min_thumbs,
+        "margin": cfg.release_margin,
         "min_step_s": 0.0,
         "max_step_s": cfg.eval_minutes * 60,
         "on_timeout": "rollback",

@@ -75,6 +75,9 @@ def demo(
     gate: list[str] | None = GATE_OPTION,
     canary_share: float = typer.Option(0.5, min=0.01, max=0.99, help="Candidate's share of users at canary."),
     min_thumbs: int = typer.Option(20, min=1, help="Ratings per version before the controller may promote."),
+    release_margin: float = typer.Option(
+        0.05, min=0.0, max=0.99, help="Promote when the candidate's thumbs-up is not worse by this much."
+    ),
     eval_fraction: float = typer.Option(0.25, min=0.05, max=0.9, help="Share of conversations curation holds out."),
     timeout_minutes: float = typer.Option(45.0, min=1.0, help="Stop the whole demo after this long."),
     home: str = typer.Option("", help="Where the demo's world lives (default: a new temporary directory)."),
@@ -104,6 +107,7 @@ def demo(
         gate=gate_cfg,
         canary_share=canary_share,
         min_thumbs=min_thumbs,
+        release_margin=release_margin,
         eval_fraction=eval_fraction,
         seed=seed,
         timeout_minutes=timeout_minutes,
