@@ -129,18 +129,20 @@ def floor(stats: dict[str, dict[str, Any]], cfg: GateConfig) -> tuple[bool, list
 
 
 def gains(stats: dict[str, dict[str, Any]], cfg: GateConfig) -> list[str]:
-    """The enforced capability figures the candidate improved by more than ``cfg.gain_se`` paired standard errors,
-    each as "<label> +<diff> (<z> SE)"."""
+    """The enforced capability figures the candidate improved by more than ``cfg.gain_se`` paired standard errors
+    (reference-answer NLL also by more than ``nll_margin``, as for a drop: DPO's 0.014 nats was 7 SE), each as
+    "<label> <diff> (<z> SE)"."""
     out = []
     for metric in cfg.floor_metrics:
         s = stats.get(metric)
         label, higher = METRICS[metric]
         if not s or s.get("diff") is None:
             continue
-        better = s["diff"] if higher else -s["diff"]
+        margin = cfg.nll_margin if metric == "refqa_nll" else 0.0  # as for a drop: significant and beyond it
+        better = (s["diff"] if higher else -s["diff"]) - margin
         if better > 0 and (not s["se"] or better / s["se"] > cfg.gain_se):
             z = f"{better / s['se']:.1f} SE" if s["se"] else "every item"
-            out.append(f"{label} {s['diff']:+.3f} ({z})")
+            out.append(f"{label} {s['diff']:+.3f} ({z}{f' beyond the {margin} margin' if margin else ''})")
     return out
 
 

@@ -250,6 +250,16 @@ def test_a_near_no_op_is_not_released_and_any_measured_gain_is_named():
     safer = {**noop, "candidate_redteam_refusal": 1.0, "production_redteam_refusal": 0.5}
     assert gate(safer, "policy")[1][-1] == "measurable gain: red-team refusal 0.50 -> 1.00"
     assert gate(base_results(), "policy")[1][-1] == "measurable gain: win rate 95% CI [0.52, 0.9] above 0.5"
+    # demo_dpo.json: reference-answer NLL 0.991 vs 1.005 is 7 SE but inside the 0.05 margin: not a gain
+    nll = paired.paired_continuous([0.991 + 0.01 * (i % 3 - 1) for i in range(100)], [1.005] * 100)
+    assert not gate({**noop, "capability": {"metrics": {**noop["capability"]["metrics"], "refqa_nll": nll}}}, "policy")[
+        0
+    ]
+    nll = paired.paired_continuous([0.75 + 0.01 * (i % 3 - 1) for i in range(100)], [1.005] * 100)
+    ok, reasons = gate(
+        {**noop, "capability": {"metrics": {**noop["capability"]["metrics"], "refqa_nll": nll}}}, "policy"
+    )
+    assert ok and "reference-answer NLL -0.255" in reasons[-1] and "beyond the 0.05 margin" in reasons[-1], reasons
 
 
 # ---------------------------------------------------------------------------------------------------------
