@@ -57,8 +57,7 @@ def delete_user(service: ChatService, user_id: str) -> dict[str, Any]:
         ledger.close()
     service.sessions.delete_user(user_id)
     service.forget_cached_prompts(user_id)
-    for forget in service.withdrawal_listeners:  # e.g. the trainers' task queue (tasks showing their conversations)
-        forget(user_id, True)
+    service.withdraw(user_id, deleted=True)  # e.g. the trainers' task queue (tasks showing their conversations)
     try:
         process_deletions(service.settings, timeout_s=10.0)
     except Exception:  # noqa: BLE001 - the request is in the ledger; the worker retries

@@ -290,13 +290,9 @@ class CallerLimits:
         if self.shared is not None:
             try:
                 return self.shared.take(bucket)
-            except sqlite3.OperationalError as e:
-                if "locked" in str(e) or "busy" in str(e):
-                    return 1.0 / self.rate
-                if not self._warned:
-                    log.warning("shared rate limits unavailable (%s): this replica limits keys on its own", e)
-                    self._warned = True
             except sqlite3.Error as e:
+                if isinstance(e, sqlite3.OperationalError) and ("locked" in str(e) or "busy" in str(e)):
+                    return 1.0 / self.rate
                 if not self._warned:
                     log.warning("shared rate limits unavailable (%s): this replica limits keys on its own", e)
                     self._warned = True

@@ -404,5 +404,13 @@ class ChatService:
         )
         self.sessions.set_consent(user_id, consent)
         if not consent:
-            for forget in self.withdrawal_listeners:  # their conversations are no longer shown to trainers
-                forget(user_id, False)
+            self.withdraw(user_id, deleted=False)
+
+    def withdraw(self, user_id: str, deleted: bool) -> None:
+        """Tell each of ``withdrawal_listeners`` (e.g. the trainers' queue) that this user withdrew consent or
+        deleted their data; one that fails is logged and the others still run."""
+        for forget in self.withdrawal_listeners:
+            try:
+                forget(user_id, deleted)
+            except Exception:  # noqa: BLE001 - the consent change or deletion stands; the failure is on record
+                log.exception("a withdrawal listener failed for user %s", user_id)
