@@ -49,10 +49,14 @@ $(MODEL): | $(DEPS)
 	@s=$$(date +%s); $(NICE) $(PY) -m app.backends.gguf $(FLYWHEEL_HOME)/models/base \
 	  && echo "gguf-export $$(( $$(date +%s) - s ))" >> $(VENV)/setup-times.txt  # llama.cpp's export, serving precision
 
-chromium:  ## Debian's Chromium for the browser tests (Playwright drives /usr/bin/chromium)
-	@test -x /usr/bin/chromium || { s=$$(date +%s); echo "setup: installing Debian chromium ..."; \
-	  ($(NICE) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(NICE) apt-get install -y -qq chromium) >/dev/null \
-	  && mkdir -p $(VENV) && echo "chromium $$(( $$(date +%s) - s ))" >> $(VENV)/setup-times.txt; }
+# Debian's packages in one apt-get (two at once would fight over dpkg's lock): Chromium for the browser tests
+# (Playwright drives /usr/bin/chromium) and PostgreSQL for `flywheel db` (the shared app store, issue 20).
+chromium:  ## Debian's Chromium and PostgreSQL, when missing
+	@pkgs=""; test -x /usr/bin/chromium || pkgs="chromium"; \
+	  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || pkgs="$$pkgs postgresql"; \
+	  test -z "$$pkgs" || { s=$$(date +%s); echo "setup: installing Debian $$pkgs ..."; \
+	  ($(NICE) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(NICE) apt-get install -y -qq $$pkgs) >/dev/null \
+	  && mkdir -p $(VENV) && echo "debian-packages $$(( $$(date +%s) - s ))" >> $(VENV)/setup-times.txt; }
 
 run: setup  ## start the whole stack in the foreground
 	$(VENV)/bin/flywheel up

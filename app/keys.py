@@ -11,8 +11,9 @@ as another key's users. Keyless local mode (``api_auth=local``, or ``auto`` befo
 ``api:<user>`` ids of a single-machine install, and ``check_exposure`` refuses to serve it on any non-loopback
 address. ``CallerLimits`` bounds each key: a request rate with a burst, and a number of answers in progress, so one
 flooding key cannot take every generation slot from everyone else. The rate's token buckets live in
-``$FLYWHEEL_HOME/app/limits.sqlite`` (``SharedBuckets``), which every app replica on the machine opens, so two
-replicas never give a key twice its rate; answers in progress are counted per replica (a stream lives in one
+``$FLYWHEEL_HOME/app/limits.sqlite`` (``SharedBuckets``), which every app replica on the machine opens, or in
+the shared PostgreSQL when ``FLYWHEEL_APP_DATABASE_URL`` is set (``app.database.PgBuckets``), so two replicas never
+give a key twice its rate; answers in progress are counted per replica (a stream lives in one
 process).
 """
 
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from app.database import PgBuckets, StoreBusy, StoreDown
 from app.sessions import api_user_id
 from feedback.settings import Settings
 
@@ -241,33 +243,38 @@ class SharedBuckets:
         now = time.time()
         refilled = "min(:burst, buckets.tokens + max(0.0, :now - buckets.updated) * :rate)"
         with self._mu:
-            tokens, admitted = self._db.execute(
-                f"""INSERT INTO buckets VALUES (:bucket, :burst - 1, :now, 1) ON CONFLICT (bucket) DO UPDATE SET
-                    tokens = CASE WHEN {refilled} >= 1 THEN {refilled} - 1 ELSE {refilled} END,
-                    admitted = {refilled} >= 1, updated = max(buckets.updated, :now)
-                    RETURNING tokens, admitted""",
-                {"bucket": bucket, "burst": float(self.burst), "now": now, "rate": self.rate},
-            ).fetchone()
-            self._n += 1
-            if self._n % self.PRUNE_EVERY == 0:
-                self._db.execute(
-                    "DELETE FROM buckets WHERE tokens + (? - updated) * ? >= ?", (now, self.rate, float(self.burst))
-                )
+            try:
+                tokens, admitted = self._db.execute(
+                    f"""INSERT INTO buckets VALUES (:bucket, :burst - 1, :now, 1) ON CONFLICT (bucket) DO UPDATE SET
+                        tokens = CASE WHEN {refilled} >= 1 THEN {refilled} - 1 ELSE {refilled} END,
+                        admitted = {refilled} >= 1, updated = max(buckets.updated, :now)
+                        RETURNING tokens, admitted""",
+                    {"bucket": bucket, "burst": float(self.burst), "now": now, "rate": self.rate},
+                ).fetchone()
+                self._n += 1
+                if self._n % self.PRUNE_EVERY == 0:
+                    self._db.execute(
+                        "DELETE FROM buckets WHERE tokens + (? - updated) * ? >= ?", (now, self.rate, float(self.burst))
+                    )
+            except sqlite3.OperationalError as e:
+                raise (StoreBusy if "locked" in str(e) or "busy" in str(e) else StoreDown)(str(e)) from None
+            except sqlite3.Error as e:
+                raise StoreDown(str(e)) from None
         return None if admitted else (1.0 - tokens) / self.rate
 
 
 class CallerLimits:
     """Per-caller token bucket (rate, burst) and a count of answers in progress. Event-loop and thread safe.
 
-    With ``shared`` (``from_settings``: ``$FLYWHEEL_HOME/app/limits.sqlite``) the buckets hold across every
-    replica. A file still locked by other replicas after its timeout means a flood: the request is refused for
-    now (a 429 with its retry time), never let through on local counts, which would give the key its rate once
-    per replica. When the file cannot answer at all (disk trouble) this replica falls back to its own buckets and
-    says so once in the log, rather than refusing every request."""
+    With ``shared`` (``from_settings``: PostgreSQL when configured, else ``$FLYWHEEL_HOME/app/limits.sqlite``) the
+    buckets hold across every replica. A store still locked by other replicas after its timeout means a flood: the
+    request is refused for now (a 429 with its retry time), never let through on local counts, which would give
+    the key its rate once per replica. When the store cannot answer at all (database down, disk trouble) this
+    replica falls back to its own buckets and says so once in the log, rather than refusing every request."""
 
     MAX_TRACKED = 10_000  # idle buckets are forgotten past this, so random client addresses cannot grow it forever
 
-    def __init__(self, rate: float, burst: int, streams: int, shared: SharedBuckets | None = None):
+    def __init__(self, rate: float, burst: int, streams: int, shared: SharedBuckets | PgBuckets | None = None):
         self.rate, self.burst, self.streams = rate, burst, streams
         self.shared = shared
         self._buckets: dict[str, tuple[float, float]] = {}
@@ -278,7 +285,10 @@ class CallerLimits:
     @classmethod
     def from_settings(cls, settings: Settings) -> CallerLimits:
         rate, burst = settings.api_rate_per_key, settings.api_burst_per_key
-        shared = SharedBuckets(settings.home / "app" / "limits.sqlite", rate, burst)
+        url = settings.app_database_url.get_secret_value() if settings.app_database_url else None
+        shared = (
+            PgBuckets(url, rate, burst) if url else SharedBuckets(settings.home / "app" / "limits.sqlite", rate, burst)
+        )
         return cls(rate, burst, settings.api_streams_per_key, shared)
 
     def close(self) -> None:
@@ -290,9 +300,9 @@ class CallerLimits:
         if self.shared is not None:
             try:
                 return self.shared.take(bucket)
-            except sqlite3.Error as e:
-                if isinstance(e, sqlite3.OperationalError) and ("locked" in str(e) or "busy" in str(e)):
-                    return 1.0 / self.rate
+            except StoreBusy:
+                return 1.0 / self.rate
+            except StoreDown as e:
                 if not self._warned:
                     log.warning("shared rate limits unavailable (%s): this replica limits keys on its own", e)
                     self._warned = True

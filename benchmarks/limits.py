@@ -1,11 +1,12 @@
 """Rate limits across app replicas: how far two replicas together overshoot a key's rate, and what a check costs.
 
-    python -m benchmarks.limits [--seconds 3] [--rate 20] [--burst 5] [--json]
+    python -m benchmarks.limits [--seconds 3] [--rate 20] [--burst 5] [--postgres] [--json]
 
 Two processes (two app replicas on one machine) admit requests on one key as fast as they can, both starting at
 the same instant, with
 - ``shared``: the product's buckets in ``$FLYWHEEL_HOME/app/limits.sqlite`` (``app.keys.SharedBuckets``), and
-- ``local``: each process counting alone (the baseline: what one in-memory bucket per replica gives),
+- ``local``: each process counting alone (the baseline: what one in-memory bucket per replica gives), and
+- ``postgres`` (with ``--postgres``): the buckets in a local PostgreSQL of its own (``app.database.PgBuckets``),
 in the same run. ``rate_limit_overshoot`` is the admitted count over the key's limit for the span both ran
 (burst + rate x seconds): 1.0 is exact, 2.0 is twice the rate. ``admit_us`` is one check's latency in one process
 (p50, p99), for both. Results: ``benchmarks/results/limits.json``.
@@ -26,10 +27,17 @@ RESULTS = REPO / "benchmarks" / "results" / "limits.json"
 KEY = "key:bench"
 
 
-def _limits(path: str, rate: float, burst: int, shared: bool):
+def _limits(store: str, rate: float, burst: int, shared: bool):
+    """Limits on ``store``: a PostgreSQL URL (``PgBuckets``) or a SQLite file (``SharedBuckets``); or, not shared,
+    one process's own buckets."""
+    from app.database import PgBuckets
     from app.keys import CallerLimits, SharedBuckets
 
-    return CallerLimits(rate, burst, 1, SharedBuckets(Path(path), rate, burst) if shared else None)
+    if not shared:
+        return CallerLimits(rate, burst, 1)
+    if store.startswith("postgresql://"):
+        return CallerLimits(rate, burst, 1, PgBuckets(store, rate, burst))
+    return CallerLimits(rate, burst, 1, SharedBuckets(Path(store), rate, burst))
 
 
 def worker(path: str, seconds: float, rate: float, burst: int, shared: bool) -> None:
@@ -45,7 +53,7 @@ def worker(path: str, seconds: float, rate: float, burst: int, shared: bool) -> 
     lim.close()
 
 
-def overshoot(path: Path, shared: bool, seconds: float = 2.0, rate: float = 20.0, burst: int = 5) -> dict:
+def overshoot(path: Path | str, shared: bool, seconds: float = 2.0, rate: float = 20.0, burst: int = 5) -> dict:
     """Two replica processes on one key: what they admitted together against the key's limit for their span."""
     cmd = [sys.executable, "-m", "benchmarks.limits", "--worker", str(path), str(seconds), str(rate), str(burst)]
     procs = [
@@ -77,7 +85,7 @@ def overshoot(path: Path, shared: bool, seconds: float = 2.0, rate: float = 20.0
     }
 
 
-def admit_latency(path: Path, shared: bool, n: int = 5000) -> dict:
+def admit_latency(path: Path | str, shared: bool, n: int = 5000) -> dict:
     lim = _limits(str(path), 1e9, 10**9, shared)  # never empty: every check is a full refill-and-take
     times = []
     for i in range(n):
@@ -98,19 +106,35 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--rate", type=float, default=20.0)
     ap.add_argument("--burst", type=int, default=5)
+    ap.add_argument("--postgres", action="store_true", help="Also measure PgBuckets on a local PostgreSQL.")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     out: dict = {"seconds": args.seconds, "rate": args.rate, "burst": args.burst}
     with tempfile.TemporaryDirectory(prefix="flywheel-limits-") as d:
-        for mode in ("local", "shared"):  # the baseline first, then the product, in the same run
-            path = Path(d) / f"{mode}.sqlite"
-            out[mode] = overshoot(path, mode == "shared", args.seconds, args.rate, args.burst)
-            out[mode]["admit_us"] = admit_latency(Path(d) / f"{mode}-latency.sqlite", mode == "shared")
+        targets = {"local": str(Path(d) / "local.sqlite"), "shared": str(Path(d) / "shared.sqlite")}
+        settings = None
+        if args.postgres:  # a local PostgreSQL of its own (infra/postgres.py), on a free port
+            from feedback.settings import Settings
+            from infra import postgres
+            from infra.ports import free_port
+
+            settings = Settings(home=Path(d) / "home", db_port=free_port())
+            targets["postgres"] = postgres.start(settings).url
+        try:
+            for mode, target in targets.items():  # the baseline first, then the product's stores, in the same run
+                out[mode] = overshoot(target, mode != "local", args.seconds, args.rate, args.burst)
+                latency_target = target if mode == "postgres" else str(Path(d) / f"{mode}-latency.sqlite")
+                out[mode]["admit_us"] = admit_latency(latency_target, mode != "local")
+        finally:
+            if settings is not None:
+                postgres.destroy(settings)
     RESULTS.write_text(json.dumps(out, indent=2) + "\n")
     if args.json:
         print(json.dumps(out))
         return
-    for mode in ("local", "shared"):
+    for mode in ("local", "shared", "postgres"):
+        if mode not in out:
+            continue
         r = out[mode]
         print(
             f"{mode:6}  admitted {sum(r['admitted'])} for a limit of {r['limit']} over {r['span_s']} s: "

@@ -4,6 +4,7 @@ JSON object instead.
     flywheel up                     # the whole stack in the foreground; Ctrl-C stops it cleanly
     flywheel status [--json]        # broker health, per-topic lag, warehouse row counts
     flywheel kafka start [--brokers 3]|stop|status
+    flywheel db start|stop|status   # a local PostgreSQL for the app's shared state (FLYWHEEL_APP_DATABASE_URL)
     flywheel down                   # stop what a (killed) `flywheel up` left running, the broker included
     flywheel ingest                 # the continuous Kafka -> DuckDB consumer
     flywheel simulate               # simulated users chat and rate through the API
@@ -203,6 +204,7 @@ def _mount_parts() -> None:
     """The commands of the product and the pipelines (imported here, so `flywheel kafka ...` stays light)."""
     from cli.app_cmd import app_cmd
     from cli.datasets import datasets_app
+    from cli.db import db_app
     from cli.deletions import deletions_app
     from cli.demo_cmd import demo
     from cli.flows import run_flow
@@ -213,6 +215,7 @@ def _mount_parts() -> None:
     from cli.simulate import simulate
 
     app.add_typer(datasets_app, name="datasets")
+    app.add_typer(db_app, name="db")
     app.add_typer(deletions_app, name="deletions")
     app.add_typer(app_cmd, name="app")
     app.add_typer(keys_app, name="keys")

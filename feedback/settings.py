@@ -58,6 +58,12 @@ class Settings(BaseSettings):
     # Services
     app_host: str = "127.0.0.1"
     app_port: int = 7860
+    app_database_url: SecretStr | None = Field(
+        None,
+        description="PostgreSQL URL of the app's shared state (rate limits today) across replicas and machines; "
+        "unset: SQLite files under <home>/app/. `flywheel db start` runs a local one and prints its URL.",
+    )
+    db_port: int = Field(5433, description="Port of the local PostgreSQL `flywheel db start` runs (5432 is Debian's).")
     prefect_host: str = "127.0.0.1"
     prefect_port: int = 4200
     prefect_work_pool: str = Field(

@@ -1,0 +1,180 @@
+"""The app's shared PostgreSQL (``FLYWHEEL_APP_DATABASE_URL``, issue 20): versioned migrations, and the stores
+that live there when it is configured. Without it, the same state is in SQLite files under ``<home>/app/``.
+
+Driver: psycopg 3 (maintained, binary wheels, server-side ``ON CONFLICT ... RETURNING``), no ORM: the statements
+are few and plain. Migrations: a numbered list in this file, each applied once in its own transaction and recorded
+in ``flywheel_schema`` (version, name, applied_at), under an advisory lock, so two replicas starting together apply
+each once. Alembic would add a second way to describe the schema for three tables; its equivalent here is the list.
+A database whose schema is newer than this code is refused, in one sentence, before anything is written.
+
+Today the rate limits' token buckets live here (``PgBuckets``). Sessions, conversations, consent, turn ownership,
+keys and role grants are still SQLite files (one machine's replicas share them): moving them is the rest of
+issue 20's first item.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# (version, name, SQL): append only; never edit one that has shipped.
+MIGRATIONS: list[tuple[int, str, str]] = [
+    (
+        1,
+        "rate-limit buckets",
+        """CREATE TABLE rate_buckets (
+               bucket TEXT PRIMARY KEY, tokens DOUBLE PRECISION NOT NULL, updated DOUBLE PRECISION NOT NULL,
+               admitted BOOLEAN NOT NULL)""",
+    ),
+]
+LOCK_ID = 0x466C7977  # pg_advisory_xact_lock key: one migrator at a time
+
+
+class SchemaTooNew(RuntimeError):
+    """The database was migrated by newer code than this."""
+
+
+class StoreBusy(RuntimeError):
+    """The shared store is contended past its timeout: refuse for now (a flood), never count locally."""
+
+
+class StoreDown(RuntimeError):
+    """The shared store cannot answer: the caller falls back to its own counts and says so."""
+
+
+def latest() -> int:
+    return MIGRATIONS[-1][0]
+
+
+def migrate(url: str) -> list[int]:
+    """Apply the pending migrations; the versions applied now (none when up to date)."""
+    import psycopg
+
+    applied: list[int] = []
+    with psycopg.connect(url, connect_timeout=10) as con:
+        with con.transaction():
+            con.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_ID,))
+            con.execute(
+                "CREATE TABLE IF NOT EXISTS flywheel_schema (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
+                "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+            )
+            have = {v for (v,) in con.execute("SELECT version FROM flywheel_schema")}
+        newest = max(have, default=0)
+        if newest > latest():
+            raise SchemaTooNew(
+                f"the app database's schema is version {newest}, newer than this code's {latest()}: "
+                "upgrade Flywheel, or point FLYWHEEL_APP_DATABASE_URL at another database"
+            )
+        for version, name, sql in MIGRATIONS:
+            with con.transaction():
+                con.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_ID,))
+                if con.execute("SELECT 1 FROM flywheel_schema WHERE version = %s", (version,)).fetchone():
+                    continue  # another replica applied it meanwhile
+                con.execute(sql)
+                con.execute("INSERT INTO flywheel_schema (version, name) VALUES (%s, %s)", (version, name))
+                applied.append(version)
+                log.info("app database: applied migration %d (%s)", version, name)
+    return applied
+
+
+def schema_version(url: str) -> int:
+    import psycopg
+
+    with psycopg.connect(url, connect_timeout=10) as con:
+        row = con.execute("SELECT max(version) FROM flywheel_schema").fetchone()
+    return int(row[0] or 0)
+
+
+class PgBuckets:
+    """Token buckets in the shared PostgreSQL: the ``SharedBuckets`` contract (``take``) across machines.
+
+    One ``INSERT ... ON CONFLICT DO UPDATE ... RETURNING`` per request, with the server's clock (replicas on other
+    machines may disagree about the time; the database does not), so concurrent replicas serialise on the key's
+    row. A statement past ``timeout_s`` raises ``StoreBusy``; a lost connection raises ``StoreDown`` and is
+    reopened at most every ``reconnect_s``."""
+
+    def __init__(self, url: str, rate: float, burst: int, timeout_s: float = 0.25, reconnect_s: float = 5.0):
+        self.url, self.rate, self.burst = url, rate, burst
+        self.timeout_ms, self.reconnect_s = int(timeout_s * 1000), reconnect_s
+        self._con: Any = None
+        self._next_try = 0.0
+        self._mu = threading.Lock()
+        self._migrated = False
+        self._migrate()  # refuses a newer schema before this replica serves anything
+
+    def _migrate(self) -> None:
+        """Apply pending migrations; with the database down, later (the replica serves on its own counts)."""
+        import psycopg
+
+        try:
+            migrate(self.url)
+            self._migrated = True
+        except psycopg.OperationalError as e:
+            log.warning("the app database does not answer (%s): rate limits are per replica until it does", e)
+
+    def _connection(self) -> Any:
+        import psycopg
+
+        if self._con is None or self._con.closed:
+            if time.monotonic() < self._next_try:
+                raise StoreDown("the app database did not answer a moment ago")
+            try:
+                self._con = psycopg.connect(
+                    self.url,
+                    autocommit=True,
+                    connect_timeout=2,
+                    options=f"-c statement_timeout={self.timeout_ms} -c lock_timeout={self.timeout_ms}",
+                )
+            except psycopg.OperationalError as e:
+                self._next_try = time.monotonic() + self.reconnect_s
+                raise StoreDown(str(e).strip()) from None
+            if not self._migrated:
+                try:
+                    self._migrate()
+                except SchemaTooNew as e:  # migrated by newer code while this replica ran on its own counts
+                    log.error("%s", e)
+                    raise StoreDown(str(e)) from None
+                if not self._migrated:
+                    raise StoreDown("the app database's migrations did not run")
+        return self._con
+
+    def take(self, bucket: str) -> float | None:
+        """None when a token was taken, else the seconds until one will be there."""
+        import psycopg
+
+        refilled = (
+            "least(%(burst)s, rate_buckets.tokens + greatest(0.0, extract(epoch from clock_timestamp())::float8 "
+            "- rate_buckets.updated) * %(rate)s)"
+        )
+        with self._mu:
+            try:
+                tokens, admitted = (
+                    self._connection()
+                    .execute(
+                        f"""INSERT INTO rate_buckets VALUES (%(bucket)s, %(burst)s - 1,
+                            extract(epoch from clock_timestamp())::float8, true)
+                        ON CONFLICT (bucket) DO UPDATE SET
+                            tokens = CASE WHEN {refilled} >= 1 THEN {refilled} - 1 ELSE {refilled} END,
+                            admitted = {refilled} >= 1,
+                            updated = greatest(rate_buckets.updated, extract(epoch from clock_timestamp())::float8)
+                        RETURNING tokens, admitted""",
+                        {"bucket": bucket, "burst": float(self.burst), "rate": self.rate},
+                    )
+                    .fetchone()
+                )
+            except (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable) as e:
+                raise StoreBusy(str(e).strip()) from None
+            except psycopg.Error as e:
+                if self._con is not None:
+                    self._con.close()
+                self._next_try = time.monotonic() + self.reconnect_s
+                raise StoreDown(str(e).strip()) from None
+        return None if admitted else (1.0 - tokens) / self.rate
+
+    def close(self) -> None:
+        if self._con is not None:
+            self._con.close()
