@@ -7,8 +7,9 @@ in ``flywheel_schema`` (version, name, applied_at), under an advisory lock, so t
 each once. Alembic would add a second way to describe the schema for three tables; its equivalent here is the list.
 A database whose schema is newer than this code is refused, in one sentence, before anything is written.
 
-Today the rate limits' token buckets live here (``PgBuckets``). Sessions, conversations, consent, turn ownership,
-keys and role grants are still SQLite files (one machine's replicas share them): moving them is the rest of
+Here when configured: the rate limits' token buckets (``PgBuckets``) and the sessions store (consent,
+conversations, turn ownership: ``app.sessions.Sessions`` over ``PgConnection``). API keys, annotators, role grants
+and the trainers' queue are still SQLite files (one machine's replicas share them): moving them is the rest of
 issue 20's first item.
 """
 
@@ -29,6 +30,17 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         """CREATE TABLE rate_buckets (
                bucket TEXT PRIMARY KEY, tokens DOUBLE PRECISION NOT NULL, updated DOUBLE PRECISION NOT NULL,
                admitted BOOLEAN NOT NULL)""",
+    ),
+    (
+        2,
+        "sessions: consent, conversations, turn ownership",
+        """CREATE TABLE users (user_id TEXT PRIMARY KEY, consent INTEGER NOT NULL DEFAULT 0,
+               created_at DOUBLE PRECISION NOT NULL);
+           CREATE TABLE conversations (conversation_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, title TEXT NOT NULL,
+               messages TEXT NOT NULL, updated_at DOUBLE PRECISION NOT NULL, renamed INTEGER NOT NULL DEFAULT 0);
+           CREATE INDEX conversations_by_user ON conversations (user_id, updated_at);
+           CREATE TABLE turns (turn_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, conversation_id TEXT NOT NULL,
+               model_version TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL)""",
     ),
 ]
 LOCK_ID = 0x466C7977  # pg_advisory_xact_lock key: one migrator at a time
@@ -87,6 +99,39 @@ def schema_version(url: str) -> int:
     with psycopg.connect(url, connect_timeout=10) as con:
         row = con.execute("SELECT max(version) FROM flywheel_schema").fetchone()
     return int(row[0] or 0)
+
+
+class PgConnection:
+    """The slice of ``sqlite3.Connection`` the app's stores use, over psycopg in autocommit: ``execute`` with
+    ``?`` placeholders (no store's SQL holds a literal ``?``), cursors with ``rowcount``/``fetchone``/``fetchall``,
+    and ``transaction()``. One lost connection is reopened once per call, so a database restart costs the
+    requests in flight, not the replica."""
+
+    dialect = "postgresql"
+
+    def __init__(self, url: str):
+        import psycopg
+
+        self.url = url
+        migrate(url)
+        self._con = psycopg.connect(url, autocommit=True, connect_timeout=5)
+
+    def execute(self, sql: str, params: Any = ()) -> Any:
+        import psycopg
+
+        try:
+            return self._con.execute(sql.replace("?", "%s"), params)
+        except psycopg.OperationalError:
+            if not self._con.closed and not self._con.broken:
+                raise
+            self._con = psycopg.connect(self.url, autocommit=True, connect_timeout=5)
+            return self._con.execute(sql.replace("?", "%s"), params)
+
+    def transaction(self) -> Any:
+        return self._con.transaction()
+
+    def close(self) -> None:
+        self._con.close()
 
 
 class PgBuckets:

@@ -62,12 +62,20 @@ class TurnRecord:
 
 
 class Sessions:
-    """Thread-safe; one per app process. SQLite calls here take well under a millisecond."""
+    """Thread-safe; one per app process. SQLite calls here take well under a millisecond. With
+    ``FLYWHEEL_APP_DATABASE_URL`` the same statements run on the shared PostgreSQL (``app.database.PgConnection``,
+    its tables made by migration 2), so replicas on several machines see one user's conversations and consent."""
 
     def __init__(self, settings: Settings):
         self.dir = settings.home / "app"
         self.dir.mkdir(parents=True, exist_ok=True)
         self._signer = URLSafeSerializer(load_secret(settings.home), salt="flywheel-user")
+        self._mu = threading.Lock()
+        if settings.app_database_url is not None:  # replicas on several machines share PostgreSQL (issue 20)
+            from app.database import PgConnection
+
+            self._db: Any = PgConnection(settings.app_database_url.get_secret_value())
+            return
         self._db = sqlite3.connect(self.dir / "sessions.sqlite", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA secure_delete=ON")  # a deleted user's text is overwritten, not left in free pages
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -86,7 +94,6 @@ class Sessions:
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(conversations)")}
         if "renamed" not in columns:  # a title the person chose is kept when the conversation is saved again
             self._db.execute("ALTER TABLE conversations ADD COLUMN renamed INTEGER NOT NULL DEFAULT 0")
-        self._mu = threading.Lock()
 
     def close(self) -> None:
         with self._mu:
@@ -137,8 +144,9 @@ class Sessions:
             self._db.execute(
                 "INSERT INTO conversations (conversation_id, user_id, title, messages, updated_at) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (conversation_id) DO UPDATE SET "
-                "title = CASE WHEN conversations.renamed THEN conversations.title ELSE excluded.title END, "
-                "messages = excluded.messages, updated_at = excluded.updated_at WHERE user_id = excluded.user_id",
+                "title = CASE WHEN conversations.renamed = 1 THEN conversations.title ELSE excluded.title END, "
+                "messages = excluded.messages, updated_at = excluded.updated_at "
+                "WHERE conversations.user_id = excluded.user_id",
                 (conversation_id, user_id, title, json.dumps(messages), time.time()),
             )
 
@@ -209,8 +217,8 @@ class Sessions:
     def record_turn(self, turn: TurnRecord) -> None:
         with self._mu:
             self._db.execute(
-                "INSERT OR IGNORE INTO turns (turn_id, user_id, conversation_id, model_version, created_at) "
-                "VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO turns (turn_id, user_id, conversation_id, model_version, created_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (turn_id) DO NOTHING",
                 (turn.turn_id, turn.user_id, turn.conversation_id, turn.model_version, time.time()),
             )
 
@@ -233,11 +241,17 @@ class Sessions:
     def delete_user(self, user_id: str) -> int:
         """Erase everything stored about this user (conversations, turn ownership, consent), overwriting the
         freed pages (``secure_delete``) and truncating the WAL so no copy of their text stays on disk."""
+        tables = ("conversations", "turns", "users")
         with self._mu:
+            if getattr(self._db, "dialect", "sqlite") == "postgresql":
+                with self._db.transaction():
+                    n = sum(self._db.execute(f"DELETE FROM {t} WHERE user_id = ?", (user_id,)).rowcount for t in tables)
+                self._db.execute(f"VACUUM {', '.join(tables)}")  # dead rows' space is reused (not overwritten)
+                return n
             n = 0
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                for table in ("conversations", "turns", "users"):
+                for table in tables:
                     n += self._db.execute(f"DELETE FROM {table} WHERE user_id = ?", (user_id,)).rowcount
                 self._db.execute("COMMIT")
             except BaseException:

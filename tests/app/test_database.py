@@ -13,6 +13,7 @@ import time
 
 import psycopg
 import pytest
+from pydantic import SecretStr
 
 from app.database import MIGRATIONS, PgBuckets, SchemaTooNew, latest, migrate, schema_version
 from app.keys import CallerLimits
@@ -100,3 +101,36 @@ def test_flywheel_db_start_status_stop(tmp_path):
         assert down.returncode == 1 and json.loads(down.stdout)["running"] is False
     finally:
         postgres.destroy(Settings(home=tmp_path / "home"))
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_sessions_behave_the_same_on_both_stores_and_replicas_share_them(pg, tmp_path, backend):
+    import random
+
+    from app.sessions import Sessions, TurnRecord
+
+    _, inst = pg
+    settings = Settings(home=tmp_path / "home")
+    if backend == "postgresql":
+        settings = settings.model_copy(update={"app_database_url": SecretStr(inst.url)})
+    a, b = Sessions(settings), Sessions(settings)  # two replicas
+    uid = f"u-{backend}-{time.time_ns()}"
+    try:
+        assert a.stored_consent(uid) is None and a.set_consent(uid, True) and not b.set_consent(uid, True)
+        assert b.consent(uid) and b.stored_consent(uid) is True
+        a.save_conversation(uid, "c1", [{"role": "user", "content": "first   question"}])
+        assert b.list_conversations(uid) == [("first question", "c1")], "one user's history on every replica"
+        assert not b.rename_conversation("u-other", "c1", "stolen") and b.rename_conversation(uid, "c1", "Mine")
+        a.save_conversation(uid, "c1", [{"role": "user", "content": "edited"}, {"role": "assistant", "content": "ok"}])
+        assert b.conversation_title(uid, "c1") == "Mine" and b.load_conversation("u-other", "c1") is None
+        a.save_conversation("u-thief", "c1", [{"role": "user", "content": "overwrite"}])
+        assert b.load_conversation(uid, "c1")[0]["content"] == "edited", "another user cannot overwrite it"
+        a.record_turn(TurnRecord("t1-" + uid, uid, "c1", "base"))
+        a.record_turn(TurnRecord("t1-" + uid, uid, "c1", "other"))  # a second record of one turn is ignored
+        assert b.owned_turn(uid, "t1-" + uid).model_version == "base" and b.owned_turn("u-x", "t1-" + uid) is None
+        picked = b.consented_prompt(random.Random(0))
+        assert picked is not None and picked[0] == uid and picked[2] == [{"role": "user", "content": "edited"}]
+        assert b.delete_user(uid) == 3 and a.list_conversations(uid) == [] and a.stored_consent(uid) is None
+    finally:
+        a.close()
+        b.close()
