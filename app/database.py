@@ -7,10 +7,10 @@ in ``flywheel_schema`` (version, name, applied_at), under an advisory lock, so t
 each once. Alembic would add a second way to describe the schema for three tables; its equivalent here is the list.
 A database whose schema is newer than this code is refused, in one sentence, before anything is written.
 
-Here when configured: the rate limits' token buckets (``PgBuckets``) and the sessions store (consent,
-conversations, turn ownership: ``app.sessions.Sessions`` over ``PgConnection``). API keys, annotators, role grants
-and the trainers' queue are still SQLite files (one machine's replicas share them): moving them is the rest of
-issue 20's first item.
+Here when configured: the rate limits' token buckets (``PgBuckets``), the sessions store (consent, conversations,
+turn ownership: ``app.sessions.Sessions``), API keys (``app.keys.KeyStore``), annotators and their role grants
+(``app.annotation.roles.RoleStore``), each running its own statements over ``PgConnection`` (``shared(settings)``).
+The trainers' task queue is still a SQLite file (one machine's replicas share it).
 """
 
 from __future__ import annotations
@@ -41,6 +41,17 @@ MIGRATIONS: list[tuple[int, str, str]] = [
            CREATE INDEX conversations_by_user ON conversations (user_id, updated_at);
            CREATE TABLE turns (turn_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, conversation_id TEXT NOT NULL,
                model_version TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL)""",
+    ),
+    (
+        3,
+        "API keys, annotators and role grants",
+        """CREATE TABLE api_keys (key_id TEXT PRIMARY KEY, name TEXT NOT NULL, digest TEXT NOT NULL,
+               created_at DOUBLE PRECISION NOT NULL, revoked_at DOUBLE PRECISION);
+           CREATE TABLE annotators (name TEXT PRIMARY KEY, token_sha256 TEXT NOT NULL,
+               created_at DOUBLE PRECISION NOT NULL, leaderboard INTEGER NOT NULL DEFAULT 1,
+               topics TEXT NOT NULL DEFAULT '');
+           CREATE TABLE grants (name TEXT NOT NULL, role TEXT NOT NULL, granted_by TEXT NOT NULL,
+               granted_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (name, role))""",
     ),
 ]
 LOCK_ID = 0x466C7977  # pg_advisory_xact_lock key: one migrator at a time
@@ -99,6 +110,12 @@ def schema_version(url: str) -> int:
     with psycopg.connect(url, connect_timeout=10) as con:
         row = con.execute("SELECT max(version) FROM flywheel_schema").fetchone()
     return int(row[0] or 0)
+
+
+def shared(settings: Any) -> PgConnection | None:
+    """A connection to the app's shared PostgreSQL when ``FLYWHEEL_APP_DATABASE_URL`` is set (migrated), else None."""
+    url = settings.app_database_url
+    return PgConnection(url.get_secret_value()) if url is not None else None
 
 
 class PgConnection:

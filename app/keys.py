@@ -30,9 +30,9 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from app.database import PgBuckets, StoreBusy, StoreDown
+from app.database import PgBuckets, StoreBusy, StoreDown, shared
 from app.sessions import api_user_id
 from feedback.settings import Settings
 
@@ -77,10 +77,15 @@ def split_key(presented: str) -> tuple[str, str] | None:
 
 
 class KeyStore:
-    """The API keys of one ``FLYWHEEL_HOME``. Thread-safe; the CLI and a running app share the file (SQLite)."""
+    """The API keys of one ``FLYWHEEL_HOME``. Thread-safe; the CLI and a running app share the file (SQLite), or
+    the shared PostgreSQL when ``FLYWHEEL_APP_DATABASE_URL`` is set."""
 
     def __init__(self, settings: Settings):
         self.path = settings.home / "app" / "keys.sqlite"
+        self._mu = threading.Lock()
+        self._db: Any = shared(settings)  # the shared PostgreSQL when configured (its tables: app/database.py)
+        if self._db is not None:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.exists():
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
@@ -89,7 +94,6 @@ class KeyStore:
             "CREATE TABLE IF NOT EXISTS api_keys (key_id TEXT PRIMARY KEY, name TEXT NOT NULL, digest TEXT NOT NULL, "
             "created_at REAL NOT NULL, revoked_at REAL)"
         )
-        self._mu = threading.Lock()
 
     def close(self) -> None:
         with self._mu:

@@ -23,8 +23,9 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
+from app.database import shared
 from feedback.settings import Settings
 
 Role = Literal["trainer", "red_teamer", "reviewer", "operator"]
@@ -75,14 +76,18 @@ def connect(settings: Settings) -> sqlite3.Connection:
 
 
 class RoleStore:
-    """Annotators and their roles. Thread-safe; the CLI and a running app share the file."""
+    """Annotators and their roles. Thread-safe; the CLI and a running app share the file, or the shared PostgreSQL
+    when ``FLYWHEEL_APP_DATABASE_URL`` is set."""
 
     def __init__(self, settings: Settings):
+        self._lock = threading.Lock()
+        self._db: Any = shared(settings)  # the shared PostgreSQL when configured (its tables: app/database.py)
+        if self._db is not None:
+            return
         self._db = connect(settings)
         self._db.executescript(SCHEMA)
         if "topics" not in {row[1] for row in self._db.execute("PRAGMA table_info(annotators)")}:
             self._db.execute("ALTER TABLE annotators ADD COLUMN topics TEXT NOT NULL DEFAULT ''")  # an older file
-        self._lock = threading.Lock()
 
     def close(self) -> None:
         self._db.close()
@@ -101,7 +106,10 @@ class RoleStore:
                     "INSERT INTO annotators (name, token_sha256, created_at) VALUES (?, ?, ?)",
                     (name, _sha(token), time.time()),
                 )
-            self._db.execute("INSERT OR IGNORE INTO grants VALUES (?, ?, ?, ?)", (name, role, by, time.time()))
+            self._db.execute(
+                "INSERT INTO grants VALUES (?, ?, ?, ?) ON CONFLICT (name, role) DO NOTHING",
+                (name, role, by, time.time()),
+            )
         return token
 
     def revoke(self, name: str, role: str) -> bool:

@@ -1,6 +1,8 @@
 """The app's shared PostgreSQL (issue 20), on a real local instance (Debian's binaries, ``flywheel db``):
 migrations run twice change nothing and a newer schema is refused in one sentence; a key's rate holds across two
-replica processes on it; with the database down a replica limits keys on its own and comes back when it returns.
+replica processes on it; with the database down a replica limits keys on its own and comes back when it returns;
+sessions behave the same on SQLite and PostgreSQL; keys and role grants are seen by every replica; two live app
+servers with homes of their own (two machines) share keys, rate limits and consent through it.
 """
 
 from __future__ import annotations
@@ -134,3 +136,59 @@ def test_sessions_behave_the_same_on_both_stores_and_replicas_share_them(pg, tmp
     finally:
         a.close()
         b.close()
+
+
+def test_keys_and_role_grants_on_postgres_are_seen_by_every_replica(pg, tmp_path):
+    from app.annotation.roles import RoleStore
+    from app.keys import KeyStore
+
+    _, inst = pg
+    settings = Settings(home=tmp_path / "home", app_database_url=SecretStr(inst.url))
+    k1, k2, r1, r2 = KeyStore(settings), KeyStore(settings), RoleStore(settings), RoleStore(settings)
+    try:
+        key, plain = k1.create("replica test")
+        assert k2.verify(plain) == key and k2.any_created()
+        assert k2.revoke(key.key_id).revoked_at is not None and k1.verify(plain) is None, "revoked everywhere"
+        token = r1.grant("ana-pg", "trainer")
+        assert r2.grant("ana-pg", "trainer") is None and r2.check("ana-pg", token).roles == ("trainer",)
+        assert r2.set_topics("ana-pg", ["fact"]) == ("fact",) and r1.get("ana-pg").topics == ("fact",)
+        assert r1.revoke("ana-pg", "trainer") and r2.check("ana-pg", token) is None
+        assert not (tmp_path / "home" / "app" / "keys.sqlite").exists(), "nothing went to the local files"
+    finally:
+        for store in (k1, k2, r1, r2):
+            store.close()
+
+
+def test_two_app_servers_on_other_homes_share_keys_limits_and_history_through_postgres(pg, tmp_path, model_backend):
+    """Two replicas as on two machines (each its own FLYWHEEL_HOME: spools, queue) with one FLYWHEEL_APP_DATABASE_URL:
+    a key made through one answers on the other, its rate holds across both, and one user's consent is one."""
+    import httpx
+
+    from app.keys import KeyStore
+    from tests.app.conftest import start_app
+
+    _, inst = pg
+    url = SecretStr(inst.url)
+    homes = [
+        Settings(home=tmp_path / f"m{i}", app_database_url=url, api_burst_per_key=4, api_rate_per_key=0.01)
+        for i in range(2)
+    ]
+    a, b = (start_app(s, {"base": model_backend}) for s in homes)
+    try:
+        store = KeyStore(homes[0])
+        _, key = store.create("two machines")
+        store.close()
+        auth = {"Authorization": f"Bearer {key}"}
+        codes = [httpx.get(f"{app.api}/models", headers=auth).status_code for _ in range(4) for app in (a, b)]
+        assert codes[:4] == [200] * 4 and codes.count(429) == 4, codes
+        store = KeyStore(homes[1])
+        other, key2 = store.create("consent")
+        store.close()
+        body = {"model": "flywheel", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "user": "eve"}
+        headers = {"Authorization": f"Bearer {key2}", "X-Flywheel-Consent": "1"}
+        ok = httpx.post(f"{b.api}/chat/completions", json=body, headers=headers, timeout=120)
+        assert ok.status_code == 200, ok.text
+        assert a.service.sessions.consent(f"key:{other.key_id}:eve"), "consent given on one replica holds on the other"
+    finally:
+        a.stop()
+        b.stop()
