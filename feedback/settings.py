@@ -136,6 +136,16 @@ class Settings(BaseSettings):
     )
     registered_model: str = Field("flywheel-chat", description="The one registered model every version belongs to.")
 
+    def service_database_url(self, service: str, driver: str) -> str | None:
+        """With ``app_database_url`` set, the URL of another service's own database on that PostgreSQL server
+        (``flywheel_<service>``: MLflow's, Prefect's), for SQLAlchemy's ``driver`` (psycopg, asyncpg); else None."""
+        from urllib.parse import urlsplit, urlunsplit
+
+        if self.app_database_url is None:
+            return None
+        parts = urlsplit(self.app_database_url.get_secret_value())
+        return urlunsplit((f"postgresql+{driver}", parts.netloc, f"/flywheel_{service}", parts.query, ""))
+
     def child_env(self, pythonpath: Path | None = None) -> dict[str, str]:
         """The environment a child process needs to see these same settings (``FLYWHEEL_*``), on top of ours."""
         import json

@@ -48,7 +48,8 @@ def url(settings: Settings) -> str:
 
 
 def store_uri(settings: Settings) -> str:
-    return f"sqlite:///{mlflow_dir(settings) / 'mlflow.db'}"
+    """The SQLite file, or ``flywheel_mlflow`` on the shared PostgreSQL when one is configured."""
+    return settings.service_database_url("mlflow", "psycopg") or f"sqlite:///{mlflow_dir(settings) / 'mlflow.db'}"
 
 
 def artifact_root(settings: Settings) -> str:

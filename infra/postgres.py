@@ -4,9 +4,10 @@
 
 ``start`` initialises a cluster once with Debian's PostgreSQL binaries (``/usr/lib/postgresql/<version>/bin``, the
 ``postgresql`` package), starts it on ``127.0.0.1:<db_port>`` (5433: Debian's own cluster keeps 5432) and creates
-the database ``flywheel``; it prints the URL to set as ``FLYWHEEL_APP_DATABASE_URL``. The cluster's superuser is
-``flywheel`` with a random password (SCRAM), kept with the instance's record in ``<home>/postgres/instance.json``
-(owner-readable only); only loopback connections are accepted.
+the databases ``flywheel`` (the app's), ``flywheel_mlflow`` and ``flywheel_prefect`` (MLflow's and Prefect's
+servers use them when that URL is set); it prints the URL to set as ``FLYWHEEL_APP_DATABASE_URL``. The
+cluster's superuser is ``flywheel`` with a random password (SCRAM), kept with the instance's record in
+``<home>/postgres/instance.json`` (owner-readable only); only loopback connections are accepted.
 
 PostgreSQL refuses to run as root. As root the server runs as the ``postgres`` system user, and its files live
 where that user can reach them (``/var/tmp/flywheel-postgres/<hash of the home>``): a home under ``/root`` or a
@@ -30,6 +31,7 @@ from feedback.settings import Settings
 
 PG_ROOT = Path("/usr/lib/postgresql")
 DATABASE = "flywheel"
+DATABASES = (DATABASE, "flywheel_mlflow", "flywheel_prefect")  # the app's, MLflow's and Prefect's
 SUPERUSER = "flywheel"
 SYSTEM_USER = "postgres"
 
@@ -170,6 +172,7 @@ def start(settings: Settings, timeout_s: float = 60.0) -> Instance:
 
 
 def _ensure_database(inst: Instance) -> None:
+    """The app's database and MLflow's and Prefect's beside it (``Settings.service_database_url``)."""
     import psycopg
 
     admin = inst.url.rsplit("/", 1)[0] + "/postgres"
@@ -177,8 +180,9 @@ def _ensure_database(inst: Instance) -> None:
     while True:
         try:
             with psycopg.connect(admin, autocommit=True, connect_timeout=5) as con:
-                if con.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone() is None:
-                    con.execute(f'CREATE DATABASE "{DATABASE}"')
+                for name in DATABASES:
+                    if con.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
+                        con.execute(f'CREATE DATABASE "{name}"')
                 return
         except psycopg.OperationalError:
             if time.monotonic() > deadline:

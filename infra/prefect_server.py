@@ -35,7 +35,8 @@ def prefect_env(settings: Settings) -> dict[str, str]:
     env.update(
         {
             "PREFECT_HOME": str(d),
-            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{d / 'prefect.db'}",
+            "PREFECT_API_DATABASE_CONNECTION_URL": settings.service_database_url("prefect", "asyncpg")
+            or f"sqlite+aiosqlite:///{d / 'prefect.db'}",
             "PREFECT_SERVER_API_HOST": settings.prefect_host,
             "PREFECT_SERVER_API_PORT": str(settings.prefect_port),
             "PREFECT_API_URL": api_url(settings),

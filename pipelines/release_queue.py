@@ -129,7 +129,16 @@ def registry_exists(settings: Settings) -> bool:
 
     if settings.mlflow_tracking_uri:
         return True
-    return Path(registry.store_uri(settings).removeprefix("sqlite:///")).exists()
+    uri = registry.store_uri(settings)
+    if uri.startswith("postgresql"):  # the shared database: MLflow's tables exist once it was first opened
+        import psycopg
+
+        try:
+            with psycopg.connect(uri.replace("+psycopg", ""), connect_timeout=5) as con:
+                return con.execute("SELECT to_regclass('alembic_version') IS NOT NULL").fetchone()[0]
+        except psycopg.OperationalError:
+            return False
+    return Path(uri.removeprefix("sqlite:///")).exists()
 
 
 def build_queue(settings: Settings, policy: str, log_: ReleaseLog | None = None) -> Queue:

@@ -23,8 +23,9 @@ def mlflow_dir(settings: Settings) -> Path:
 
 
 def store_uri(settings: Settings) -> str:
-    """The SQLite backend store the server uses and the fallback opens directly."""
-    return f"sqlite:///{mlflow_dir(settings) / 'mlflow.db'}"
+    """The backend store the server uses and the fallback opens directly: the SQLite file, or the database
+    ``flywheel_mlflow`` on the shared PostgreSQL when ``FLYWHEEL_APP_DATABASE_URL`` is set."""
+    return settings.service_database_url("mlflow", "psycopg") or f"sqlite:///{mlflow_dir(settings) / 'mlflow.db'}"
 
 
 def artifact_root(settings: Settings) -> str:

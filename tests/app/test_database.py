@@ -192,3 +192,29 @@ def test_two_app_servers_on_other_homes_share_keys_limits_and_history_through_po
     finally:
         a.stop()
         b.stop()
+
+
+@pytest.mark.slow  # MLflow's and Prefect's own migrations on a fresh database (~1 min)
+def test_mlflow_and_prefect_keep_their_state_in_the_shared_database(pg, tmp_path):
+    from mlflow import MlflowClient
+
+    from infra import prefect_server
+    from pipelines.release_queue import registry_exists
+    from training.mlflow_store import tracking_uri
+
+    _, inst = pg
+    settings = Settings(home=tmp_path / "home", app_database_url=SecretStr(inst.url), prefect_port=free_port())
+    assert not registry_exists(settings), "nothing opened MLflow's database yet"
+    uri = tracking_uri(settings)
+    assert uri.startswith("postgresql+psycopg://") and uri.endswith("/flywheel_mlflow")
+    MlflowClient(tracking_uri=uri).create_registered_model("pg-check")
+    assert registry_exists(settings)
+    assert "pg-check" in [m.name for m in MlflowClient(tracking_uri=uri).search_registered_models()]
+    prefect_server.start(settings)
+    try:
+        assert prefect_server.healthy(settings)
+    finally:
+        prefect_server.stop(settings)
+    with psycopg.connect(inst.url.rsplit("/", 1)[0] + "/flywheel_prefect") as con:
+        assert con.execute("SELECT to_regclass('flow_run') IS NOT NULL").fetchone()[0], "Prefect's tables are there"
+    assert not (tmp_path / "home" / "prefect" / "prefect.db").exists() and not list(tmp_path.rglob("mlflow.db"))
