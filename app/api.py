@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.auth import is_admin
+from app.database import StoreDown
 from app.keys import Caller, CallerLimits
 from app.service import BUSY_MESSAGE, Busy, ChatService, NotYours, TurnStream
 from app.validation import InputError, Limits, check_conversation, check_sampling, clean_reason, clean_user
@@ -431,6 +432,16 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InputError)
     async def _input(request: Request, exc: InputError):
         return invalid(exc)
+
+    @app.exception_handler(StoreDown)
+    async def _store_down(request: Request, exc: StoreDown):
+        return api_error(
+            503,
+            "The app's database is not answering; retry in a minute.",
+            "server_error",
+            code="store_down",
+            headers={"retry-after": "30"},
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):

@@ -127,28 +127,53 @@ class PgConnection:
     dialect = "postgresql"
 
     def __init__(self, url: str):
+        self.url = url
+        self._con: Any = None
+        self._migrated = False
+        self._next_try = 0.0
+        try:
+            self._connect()
+        except StoreDown as e:  # a replica starting while the database is down serves, and connects later
+            log.warning("the app database does not answer (%s): stores on it fail until it does", e)
+
+    RETRY_S = 5.0  # after a failed connect, calls fail at once for this long (no 2-s wait on every request)
+
+    def _connect(self) -> Any:
         import psycopg
 
-        self.url = url
-        migrate(url)
-        self._con = psycopg.connect(url, autocommit=True, connect_timeout=5)
+        if time.monotonic() < self._next_try:
+            raise StoreDown("the app database did not answer a moment ago")
+        try:
+            if not self._migrated:
+                migrate(self.url)  # SchemaTooNew propagates: a newer schema is never served
+                self._migrated = True
+            self._con = psycopg.connect(self.url, autocommit=True, connect_timeout=2)
+        except psycopg.OperationalError as e:
+            self._next_try = time.monotonic() + self.RETRY_S
+            raise StoreDown(str(e).strip().splitlines()[0] if str(e).strip() else "no answer") from None
+        return self._con
+
+    def _live(self) -> Any:
+        con = self._con
+        return con if con is not None and not con.closed and not con.broken else self._connect()
 
     def execute(self, sql: str, params: Any = ()) -> Any:
+        """The statement's cursor; ``StoreDown`` when the database does not answer (after one reconnect)."""
         import psycopg
 
         try:
-            return self._con.execute(sql.replace("?", "%s"), params)
-        except psycopg.OperationalError:
-            if not self._con.closed and not self._con.broken:
-                raise
-            self._con = psycopg.connect(self.url, autocommit=True, connect_timeout=5)
-            return self._con.execute(sql.replace("?", "%s"), params)
+            return self._live().execute(sql.replace("?", "%s"), params)
+        except psycopg.OperationalError as e:
+            if self._con is not None and not self._con.closed and not self._con.broken:
+                raise StoreDown(str(e).strip().splitlines()[0]) from None
+            return self._connect().execute(sql.replace("?", "%s"), params)
 
     def transaction(self) -> Any:
-        return self._con.transaction()
+        return self._live().transaction()
 
     def close(self) -> None:
-        self._con.close()
+        if self._con is not None:
+            self._con.close()
 
 
 class PgBuckets:

@@ -83,6 +83,7 @@ class KeyStore:
     def __init__(self, settings: Settings):
         self.path = settings.home / "app" / "keys.sqlite"
         self._mu = threading.Lock()
+        self._seen: dict[str, tuple[str, ApiKey]] = {}  # key_id -> (digest, key) verified here: the outage fallback
         self._db: Any = shared(settings)  # the shared PostgreSQL when configured (its tables: app/database.py)
         if self._db is not None:
             return
@@ -136,17 +137,33 @@ class KeyStore:
         if parts is None:
             return None
         key_id, secret = parts
-        with self._mu:
-            row = self._db.execute(
-                "SELECT key_id, name, created_at, revoked_at, digest FROM api_keys WHERE key_id = ?", (key_id,)
-            ).fetchone()
+        try:
+            with self._mu:
+                row = self._db.execute(
+                    "SELECT key_id, name, created_at, revoked_at, digest FROM api_keys WHERE key_id = ?", (key_id,)
+                ).fetchone()
+        except StoreDown:
+            # The shared database is down: a key this replica verified before still answers (a revocation made
+            # meanwhile takes effect when the database is back); any other key cannot be checked (a 503).
+            seen = self._seen.get(key_id)
+            if seen is None:
+                raise
+            return seen[1] if hmac.compare_digest(seen[0], _digest(secret)) else None
         if row is None or row[3] is not None or not hmac.compare_digest(row[4], _digest(secret)):
+            self._seen.pop(key_id, None)
             return None
-        return ApiKey(*row[:4])
+        key = ApiKey(*row[:4])
+        self._seen[key_id] = (row[4], key)
+        return key
 
     def any_created(self) -> bool:
-        with self._mu:
-            return self._db.execute("SELECT 1 FROM api_keys LIMIT 1").fetchone() is not None
+        try:
+            with self._mu:
+                return self._db.execute("SELECT 1 FROM api_keys LIMIT 1").fetchone() is not None
+        except StoreDown:
+            if self._seen:
+                return True
+            raise
 
 
 def access_mode(settings: Settings, store: KeyStore) -> Literal["keys", "local"]:

@@ -35,6 +35,7 @@ from app.annotation.workspace import mount_workspace
 from app.api import build_api, install_error_handlers
 from app.backends.base import Backend
 from app.dashboard import mount_dashboard
+from app.database import StoreDown
 from app.deletion import build_deletion_api, install_spool_full_handler
 from app.keys import (
     Caller,
@@ -142,7 +143,19 @@ class Guard:
         if receive is None:
             return
         if scope["path"].startswith("/v1/") and scope["path"] not in self.OPEN_V1:
-            caller = await self._admit(scope, headers, send)
+            try:
+                caller = await self._admit(scope, headers, send)
+            except StoreDown:  # keys cannot be checked: refuse, retryably, rather than serve unchecked
+                await self._reply(
+                    scope,
+                    send,
+                    503,
+                    "The app's database is not answering; retry in a minute.",
+                    "server_error",
+                    "store_down",
+                    [(b"retry-after", b"30")],
+                )
+                return
             if caller is None:
                 return
             scope.setdefault("state", {})["caller"] = caller

@@ -10,7 +10,9 @@ given to them".
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import random
 import secrets
@@ -18,15 +20,17 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from itsdangerous import BadSignature, URLSafeSerializer
 
+from app.database import StoreDown
 from feedback.settings import Settings
 
+log = logging.getLogger(__name__)
 COOKIE_NAME = "flywheel_uid"
 COOKIE_MAX_AGE = 2 * 365 * 24 * 3600
 API_PREFIX = "api:"
@@ -59,6 +63,25 @@ class TurnRecord:
     user_id: str
     conversation_id: str
     model_version: str
+
+
+def _degrade(default: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """On the chat's own path, a shared database that does not answer (``StoreDown``) degrades, not fails: the
+    method logs and returns ``default`` (no consent, nothing stored), so chat keeps answering; the consent
+    change itself is an event already in the spool. Methods without it raise ``StoreDown`` (a 503 in the API)."""
+
+    def wrap(method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def inner(self: Sessions, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(self, *args, **kwargs)
+            except StoreDown as e:
+                log.warning("sessions store down (%s): %s answers %r for now", e, method.__name__, default)
+                return default
+
+        return inner
+
+    return wrap
 
 
 class Sessions:
@@ -120,11 +143,13 @@ class Sessions:
         return self.unsign(cookies.get(COOKIE_NAME))
 
     # ---- consent ---------------------------------------------------------------------------------
+    @_degrade(False)
     def consent(self, user_id: str) -> bool:
         with self._mu:
             row = self._db.execute("SELECT consent FROM users WHERE user_id = ?", (user_id,)).fetchone()
         return bool(row and row[0])
 
+    @_degrade(True)
     def set_consent(self, user_id: str, consent: bool) -> bool:
         """Returns True when the stored value changed."""
         with self._mu:
@@ -137,6 +162,7 @@ class Sessions:
         return row is None or bool(row[0]) != consent
 
     # ---- conversations ---------------------------------------------------------------------------
+    @_degrade(None)
     def save_conversation(self, user_id: str, conversation_id: str, messages: list[dict[str, Any]]) -> None:
         first = next((m["content"] for m in messages if m.get("role") == "user"), "New chat")
         title = " ".join(first.split())[:60] or "New chat"
@@ -172,6 +198,7 @@ class Sessions:
                 return user_id, conversation_id, msgs[: last_user + 1]
         return None
 
+    @_degrade([])
     def list_conversations(self, user_id: str, limit: int = 50) -> list[tuple[str, str]]:
         """(title, conversation_id), newest first."""
         with self._mu:
@@ -214,6 +241,7 @@ class Sessions:
         return row[0] if row else None
 
     # ---- turn ownership --------------------------------------------------------------------------
+    @_degrade(None)
     def record_turn(self, turn: TurnRecord) -> None:
         with self._mu:
             self._db.execute(
@@ -232,6 +260,7 @@ class Sessions:
         return TurnRecord(*row) if row else None
 
     # ---- deletion --------------------------------------------------------------------------------
+    @_degrade(None)
     def stored_consent(self, user_id: str) -> bool | None:
         """The recorded consent, or None when this user never set one."""
         with self._mu:

@@ -218,3 +218,41 @@ def test_mlflow_and_prefect_keep_their_state_in_the_shared_database(pg, tmp_path
     with psycopg.connect(inst.url.rsplit("/", 1)[0] + "/flywheel_prefect") as con:
         assert con.execute("SELECT to_regclass('flow_run') IS NOT NULL").fetchone()[0], "Prefect's tables are there"
     assert not (tmp_path / "home" / "prefect" / "prefect.db").exists() and not list(tmp_path.rglob("mlflow.db"))
+
+
+def test_with_postgres_down_chat_keeps_answering_and_what_cannot_be_checked_is_a_retryable_503(
+    pg, tmp_path, model_backend
+):
+    import httpx
+
+    from app.keys import KeyStore
+    from tests.app.conftest import start_app
+
+    settings, inst = pg
+    home = Settings(home=tmp_path / "home", app_database_url=SecretStr(inst.url))
+    app = start_app(home, {"base": model_backend})
+    try:
+        store = KeyStore(home)
+        (_, known), (_, unseen) = store.create("seen before"), store.create("never used")
+        store.close()
+        body = {"model": "flywheel", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "user": "ann"}
+
+        def chat(key: str) -> httpx.Response:
+            headers = {"Authorization": f"Bearer {key}", "X-Flywheel-Consent": "1"}
+            return httpx.post(f"{app.api}/chat/completions", json=body, headers=headers, timeout=120)
+
+        first = chat(known)
+        assert first.status_code == 200, first.text
+        postgres.stop(settings)
+        during = chat(known)
+        assert during.status_code == 200, f"a key this replica verified still answers: {during.text}"
+        refused = chat(unseen)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "store_down", refused.text
+        assert int(refused.headers["retry-after"]) > 0
+        rating = {"turn_id": first.json()["id"], "rating": "up", "user": "ann"}
+        r = httpx.post(f"{app.api}/feedback", json=rating, headers={"Authorization": f"Bearer {known}"}, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "store_down", r.text  # ownership unknowable
+    finally:
+        postgres.start(settings)
+        app.stop()
+    time.sleep(5.5)  # past PgConnection.RETRY_S: the next replica connects at once
