@@ -121,36 +121,44 @@ def shared(settings: Any) -> PgConnection | None:
 class PgConnection:
     """The slice of ``sqlite3.Connection`` the app's stores use, over psycopg in autocommit: ``execute`` with
     ``?`` placeholders (no store's SQL holds a literal ``?``), cursors with ``rowcount``/``fetchone``/``fetchall``,
-    and ``transaction()``. One lost connection is reopened once per call, so a database restart costs the
-    requests in flight, not the replica."""
+    and ``transaction()``.
+
+    Failures are the stores' two exceptions: ``StoreBusy`` for a statement stopped by its timeout (``options``,
+    e.g. ``-c statement_timeout=250``), ``StoreDown`` when the database does not answer. A lost connection is
+    reopened once per call; after a failed connect, calls fail at once for ``retry_s`` (no 2-s wait on every
+    request). A replica that starts while the database is down serves, and migrates when it first connects; a
+    schema newer than the code is refused at start (``SchemaTooNew``), and later as ``StoreDown``, logged."""
 
     dialect = "postgresql"
 
-    def __init__(self, url: str):
-        self.url = url
+    def __init__(self, url: str, options: str = "", retry_s: float = 5.0):
+        self.url, self.options, self.retry_s = url, options, retry_s
         self._con: Any = None
         self._migrated = False
         self._next_try = 0.0
         try:
-            self._connect()
-        except StoreDown as e:  # a replica starting while the database is down serves, and connects later
-            log.warning("the app database does not answer (%s): stores on it fail until it does", e)
+            self._connect(starting=True)
+        except StoreDown as e:
+            log.warning("the app database does not answer (%s): its stores fall back or fail until it does", e)
 
-    RETRY_S = 5.0  # after a failed connect, calls fail at once for this long (no 2-s wait on every request)
-
-    def _connect(self) -> Any:
+    def _connect(self, starting: bool = False) -> Any:
         import psycopg
 
         if time.monotonic() < self._next_try:
             raise StoreDown("the app database did not answer a moment ago")
         try:
             if not self._migrated:
-                migrate(self.url)  # SchemaTooNew propagates: a newer schema is never served
+                migrate(self.url)
                 self._migrated = True
-            self._con = psycopg.connect(self.url, autocommit=True, connect_timeout=2)
+            self._con = psycopg.connect(self.url, autocommit=True, connect_timeout=2, options=self.options)
+        except SchemaTooNew as e:
+            if starting:
+                raise
+            log.error("%s", e)
+            raise StoreDown(str(e)) from None
         except psycopg.OperationalError as e:
-            self._next_try = time.monotonic() + self.RETRY_S
-            raise StoreDown(str(e).strip().splitlines()[0] if str(e).strip() else "no answer") from None
+            self._next_try = time.monotonic() + self.retry_s
+            raise StoreDown(_first_line(e)) from None
         return self._con
 
     def _live(self) -> Any:
@@ -158,15 +166,21 @@ class PgConnection:
         return con if con is not None and not con.closed and not con.broken else self._connect()
 
     def execute(self, sql: str, params: Any = ()) -> Any:
-        """The statement's cursor; ``StoreDown`` when the database does not answer (after one reconnect)."""
+        """The statement's cursor (see the class for the two exceptions)."""
         import psycopg
 
         try:
-            return self._live().execute(sql.replace("?", "%s"), params)
+            try:
+                return self._live().execute(sql.replace("?", "%s"), params)
+            except psycopg.OperationalError:
+                if self._con is not None and not self._con.closed and not self._con.broken:
+                    raise  # the connection is fine: the statement failed (a timeout, a lock)
+                return self._connect().execute(sql.replace("?", "%s"), params)
+        except (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable) as e:
+            raise StoreBusy(_first_line(e)) from None
         except psycopg.OperationalError as e:
-            if self._con is not None and not self._con.closed and not self._con.broken:
-                raise StoreDown(str(e).strip().splitlines()[0]) from None
-            return self._connect().execute(sql.replace("?", "%s"), params)
+            self._next_try = time.monotonic() + self.retry_s
+            raise StoreDown(_first_line(e)) from None
 
     def transaction(self) -> Any:
         return self._live().transaction()
@@ -176,92 +190,41 @@ class PgConnection:
             self._con.close()
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class PgBuckets:
     """Token buckets in the shared PostgreSQL: the ``SharedBuckets`` contract (``take``) across machines.
 
     One ``INSERT ... ON CONFLICT DO UPDATE ... RETURNING`` per request, with the server's clock (replicas on other
     machines may disagree about the time; the database does not), so concurrent replicas serialise on the key's
-    row. A statement past ``timeout_s`` raises ``StoreBusy``; a lost connection raises ``StoreDown`` and is
-    reopened at most every ``reconnect_s``."""
+    row. A statement past ``timeout_s`` raises ``StoreBusy``; a database that does not answer, ``StoreDown``
+    (``PgConnection``, which retries every ``reconnect_s``)."""
+
+    NOW = "extract(epoch from clock_timestamp())::float8"
 
     def __init__(self, url: str, rate: float, burst: int, timeout_s: float = 0.25, reconnect_s: float = 5.0):
-        self.url, self.rate, self.burst = url, rate, burst
-        self.timeout_ms, self.reconnect_s = int(timeout_s * 1000), reconnect_s
-        self._con: Any = None
-        self._next_try = 0.0
+        self.rate, self.burst = rate, burst
+        ms = int(timeout_s * 1000)
+        self._db = PgConnection(url, options=f"-c statement_timeout={ms} -c lock_timeout={ms}", retry_s=reconnect_s)
         self._mu = threading.Lock()
-        self._migrated = False
-        self._migrate()  # refuses a newer schema before this replica serves anything
-
-    def _migrate(self) -> None:
-        """Apply pending migrations; with the database down, later (the replica serves on its own counts)."""
-        import psycopg
-
-        try:
-            migrate(self.url)
-            self._migrated = True
-        except psycopg.OperationalError as e:
-            log.warning("the app database does not answer (%s): rate limits are per replica until it does", e)
-
-    def _connection(self) -> Any:
-        import psycopg
-
-        if self._con is None or self._con.closed:
-            if time.monotonic() < self._next_try:
-                raise StoreDown("the app database did not answer a moment ago")
-            try:
-                self._con = psycopg.connect(
-                    self.url,
-                    autocommit=True,
-                    connect_timeout=2,
-                    options=f"-c statement_timeout={self.timeout_ms} -c lock_timeout={self.timeout_ms}",
-                )
-            except psycopg.OperationalError as e:
-                self._next_try = time.monotonic() + self.reconnect_s
-                raise StoreDown(str(e).strip()) from None
-            if not self._migrated:
-                try:
-                    self._migrate()
-                except SchemaTooNew as e:  # migrated by newer code while this replica ran on its own counts
-                    log.error("%s", e)
-                    raise StoreDown(str(e)) from None
-                if not self._migrated:
-                    raise StoreDown("the app database's migrations did not run")
-        return self._con
 
     def take(self, bucket: str) -> float | None:
         """None when a token was taken, else the seconds until one will be there."""
-        import psycopg
-
-        refilled = (
-            "least(%(burst)s, rate_buckets.tokens + greatest(0.0, extract(epoch from clock_timestamp())::float8 "
-            "- rate_buckets.updated) * %(rate)s)"
-        )
+        now = self.NOW
+        refilled = f"least(%(burst)s, rate_buckets.tokens + greatest(0.0, {now} - rate_buckets.updated) * %(rate)s)"
         with self._mu:
-            try:
-                tokens, admitted = (
-                    self._connection()
-                    .execute(
-                        f"""INSERT INTO rate_buckets VALUES (%(bucket)s, %(burst)s - 1,
-                            extract(epoch from clock_timestamp())::float8, true)
-                        ON CONFLICT (bucket) DO UPDATE SET
-                            tokens = CASE WHEN {refilled} >= 1 THEN {refilled} - 1 ELSE {refilled} END,
-                            admitted = {refilled} >= 1,
-                            updated = greatest(rate_buckets.updated, extract(epoch from clock_timestamp())::float8)
-                        RETURNING tokens, admitted""",
-                        {"bucket": bucket, "burst": float(self.burst), "rate": self.rate},
-                    )
-                    .fetchone()
-                )
-            except (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable) as e:
-                raise StoreBusy(str(e).strip()) from None
-            except psycopg.Error as e:
-                if self._con is not None:
-                    self._con.close()
-                self._next_try = time.monotonic() + self.reconnect_s
-                raise StoreDown(str(e).strip()) from None
+            tokens, admitted = self._db.execute(
+                f"""INSERT INTO rate_buckets VALUES (%(bucket)s, %(burst)s - 1, {now}, true)
+                    ON CONFLICT (bucket) DO UPDATE SET
+                        tokens = CASE WHEN {refilled} >= 1 THEN {refilled} - 1 ELSE {refilled} END,
+                        admitted = {refilled} >= 1, updated = greatest(rate_buckets.updated, {now})
+                    RETURNING tokens, admitted""",
+                {"bucket": bucket, "burst": float(self.burst), "rate": self.rate},
+            ).fetchone()
         return None if admitted else (1.0 - tokens) / self.rate
 
     def close(self) -> None:
-        if self._con is not None:
-            self._con.close()
+        self._db.close()

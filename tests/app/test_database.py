@@ -255,4 +255,4 @@ def test_with_postgres_down_chat_keeps_answering_and_what_cannot_be_checked_is_a
     finally:
         postgres.start(settings)
         app.stop()
-    time.sleep(5.5)  # past PgConnection.RETRY_S: the next replica connects at once
+    time.sleep(5.5)  # past PgConnection's retry_s (5 s): the next test's replicas connect at once
