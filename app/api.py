@@ -355,8 +355,14 @@ class OpenAIApi:
     async def feedback(self, body: FeedbackRequest, request: Request):
         def rate(user_id: str, turn_id: str, reason: str | None) -> dict[str, Any]:
             other = _turn_id(body.other_turn_id) if body.other_turn_id else None
-            consent = _consent(self.service, request, user_id)
+            given = request.headers.get("x-flywheel-consent") is not None  # else the stored one, read when emitted
+            consent = _consent(self.service, request, user_id) if given else None
             fb = self.service.rate(user_id, turn_id, body.rating, reason=reason, other_turn_id=other, consent=consent)
+            if fb is None:  # the shared database is down: kept in this replica's outbox, emitted when it answers
+                return JSONResponse(
+                    {"ok": True, "queued": True, "turn_id": turn_id, "detail": "Recorded; it counts once checked."},
+                    status_code=202,
+                )
             return {"ok": True, "event_id": fb.event_id, "turn_id": fb.turn_id, "model_version": fb.model_version}
 
         return self._own_turn(body, request, rate)

@@ -15,9 +15,11 @@ The trainers' task queue is still a SQLite file (one machine's replicas share it
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,11 @@ MIGRATIONS: list[tuple[int, str, str]] = [
                topics TEXT NOT NULL DEFAULT '');
            CREATE TABLE grants (name TEXT NOT NULL, role TEXT NOT NULL, granted_by TEXT NOT NULL,
                granted_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (name, role))""",
+    ),
+    (
+        4,
+        "deleted users: what a replica's outbox must not bring back",
+        """CREATE TABLE deleted_users (user_id TEXT PRIMARY KEY, deleted_at DOUBLE PRECISION NOT NULL)""",
     ),
 ]
 LOCK_ID = 0x466C7977  # pg_advisory_xact_lock key: one migrator at a time
@@ -182,8 +189,19 @@ class PgConnection:
             self._next_try = time.monotonic() + self.retry_s
             raise StoreDown(_first_line(e)) from None
 
-    def transaction(self) -> Any:
-        return self._live().transaction()
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Any]:
+        """A transaction on a live connection: one the server dropped meanwhile (a restart) is found by a probe
+        and reopened before the transaction starts, as ``execute`` does for one statement."""
+        import psycopg
+
+        con = self._live()
+        try:
+            con.execute("SELECT 1")
+        except psycopg.OperationalError:
+            con = self._connect()  # StoreDown when the database does not answer
+        with con.transaction() as tx:
+            yield tx
 
     def close(self) -> None:
         if self._con is not None:

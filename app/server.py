@@ -48,6 +48,7 @@ from app.keys import (
     host_name,
 )
 from app.metrics import Metrics
+from app.outbox import Outbox
 from app.router import ReleaseRouter
 from app.service import ChatService
 from app.sessions import COOKIE_MAX_AGE, COOKIE_NAME, Sessions
@@ -269,6 +270,10 @@ def create_app(
     limits = CallerLimits.from_settings(settings)
     router = ReleaseRouter(settings)
     producer = claim_spool(settings)
+    outbox = None
+    if settings.app_database_url is not None:  # writes the shared database missed wait beside this replica's spool
+        outbox = Outbox(producer.spool.dir / "outbox.sqlite").start()
+        sessions.use_outbox(outbox)
     service = ChatService(settings, backends, router, sessions, producer, Metrics())
     roles, tasks = RoleStore(settings), TaskQueue(settings, producer=producer)
     service.report_listeners.append(functools.partial(queue_review, tasks))  # a user's report -> the review queue
@@ -283,6 +288,8 @@ def create_app(
             yield
         finally:
             router.stop()
+            if outbox is not None:
+                outbox.close()  # before the producer: a replay pass in progress still emits into the spool
             producer.close(timeout=5)
             for b in {*(backends.values() if owns_backends else ()), *service.loaded.values()}:
                 await b.aclose()

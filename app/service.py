@@ -19,15 +19,19 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from app.admission import FairGate
 from app.backends.base import Backend, Busy, Chunk
+from app.database import StoreDown
 from app.metrics import Metrics
+from app.outbox import DONE, DROP, LATER
 from app.router import ReleaseRouter
 from app.sessions import Sessions, TurnRecord
 from app.turn_stream import TurnStream
@@ -51,6 +55,7 @@ from feedback.settings import Settings
 log = logging.getLogger(__name__)
 
 BUSY_MESSAGE = "The model is busy, please retry in a moment."
+RATING_HOLD_S = 900.0  # an outbox rating of a turn not (yet) known to be the rater's is kept this long
 
 __all__ = ["BUSY_MESSAGE", "Busy", "ChatService", "NotYours", "TurnStream"]
 
@@ -82,6 +87,8 @@ class ChatService:
         self.router = router
         self.sessions = sessions
         self.producer = producer
+        if sessions.outbox is not None:
+            sessions.outbox.handlers["rating"] = self._replay_rating
         self.report_listeners: list[Callable[[UserReport, tuple[list[dict[str, str]], str] | None], None]] = []
         # other stores a user's withdrawal must reach, called with (user_id, deleted): a deletion (True) or a
         # revoked consent (False); e.g. the trainers' queue (``TaskQueue.forget_user``)
@@ -338,13 +345,49 @@ class ChatService:
         reason: str | None = None,
         other_turn_id: str | None = None,
         consent: bool | None = None,
-    ) -> Feedback:
+    ) -> Feedback | None:
         """Emit one rating by ``user_id`` of a turn served to them (pairwise: ``other_turn_id`` is B, also theirs).
 
         The one way in for a rating: ownership is checked here, so no caller can forget it. Raises ``NotYours``
-        for a turn that is not theirs and ``InputError`` for a value that does not fit the kind."""
+        for a turn that is not theirs and ``InputError`` for a value that does not fit the kind.
+
+        With the shared database down and a turn this replica cannot vouch for, the rating waits in the replica's
+        outbox and None is returned: it is emitted when the database answers and says the turn is theirs
+        (``_replay_rating``). Without an outbox, ``StoreDown`` propagates (a retryable 503)."""
         if (other_turn_id is None) != (value in THUMBS_VALUES):
             raise InputError("Use rating up/down/cleared for one answer, or a/b/tie with other_turn_id.", "rating")
+        try:
+            return self._rate(user_id, turn_id, value, reason, other_turn_id, consent)
+        except StoreDown:
+            outbox = self.sessions.outbox
+            if outbox is None:
+                raise
+            args = [user_id, turn_id, value, reason, other_turn_id, consent]
+            outbox.put("rating", json.dumps([user_id, turn_id, other_turn_id]), user_id, {"args": args})
+            log.warning("sessions store down: %s's rating of %s waits in the outbox", user_id, turn_id)
+            return None
+
+    def _replay_rating(self, payload: dict[str, Any], put_at: float) -> str:
+        """A rating from the outbox: emitted once its turn is known to be the rater's; kept while it may still be
+        on its way from another replica's outbox (``RATING_HOLD_S``), then dropped."""
+        user_id, turn_id, value, reason, other_turn_id, consent = payload["args"]
+        if self.sessions.deleted_since(user_id, put_at):
+            return DROP
+        try:
+            self._rate(user_id, turn_id, value, reason, other_turn_id, consent)
+        except NotYours:
+            return DROP if time.time() - put_at > RATING_HOLD_S else LATER
+        return DONE
+
+    def _rate(
+        self,
+        user_id: str,
+        turn_id: str,
+        value: RatingValue,
+        reason: str | None,
+        other_turn_id: str | None,
+        consent: bool | None,
+    ) -> Feedback:
         turn = self.sessions.owned_turn(user_id, turn_id)
         other = self.sessions.owned_turn(user_id, other_turn_id) if other_turn_id is not None else None
         if turn is None or (other_turn_id is not None and other is None):

@@ -10,6 +10,7 @@ given to them".
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -28,6 +29,7 @@ from typing import Any
 from itsdangerous import BadSignature, URLSafeSerializer
 
 from app.database import StoreDown
+from app.outbox import DONE, DROP, Outbox
 from feedback.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,46 @@ def _degrade(default: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]
     return wrap
 
 
+def _deferred(kind: str, default: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A write on the chat's path: with the shared database down it goes to the replica's outbox (``app.outbox``,
+    replayed in order when the database answers) and the method returns ``default``; without an outbox it is
+    dropped, logged, as ``_degrade`` does. A write the database took drops a pending older one with its key.
+    The method takes ``(self, key, user_id, ...)`` positionally: what the outbox keeps is those arguments."""
+
+    def wrap(method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def inner(self: Sessions, *args: Any) -> Any:
+            key, user_id = _key_user(kind, args)
+            try:
+                out = method(self, *args)
+            except StoreDown as e:
+                if self.outbox is None:
+                    log.warning("sessions store down (%s): %s not stored", e, method.__name__)
+                else:
+                    self.outbox.put(kind, key, user_id, {"args": _plain(args)})
+                return default
+            if self.outbox is not None:
+                self.outbox.superseded(kind, key)
+            return out
+
+        return inner
+
+    return wrap
+
+
+def _key_user(kind: str, args: tuple[Any, ...]) -> tuple[str, str]:
+    if kind == "turn":
+        turn = args[0]
+        return turn.turn_id, turn.user_id
+    if kind == "conversation":
+        return args[1], args[0]  # (user_id, conversation_id, messages)
+    return args[0], args[0]  # consent: (user_id, consent)
+
+
+def _plain(args: tuple[Any, ...]) -> list[Any]:
+    return [list(dataclasses.astuple(a)) if isinstance(a, TurnRecord) else a for a in args]
+
+
 class Sessions:
     """Thread-safe; one per app process. SQLite calls here take well under a millisecond. With
     ``FLYWHEEL_APP_DATABASE_URL`` the same statements run on the shared PostgreSQL (``app.database.PgConnection``,
@@ -94,6 +136,7 @@ class Sessions:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._signer = URLSafeSerializer(load_secret(settings.home), salt="flywheel-user")
         self._mu = threading.Lock()
+        self.outbox: Outbox | None = None  # on the shared database: the replica's pending writes (``use_outbox``)
         if settings.app_database_url is not None:  # replicas on several machines share PostgreSQL (issue 20)
             from app.database import PgConnection
 
@@ -143,13 +186,12 @@ class Sessions:
         return self.unsign(cookies.get(COOKIE_NAME))
 
     # ---- consent ---------------------------------------------------------------------------------
-    @_degrade(False)
     def consent(self, user_id: str) -> bool:
-        with self._mu:
-            row = self._db.execute("SELECT consent FROM users WHERE user_id = ?", (user_id,)).fetchone()
-        return bool(row and row[0])
+        """Whether this user lets their data train models; with the shared database down, what they chose on
+        this replica meanwhile, else no."""
+        return bool(self.stored_consent(user_id))
 
-    @_degrade(True)
+    @_deferred("consent", True)
     def set_consent(self, user_id: str, consent: bool) -> bool:
         """Returns True when the stored value changed."""
         with self._mu:
@@ -162,7 +204,7 @@ class Sessions:
         return row is None or bool(row[0]) != consent
 
     # ---- conversations ---------------------------------------------------------------------------
-    @_degrade(None)
+    @_deferred("conversation", None)
     def save_conversation(self, user_id: str, conversation_id: str, messages: list[dict[str, Any]]) -> None:
         first = next((m["content"] for m in messages if m.get("role") == "user"), "New chat")
         title = " ".join(first.split())[:60] or "New chat"
@@ -241,7 +283,7 @@ class Sessions:
         return row[0] if row else None
 
     # ---- turn ownership --------------------------------------------------------------------------
-    @_degrade(None)
+    @_deferred("turn", None)
     def record_turn(self, turn: TurnRecord) -> None:
         with self._mu:
             self._db.execute(
@@ -251,30 +293,85 @@ class Sessions:
             )
 
     def owned_turn(self, user_id: str, turn_id: str) -> TurnRecord | None:
-        """The turn if it was served to this user, else None (unknown and foreign look the same)."""
+        """The turn if it was served to this user, else None (unknown and foreign look the same). A turn this
+        replica served while the shared database was down is found in its outbox; any other raises ``StoreDown``
+        while the database does not answer."""
+        try:
+            with self._mu:
+                row = self._db.execute(
+                    "SELECT turn_id, user_id, conversation_id, model_version FROM turns "
+                    "WHERE turn_id = ? AND user_id = ?",
+                    (turn_id, user_id),
+                ).fetchone()
+        except StoreDown:
+            row = None
+            if self._pending_turn(user_id, turn_id) is None:
+                raise
+        return TurnRecord(*row) if row else self._pending_turn(user_id, turn_id)
+
+    def _pending_turn(self, user_id: str, turn_id: str) -> TurnRecord | None:
+        pending = self.outbox.find("turn", turn_id) if self.outbox is not None else None
+        turn = TurnRecord(*pending["args"][0]) if pending else None
+        return turn if turn is not None and turn.user_id == user_id else None
+
+    def use_outbox(self, outbox: Outbox) -> None:
+        """Keep the writes the shared database missed in ``outbox`` and replay them there (``app.outbox``)."""
+        self.outbox = outbox
+        for kind, method in (
+            ("turn", Sessions.record_turn),
+            ("consent", Sessions.set_consent),
+            ("conversation", Sessions.save_conversation),
+        ):
+            outbox.handlers[kind] = functools.partial(self._replay, method.__wrapped__)
+
+    def deleted_since(self, user_id: str, at: float) -> bool:
+        """Whether this user's data was deleted after ``at`` (a replica's clock): a pending write from before
+        must not bring it back. Shared database only (``StoreDown`` while it does not answer)."""
         with self._mu:
-            row = self._db.execute(
-                "SELECT turn_id, user_id, conversation_id, model_version FROM turns WHERE turn_id = ? AND user_id = ?",
-                (turn_id, user_id),
-            ).fetchone()
-        return TurnRecord(*row) if row else None
+            row = self._db.execute("SELECT deleted_at FROM deleted_users WHERE user_id = ?", (user_id,)).fetchone()
+        return bool(row) and row[0] >= at
+
+    def _replay(self, method: Callable[..., Any], payload: dict[str, Any], put_at: float) -> str:
+        args = list(payload["args"])
+        user_id = args[0][1] if method is Sessions.record_turn.__wrapped__ else args[0]
+        if self.deleted_since(user_id, put_at):
+            return DROP
+        if method is Sessions.record_turn.__wrapped__:
+            args[0] = TurnRecord(*args[0])
+        method(self, *args)  # StoreDown stops the outbox's pass
+        return DONE
 
     # ---- deletion --------------------------------------------------------------------------------
-    @_degrade(None)
     def stored_consent(self, user_id: str) -> bool | None:
-        """The recorded consent, or None when this user never set one."""
-        with self._mu:
-            row = self._db.execute("SELECT consent FROM users WHERE user_id = ?", (user_id,)).fetchone()
+        """The recorded consent, or None when this user never set one (or the shared database does not answer
+        and they set none on this replica since: logged)."""
+        pending = self.outbox.find("consent", user_id) if self.outbox is not None else None
+        if pending is not None:  # newer than the database's: replayed there when it answers
+            return bool(pending["args"][1])
+        try:
+            with self._mu:
+                row = self._db.execute("SELECT consent FROM users WHERE user_id = ?", (user_id,)).fetchone()
+        except StoreDown as e:
+            log.warning("sessions store down (%s): no consent known for %s for now", e, user_id)
+            return None
         return None if row is None else bool(row[0])
 
     def delete_user(self, user_id: str) -> int:
-        """Erase everything stored about this user (conversations, turn ownership, consent), overwriting the
-        freed pages (``secure_delete``) and truncating the WAL so no copy of their text stays on disk."""
+        """Erase everything stored about this user (conversations, turn ownership, consent, writes pending in the
+        outbox), overwriting the freed pages (``secure_delete``) and truncating the WAL so no copy of their text
+        stays on disk."""
         tables = ("conversations", "turns", "users")
+        if self.outbox is not None:
+            self.outbox.forget_user(user_id)
         with self._mu:
             if getattr(self._db, "dialect", "sqlite") == "postgresql":
                 with self._db.transaction():
                     n = sum(self._db.execute(f"DELETE FROM {t} WHERE user_id = ?", (user_id,)).rowcount for t in tables)
+                    self._db.execute(  # another replica's outbox must not bring them back (``deleted_since``)
+                        "INSERT INTO deleted_users (user_id, deleted_at) VALUES (?, ?) "
+                        "ON CONFLICT (user_id) DO UPDATE SET deleted_at = excluded.deleted_at",
+                        (user_id, time.time()),
+                    )
                 self._db.execute(f"VACUUM {', '.join(tables)}")  # dead rows' space is reused (not overwritten)
                 return n
             n = 0

@@ -2,7 +2,9 @@
 migrations run twice change nothing and a newer schema is refused in one sentence; a key's rate holds across two
 replica processes on it; with the database down a replica limits keys on its own and comes back when it returns;
 sessions behave the same on SQLite and PostgreSQL; keys and role grants are seen by every replica; two live app
-servers with homes of their own (two machines) share keys, rate limits and consent through it.
+servers with homes of their own (two machines) share keys, rate limits and consent through it; with it down, chat
+answers, ratings wait in the replica's outbox and land once when it returns, and a deletion is never undone by a
+replay.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import psycopg
 import pytest
 from pydantic import SecretStr
 
-from app.database import MIGRATIONS, PgBuckets, SchemaTooNew, latest, migrate, schema_version
+from app.database import MIGRATIONS, PgBuckets, SchemaTooNew, StoreDown, latest, migrate, schema_version
 from app.keys import CallerLimits
 from feedback.settings import Settings
 from infra import postgres
@@ -229,7 +231,8 @@ def test_with_postgres_down_chat_keeps_answering_and_what_cannot_be_checked_is_a
     from tests.app.conftest import start_app
 
     settings, inst = pg
-    home = Settings(home=tmp_path / "home", app_database_url=SecretStr(inst.url))
+    no_broker = f"127.0.0.1:{free_port()}"  # every event stays in the replica's spool, where the test counts them
+    home = Settings(home=tmp_path / "home", app_database_url=SecretStr(inst.url), kafka_bootstrap=no_broker)
     app = start_app(home, {"base": model_backend})
     try:
         store = KeyStore(home)
@@ -249,10 +252,97 @@ def test_with_postgres_down_chat_keeps_answering_and_what_cannot_be_checked_is_a
         refused = chat(unseen)
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "store_down", refused.text
         assert int(refused.headers["retry-after"]) > 0
-        rating = {"turn_id": first.json()["id"], "rating": "up", "user": "ann"}
-        r = httpx.post(f"{app.api}/feedback", json=rating, headers={"Authorization": f"Bearer {known}"}, timeout=30)
-        assert r.status_code == 503 and r.json()["error"]["code"] == "store_down", r.text  # ownership unknowable
+        auth = {"Authorization": f"Bearer {known}"}
+        for turn in (first.json()["id"], during.json()["id"]):  # served before the outage, and during it
+            r = httpx.post(f"{app.api}/feedback", json={"turn_id": turn, "rating": "up", "user": "ann"}, headers=auth)
+            if turn == first.json()["id"]:  # ownership unknowable here: it waits in the outbox
+                assert r.status_code == 202 and r.json()["queued"], r.text
+            else:  # this replica served it during the outage: its outbox vouches for it
+                assert r.status_code == 200, r.text
+        outbox = app.service.sessions.outbox
+        assert outbox.kinds() == {"turn": 1, "consent": 1, "rating": 1}, outbox.kinds()  # consent: the header
+        postgres.start(settings)
+        deadline = time.monotonic() + 30
+        while len(outbox) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert len(outbox) == 0, f"the outbox was not replayed when the database returned: {outbox.kinds()}"
+        mine = {"turn_id": during.json()["id"], "rating": "down", "user": "ann"}
+        r = httpx.post(f"{app.api}/feedback", json=mine, headers=auth)
+        assert r.status_code == 200, f"the turn served during the outage is now in the database: {r.text}"
+        theirs = {"turn_id": during.json()["id"], "rating": "down", "user": "bob"}
+        assert httpx.post(f"{app.api}/feedback", json=theirs, headers=auth).status_code == 403
     finally:
         postgres.start(settings)
         app.stop()
+    assert feedback_in_spool(home) == 3, "each accepted rating was emitted once, none lost or doubled"
     time.sleep(5.5)  # past PgConnection's retry_s (5 s): the next test's replicas connect at once
+
+
+def feedback_in_spool(settings: Settings) -> int:
+    """Ratings kept in the replica's spool (no broker takes them in this test), consent changes aside."""
+    from feedback.spool import Spool
+
+    spool = Spool(settings.spool_path, "app")  # the replica has stopped: its spool is free
+    try:
+        return sum(
+            1 for _, topic, _, value in spool.peek(100_000) if topic == settings.topic_feedback and not _action(value)
+        )
+    finally:
+        spool.close()
+
+
+def _action(value: bytes) -> bool:
+    """A consent change (sent in clear; ratings are sealed with their user's key)."""
+    try:
+        return "action" in json.loads(value)
+    except ValueError:
+        return False
+
+
+def test_writes_missed_while_postgres_is_down_replay_in_order_and_a_deletion_is_never_undone(pg, tmp_path):
+    """Sessions with an outbox (what a replica on PostgreSQL has): turn ownership, consent and conversations the
+    database missed are kept beside the spool, answered from there, replayed when it returns, superseded by a
+    newer direct write, and never brought back over a deletion made on another replica meanwhile."""
+    from app.outbox import Outbox
+    from app.sessions import Sessions, TurnRecord
+
+    settings, inst = pg
+    url = SecretStr(inst.url)
+    a = Sessions(Settings(home=tmp_path / "a", app_database_url=url))
+    b = Sessions(Settings(home=tmp_path / "b", app_database_url=url))
+    box = Outbox(tmp_path / "a" / "outbox.sqlite")
+    a.use_outbox(box)
+    try:
+        a.set_consent("u-kept", False)
+        postgres.stop(settings)
+        a.record_turn(TurnRecord("t-kept", "u-kept", "c-kept", "base"))
+        a.set_consent("u-kept", True)
+        a.save_conversation("u-kept", "c-kept", [{"role": "user", "content": "asked during the outage"}])
+        a.record_turn(TurnRecord("t-gone", "u-gone", "c-gone", "base"))
+        a.save_conversation("u-gone", "c-gone", [{"role": "user", "content": "deleted before it landed"}])
+        assert box.kinds() == {"turn": 2, "consent": 1, "conversation": 2}
+        assert a.owned_turn("u-kept", "t-kept").conversation_id == "c-kept", "answered from the outbox"
+        assert a.stored_consent("u-kept") is True and a.consent("u-kept"), "what they chose meanwhile"
+        with pytest.raises(StoreDown):
+            a.owned_turn("u-other", "t-kept")  # not theirs, and the database cannot say more
+        assert box.flush() == {"done": 0, "later": 0, "drop": 0}, "the first row stops the pass while it is down"
+        postgres.start(settings)
+        time.sleep(5.5)  # past PgConnection's retry window
+        assert b.delete_user("u-gone") == 0  # deleted on another replica before replica a's outbox landed
+        assert box.flush() == {"done": 3, "later": 0, "drop": 2}
+        assert len(box) == 0 and box.find("turn", "t-gone") is None
+        assert b.owned_turn("u-kept", "t-kept") is not None and b.consent("u-kept"), "replayed where all see it"
+        assert b.load_conversation("u-kept", "c-kept")[0]["content"] == "asked during the outage"
+        assert b.owned_turn("u-gone", "t-gone") is None and b.list_conversations("u-gone") == [], "never undone"
+        a.set_consent("u-kept", False)  # a direct write while nothing is pending: nothing to supersede
+        box.put("consent", "u-kept", "u-kept", {"args": ["u-kept", True]})  # an older pending one, say
+        a.set_consent("u-kept", True)
+        a.set_consent("u-kept", False)
+        assert box.find("consent", "u-kept") is None and not b.consent("u-kept"), "the newer write stands"
+    finally:
+        if postgres.status(settings) is None:
+            postgres.start(settings)
+        box.close()
+        a.close()
+        b.close()
+    time.sleep(5.5)
