@@ -50,10 +50,12 @@ $(MODEL): | $(DEPS)
 	  && echo "gguf-export $$(( $$(date +%s) - s ))" >> $(VENV)/setup-times.txt  # llama.cpp's export, serving precision
 
 # Debian's packages in one apt-get (two at once would fight over dpkg's lock): Chromium for the browser tests
-# (Playwright drives /usr/bin/chromium) and PostgreSQL for `flywheel db` (the shared app store, issue 20).
-chromium:  ## Debian's Chromium and PostgreSQL, when missing
+# (Playwright drives /usr/bin/chromium), PostgreSQL for `flywheel db` (the shared app store, issue 20) and nginx
+# for the balancer in front of app replicas (infra/balancer.py).
+chromium:  ## Debian's Chromium, PostgreSQL and nginx, when missing
 	@pkgs=""; test -x /usr/bin/chromium || pkgs="chromium"; \
 	  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || pkgs="$$pkgs postgresql"; \
+	  test -x /usr/sbin/nginx || pkgs="$$pkgs nginx-light"; \
 	  test -z "$$pkgs" || { s=$$(date +%s); echo "setup: installing Debian $$pkgs ..."; \
 	  ($(NICE) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(NICE) apt-get install -y -qq $$pkgs) >/dev/null \
 	  && mkdir -p $(VENV) && echo "debian-packages $$(( $$(date +%s) - s ))" >> $(VENV)/setup-times.txt; }

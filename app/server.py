@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 import sys
+import threading
 from contextlib import asynccontextmanager
 from http.cookies import SimpleCookie
 from typing import Any
@@ -359,14 +360,20 @@ def serve(
         check_exposure(settings, store)
     finally:
         store.close()
+    # Beside start-up, not before it: with the broker down this waits ~30 s, and a replica restarting during an
+    # outage must serve at once (its events wait in its spool either way).
+    threading.Thread(target=_ensure_topics, args=(settings,), name="ensure-topics", daemon=True).start()
+    app = create_app(settings, auth=auth, max_new_tokens=max_new_tokens)
+    uvicorn.run(app, host=settings.app_host, port=settings.app_port, log_level=log_level, timeout_graceful_shutdown=10)
+
+
+def _ensure_topics(settings: Settings) -> None:
     try:
         from feedback.topics import ensure_topics
 
         ensure_topics(settings)
     except Exception as e:  # noqa: BLE001 - the producer spools until the broker is back
         log.warning("could not create Kafka topics (%s); events are spooled until the broker answers", e)
-    app = create_app(settings, auth=auth, max_new_tokens=max_new_tokens)
-    uvicorn.run(app, host=settings.app_host, port=settings.app_port, log_level=log_level, timeout_graceful_shutdown=10)
 
 
 def configure_logging(level: int = logging.INFO) -> None:

@@ -138,6 +138,22 @@ class Child:
         console.print(f"[green]up[/green] {self.name} (pid {self.proc.pid}, log {self.log_path})")
 
 
+def app_children(s: Settings, env: dict[str, str]) -> list[Child]:
+    """The chat app: one process on ``app_port``; with ``app_replicas`` above 1, that many replicas on the ports
+    after it behind the balancer (Debian's nginx, ``infra.balancer``) on ``app_port``."""
+    py = sys.executable
+    if s.app_replicas == 1:
+        return [Child("app", [py, "-m", "app.server"], env)]
+    ports = [s.app_port + 1 + i for i in range(s.app_replicas)]
+    replicas = [
+        Child(f"app-{i}", [py, "-m", "app.server"], {**env, "FLYWHEEL_APP_PORT": str(port)})
+        for i, port in enumerate(ports)
+    ]
+    upstreams = [arg for port in ports for arg in ("--upstream", f"{s.app_host}:{port}")]
+    listen = f"{s.app_host}:{s.app_port}"
+    return [*replicas, Child("balancer", [py, "-m", "infra.balancer", "--listen", listen, *upstreams], env)]
+
+
 def run_stack(s: Settings, app_server: bool = True, prefect: bool = True, vllm: bool = False) -> int:
     from infra import kafka_local
 
@@ -171,7 +187,7 @@ def run_stack(s: Settings, app_server: bool = True, prefect: bool = True, vllm: 
             prefect_launched = prefect_server.launch(s)
         children.append(Child("mlflow", [py, "-m", "infra.mlflow_server"], env))  # registry UI; marker once it answers
         if app_server:
-            children.append(Child("app", [py, "-m", "app.server"], env))
+            children.extend(app_children(s, env))
         for c in children:
             c.start(s)
         st = kafka_local.start(s) if n == 1 else kafka_local.start_cluster(s, n)

@@ -58,9 +58,16 @@ class Settings(BaseSettings):
     # Services
     app_host: str = "127.0.0.1"
     app_port: int = 7860
+    app_replicas: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="App processes `flywheel up` runs; above 1, Debian's nginx answers on app_port and spreads "
+        "requests over replicas on the ports after it (infra/balancer.py); they share <home> or the database.",
+    )
     app_database_url: SecretStr | None = Field(
         None,
-        description="PostgreSQL URL of the app's shared state (rate limits today) across replicas and machines; "
+        description="PostgreSQL URL of the app's shared state (sessions, keys, roles, rate limits) across machines; "
         "unset: SQLite files under <home>/app/. `flywheel db start` runs a local one and prints its URL.",
     )
     db_port: int = Field(5433, description="Port of the local PostgreSQL `flywheel db start` runs (5432 is Debian's).")
