@@ -90,7 +90,7 @@ def _deferred(kind: str, default: Any) -> Callable[[Callable[..., Any]], Callabl
     """A write on the chat's path: with the shared database down it goes to the replica's outbox (``app.outbox``,
     replayed in order when the database answers) and the method returns ``default``; without an outbox it is
     dropped, logged, as ``_degrade`` does. A write the database took drops a pending older one with its key.
-    The method takes ``(self, key, user_id, ...)`` positionally: what the outbox keeps is those arguments."""
+    Its arguments are positional (``_key_user`` reads the row's key and user from them) and kept as they are."""
 
     def wrap(method: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(method)
