@@ -30,6 +30,7 @@ from itsdangerous import BadSignature, URLSafeSerializer
 
 from app.database import StoreDown
 from app.outbox import DONE, DROP, Outbox
+from app.sqlite_columns import add_missing_columns
 from feedback.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -157,9 +158,8 @@ class Sessions:
                 conversation_id TEXT NOT NULL, model_version TEXT NOT NULL, created_at REAL NOT NULL);
             """
         )
-        columns = {r[1] for r in self._db.execute("PRAGMA table_info(conversations)")}
-        if "renamed" not in columns:  # a title the person chose is kept when the conversation is saved again
-            self._db.execute("ALTER TABLE conversations ADD COLUMN renamed INTEGER NOT NULL DEFAULT 0")
+        # a title the person chose is kept when the conversation is saved again (a file from before it)
+        add_missing_columns(self._db, "conversations", {"renamed": "INTEGER NOT NULL DEFAULT 0"})
 
     def close(self) -> None:
         with self._mu:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from app.annotation.roles import Annotator, connect
+from app.sqlite_columns import add_missing_columns
 from feedback.events import JudgedAnswer, Message, TrainerJudgment
 from feedback.settings import Settings
 
@@ -118,9 +119,7 @@ class TaskQueue:
         self._db = connect(settings)
         self._db.execute("PRAGMA secure_delete=ON")  # a forgotten user's text is overwritten, not left in free pages
         self._db.executescript(SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(assignments)")}
-        if "ranking" not in columns:  # a queue file from before the routing of disagreements
-            self._db.execute("ALTER TABLE assignments ADD COLUMN ranking TEXT")
+        add_missing_columns(self._db, "assignments", {"ranking": "TEXT"})  # a file from before disagreements routed
         self._lock = threading.Lock()
         self.producer = producer
         self.cfg = config or QueueConfig()

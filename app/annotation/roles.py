@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from app.database import shared
+from app.sqlite_columns import add_missing_columns
 from feedback.settings import Settings
 
 Role = Literal["trainer", "red_teamer", "reviewer", "operator"]
@@ -86,8 +87,7 @@ class RoleStore:
             return
         self._db = connect(settings)
         self._db.executescript(SCHEMA)
-        if "topics" not in {row[1] for row in self._db.execute("PRAGMA table_info(annotators)")}:
-            self._db.execute("ALTER TABLE annotators ADD COLUMN topics TEXT NOT NULL DEFAULT ''")  # an older file
+        add_missing_columns(self._db, "annotators", {"topics": "TEXT NOT NULL DEFAULT ''"})  # an older file
 
     def close(self) -> None:
         self._db.close()
