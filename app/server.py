@@ -285,9 +285,13 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         router.start()
+        stop_watching = threading.Event()
+        if settings.serving == "servers":  # versions come and go with their model servers (app/model_servers.py)
+            service.versions.watch_servers(stop_watching)
         try:
             yield
         finally:
+            stop_watching.set()
             router.stop()
             if outbox is not None:
                 outbox.close()  # before the producer: a replay pass in progress still emits into the spool

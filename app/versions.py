@@ -72,7 +72,8 @@ class LoadedVersions:
         except ValueError as e:
             log.warning("cannot read the backend config: %s", e)
             spec = None
-        if spec is None and (path := servable_dir(self.settings, version)) is not None:
+        servers = self.settings.serving == "servers"  # then only a model server serves it, never this process
+        if spec is None and not servers and (path := servable_dir(self.settings, version)) is not None:
             spec = {"kind": "embedded", "path": str(path)}
         return spec
 
@@ -152,6 +153,33 @@ class LoadedVersions:
                 if self._requested_load == version:
                     self._requested_load = None
         self.evict()
+
+    # ---- model servers apart (FLYWHEEL_SERVING=servers) -------------------------------------------
+    def watch_servers(self, stop: threading.Event, every_s: float = 1.0) -> threading.Thread:
+        """Follow what ``app/model_servers.py`` publishes: a version the plan names whose server came up is loaded
+        (a remote backend), and one whose server moved to another address is reloaded. Runs until ``stop``."""
+        from app.model_servers import published_servers
+
+        def loop() -> None:
+            while not stop.wait(every_s):
+                try:
+                    urls = published_servers(self.settings)
+                    with self._mu:
+                        moved = [
+                            v for v, b in self.loaded.items() if v in urls and getattr(b, "base_url", None) != urls[v]
+                        ]
+                        for version in moved:
+                            log.info("the model server of %s moved to %s: reloading", version, urls[version])
+                            self.backends = {k: b for k, b in self.backends.items() if k != version}
+                            old = self.loaded.pop(version)
+                            threading.Thread(target=_close_backend, args=(version, old), daemon=True).start()
+                    self.prepare(self.router.plan)
+                except Exception:  # noqa: BLE001 - the next look may succeed; the served versions stay as they are
+                    log.exception("could not follow the model servers")
+
+        thread = threading.Thread(target=loop, name="watch-model-servers", daemon=True)
+        thread.start()
+        return thread
 
     # ---- unloading past the bound ----------------------------------------------------------------
     def evict(self) -> None:

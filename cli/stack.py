@@ -140,10 +140,12 @@ class Child:
 
 def app_children(s: Settings, env: dict[str, str]) -> list[Child]:
     """The chat app: one process on ``app_port``; with ``app_replicas`` above 1, that many replicas on the ports
-    after it behind the balancer (Debian's nginx, ``infra.balancer``) on ``app_port``."""
+    after it behind the balancer (Debian's nginx, ``infra.balancer``) on ``app_port``. With ``serving=servers``,
+    the model servers' manager (``app.model_servers``) comes first: the replicas stream from its servers."""
     py = sys.executable
+    servers = [Child("model-servers", [py, "-m", "app.model_servers"], env)] if s.serving == "servers" else []
     if s.app_replicas == 1:
-        return [Child("app", [py, "-m", "app.server"], env)]
+        return [*servers, Child("app", [py, "-m", "app.server"], env)]
     ports = [s.app_port + 1 + i for i in range(s.app_replicas)]
     replicas = [
         Child(f"app-{i}", [py, "-m", "app.server"], {**env, "FLYWHEEL_APP_PORT": str(port)})
@@ -151,7 +153,7 @@ def app_children(s: Settings, env: dict[str, str]) -> list[Child]:
     ]
     upstreams = [arg for port in ports for arg in ("--upstream", f"{s.app_host}:{port}")]
     listen = f"{s.app_host}:{s.app_port}"
-    return [*replicas, Child("balancer", [py, "-m", "infra.balancer", "--listen", listen, *upstreams], env)]
+    return [*servers, *replicas, Child("balancer", [py, "-m", "infra.balancer", "--listen", listen, *upstreams], env)]
 
 
 def run_stack(s: Settings, app_server: bool = True, prefect: bool = True, vllm: bool = False) -> int:

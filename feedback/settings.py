@@ -82,6 +82,12 @@ class Settings(BaseSettings):
     base_model: str = Field("", description="Path of the base model; default <home>/models/base.")
     model_version: str = Field("base", description="Release name of the base model.")
     backend: Literal["embedded", "remote"] = "embedded"
+    serving: Literal["embedded", "servers"] = Field(
+        "embedded",
+        description="Where models run: in each app process (embedded, the default for one machine), or in model "
+        "server processes apart from the app (servers: `flywheel up` starts app/model_servers.py, which runs one "
+        "server per version the release plan names; the app streams from them through the remote backend).",
+    )
     serve_engine: Literal["llama.cpp", "transformers"] = Field(
         "llama.cpp",
         description="Engine of in-process (embedded) backends: llama.cpp (GGUF export made on first load, fast on "

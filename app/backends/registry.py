@@ -38,6 +38,10 @@ def backend_config(settings: Settings | None = None) -> dict[str, dict[str, Any]
         if not isinstance(config, dict):
             raise ValueError(f"{path}: expected a mapping of model version -> backend")
         return config
+    if settings.serving == "servers":  # model servers apart (app/model_servers.py publishes who serves what)
+        from app.model_servers import published_servers
+
+        return {v: {"kind": "remote", "url": url, "model": v} for v, url in published_servers(settings).items()}
     if settings.backend == "remote":
         raise ValueError(f"FLYWHEEL_BACKEND=remote needs {path} naming the endpoint's url")
     return {settings.model_version: {"kind": "embedded", "path": str(settings.base_model_path)}}
@@ -75,6 +79,23 @@ def build_backend(spec: Mapping[str, Any], base_dir: Path | None = None, setting
     raise ValueError(f"unknown backend kind {kind!r} (embedded or remote)")
 
 
+def _wait_for_default_server(settings: Settings, timeout_s: float = 300.0) -> dict[str, dict[str, Any]]:
+    """An app replica starting beside the model servers waits for the default version's server (its model loads
+    in seconds; 300 s covers a first start that exports the GGUF)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        config = backend_config(settings)
+        if settings.model_version in config:
+            return config
+        time.sleep(0.5)
+    raise ValueError(
+        f"no model server answered for {settings.model_version!r} in {timeout_s:.0f} s: is `python -m "
+        "app.model_servers` running (flywheel up starts it with FLYWHEEL_SERVING=servers)?"
+    )
+
+
 def _check(spec: Mapping[str, Any], allowed: set[str], kind: str) -> None:
     unknown = set(spec) - allowed
     if unknown:
@@ -86,7 +107,10 @@ def load_backends(
 ) -> dict[str, Backend]:
     """Build every configured backend. ``config`` overrides the file (tests, one-off servers)."""
     settings = settings or get_settings()
-    config = backend_config(settings) if config is None else config
+    if config is None:
+        config = backend_config(settings)
+        if settings.serving == "servers" and settings.model_version not in config:
+            config = _wait_for_default_server(settings)
     if not config:
         raise ValueError("no backends configured")
     backends: dict[str, Backend] = {}

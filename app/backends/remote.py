@@ -11,8 +11,9 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Literal
 
+from httpx2 import TransportError  # huggingface_hub's HTTP client: refused, reset, unreachable
 from huggingface_hub import AsyncInferenceClient
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.errors import HfHubHTTPError, InferenceTimeoutError
 
 from app.backends.base import Busy, Chunk
 from feedback.events import Sampling
@@ -67,11 +68,14 @@ class RemoteBackend:
                     top_p=sampling.top_p if sampling.temperature > 0 else None,
                     seed=sampling.seed,
                     stream_options={"include_usage": True},
+                    extra_body={"user": party} if party else None,  # a model server schedules fairly by it
                 )
             except HfHubHTTPError as e:
                 if e.response is not None and e.response.status_code in (429, 503):
                     raise Busy(f"{self.base_url} answered {e.response.status_code}") from e
                 raise
+            except (TransportError, InferenceTimeoutError) as e:  # gone or restarting: retryable, never a hang
+                raise Busy(f"{self.base_url} did not answer ({type(e).__name__})") from e
             finish: str | None = None
             prompt_tokens = completion_tokens = None
             try:

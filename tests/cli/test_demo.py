@@ -99,7 +99,12 @@ def test_the_stack_turns_the_loop_by_itself_and_is_gone_afterwards(tmp_path):
     assert g["decision"] == "passed" and g["version"] == out["candidate"]
     for metric in ("refqa_accuracy", "ifeval_prompt_strict", "refqa_nll", "mc_accuracy"):
         assert metric in g["candidate"] and metric in g["production"] and "se" in g["paired"][metric]
-    assert out["length_controlled_win_rate"] is not None and out["judge_length_corr"] is not None
+    assert out["length_controlled_win_rate"] is not None
+    # The judge's length correlation is undefined (None) when the two versions' answers never differ in length or
+    # in score: with 2 training steps the candidate can answer exactly as production did (failed here on
+    # 2026-12-04 with LC 0.5, every pair a tie). Present either way; a number whenever there was variation.
+    corr = out["judge_length_corr"]
+    assert corr is None or -1.0 <= corr <= 1.0, corr
     assert Path(out["candidate_path"]).is_dir() and Path(out["parent_path"]).is_dir()
     # Held-out users' traffic on both arms was measured (a 50% canary of 6 users may give one arm nobody).
     assert out["accuracy_n_before"] + out["accuracy_n_after"] > 0

@@ -25,6 +25,9 @@ def test_one_app_by_default_and_replicas_behind_the_balancer_when_asked(tmp_path
     ]
     with pytest.raises(ValueError):
         Settings(home=tmp_path, app_replicas=0)
+    apart = app_children(Settings(home=tmp_path, app_replicas=2, serving="servers"), {})
+    assert [c.name for c in apart] == ["model-servers", "app-0", "app-1", "balancer"]
+    assert apart[0].argv[-2:] == ["-m", "app.model_servers"]
 
 
 def test_the_balancer_configuration_is_one_nginx_accepts(tmp_path):

@@ -1,0 +1,141 @@
+"""Model servers apart from the app (``FLYWHEEL_SERVING=servers``): the manager runs one server per version the plan
+names, the app streams from it through the remote backend, and losing the server mid-stream is a clean end or a
+retryable refusal, never a hang; the manager restarts it on the same address and the app answers again."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from app.backends.registry import load_backends
+from app.model_server import ChatRequest
+from app.model_servers import ServerManager, published_servers, run
+from app.router import ReleasePlan, Variant
+from tests.app.conftest import start_app
+
+pytestmark = [pytest.mark.integration]
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.25)
+    pytest.fail(f"waited {timeout:.0f} s for {what}")
+
+
+@pytest.fixture
+def apart(settings):
+    s = settings.model_copy(update={"serving": "servers"})
+    stop = threading.Event()
+    manager = threading.Thread(target=run, args=(s, stop), daemon=True)
+    manager.start()
+    try:
+        yield s
+    finally:
+        stop.set()
+        manager.join(30)
+    assert not manager.is_alive(), "the manager did not stop"
+    assert published_servers(s) == {}, "the manager left servers published after it stopped"
+
+
+def test_the_app_streams_from_a_model_server_and_survives_losing_it(apart):
+    s = apart
+    url = _wait(lambda: published_servers(s).get(s.model_version), 180, "the base model's server")
+    hi = [{"role": "user", "content": "Hi"}]
+    with httpx.Client(base_url=url, timeout=60) as server:  # the server's own boundary
+        bad = server.post("/v1/chat/completions", json={"messages": [], "max_tokens": 4})
+        assert bad.status_code == 400 and bad.json()["error"]["message"].endswith("."), bad.text
+        other = server.post(
+            "/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "x"}]}
+        )
+        assert other.status_code == 400 and "serves 'base'" in other.json()["error"]["message"]
+        assert server.post("/v1/chat/completions", content=b"{").status_code == 400
+        direct = server.post(
+            "/v1/chat/completions",
+            json={"messages": hi, "max_tokens": 4, "user": "p1"},
+        )
+        assert direct.status_code == 200 and direct.json()["usage"]["completion_tokens"] >= 1, direct.text
+    live = start_app(s, load_backends(s))
+    try:
+        body = {"model": "flywheel", "user": "ann", "messages": [{"role": "user", "content": "Tell me a long story."}]}
+        with httpx.Client(base_url=live.url, timeout=60) as client:
+            first = client.post("/v1/chat/completions", json={**body, "max_tokens": 6})
+            assert first.status_code == 200 and first.json()["choices"][0]["message"]["content"], first.text
+            pid = live.service.backends[s.model_version].base_url == url and _server_pid(s, url)
+            assert pid, "the app's backend is not the published server"
+            rest, cut = [], False
+            with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True, "max_tokens": 400}) as st:
+                assert st.status_code == 200
+                lines = st.iter_lines()
+                next(line for line in lines if line.startswith("data:"))
+                os.kill(pid, signal.SIGKILL)  # the model server dies mid-answer
+                try:
+                    rest = list(lines)
+                except httpx.TimeoutException:
+                    pytest.fail("the app's stream hung when its model server died")
+                except httpx.HTTPError:
+                    cut = True
+            assert cut or "data: [DONE]" not in rest or any('"error"' in line for line in rest), rest[-3:]
+            t0 = time.monotonic()
+            again = client.post("/v1/chat/completions", json={**body, "max_tokens": 4})
+            assert time.monotonic() - t0 < 30, "a request while the server was down hung"
+            assert again.status_code in (200, 429, 503), again.text  # answered, or refused as retryable
+            if again.status_code != 200:
+                assert again.json()["error"]["message"].endswith("."), again.text
+            # The manager restarts it on the same address; the app answers again without a restart of its own.
+            answered = _wait(
+                lambda: (
+                    (r := client.post("/v1/chat/completions", json={**body, "max_tokens": 4})).status_code == 200 and r
+                ),
+                180,
+                "an answer after the model server was restarted",
+            )
+            assert answered.json()["choices"][0]["message"]["content"]
+            _wait(lambda: published_servers(s).get(s.model_version) == url, 10, "the same address published again")
+    finally:
+        live.stop()
+
+
+def _server_pid(s, url: str) -> int | None:
+    """The pid listening on ``url``'s port (the manager's child)."""
+    import psutil
+
+    port = int(url.rsplit(":", 1)[1])
+    for conn in psutil.net_connections("tcp"):
+        if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN:
+            return conn.pid
+    return None
+
+
+def test_the_plan_decides_which_versions_get_a_server_and_an_unservable_one_gets_none(settings, caplog):
+    manager = ServerManager(settings)
+    plan = ReleasePlan(variants=[Variant(model_version="base", weight=0.5), Variant(model_version="ghost", weight=0.5)])
+    assert manager.wanted(plan) == ["base", "ghost"]
+    try:
+        for _ in range(3):
+            manager.step(plan)
+        assert set(manager.servers) == {"base"}, "a version with no model directory must not get a server"
+        assert sum("ghost" in r.message for r in caplog.records) == 1, "logged once, not every round"
+        manager.step(ReleasePlan(variants=[Variant(model_version="other", weight=1.0)]))
+        assert set(manager.servers) == {"base"}  # the default version always has one
+    finally:
+        manager.close()
+    assert published_servers(settings) == {}
+
+
+def test_the_servers_request_model_refuses_what_it_cannot_honour():
+    with pytest.raises(ValueError):
+        ChatRequest.model_validate({"messages": [], "max_tokens": 0})
+    with pytest.raises(ValueError):
+        ChatRequest.model_validate({"messages": [], "user": "x" * 500})
+    assert ChatRequest.model_validate({"messages": [], "frequency_penalty": 1}).stream is False
+    assert json.loads(ChatRequest.model_validate({"messages": []}).model_dump_json())["temperature"] == 0.7
