@@ -289,7 +289,8 @@ class OpenAIApi:
             if isinstance(e, InputError):
                 return invalid(e)
             if isinstance(e, Busy):
-                return api_error(429, BUSY_MESSAGE, "rate_limit_error", code="busy")
+                # retryable, and says when: the engine frees a slot within about an answer's time
+                return api_error(429, BUSY_MESSAGE, "rate_limit_error", code="busy", headers={"retry-after": "1"})
             if isinstance(e, Exception):  # logged by the service; the backend itself failed to start
                 log.error("the backend of %s failed to start an answer: %s", version, e)
                 return api_error(503, UNAVAILABLE, "server_error", code="model_unavailable")

@@ -3,9 +3,10 @@
 With ``FLYWHEEL_SERVING=servers`` (``flywheel up`` starts this as its ``model-servers`` child), every version the
 current release plan names, and the default version, gets its own model server process (``app/model_server.py``):
 canary and production each on their own. A server that dies is restarted on the same port; a version the plan
-dropped is stopped once the plan no longer names it. What is up is published in ``<home>/serving/servers.json``
-(``{"servers": {version: url}}``, written atomically, only servers that answered ``/healthz``), which the app
-replicas read to build remote backends (``app/backends/registry.py``).
+dropped is stopped once the plan no longer names it; ``FLYWHEEL_MODEL_SERVERS_PER_VERSION`` runs several per
+version. What is up is published in ``<home>/serving/servers.json`` (``{"servers": {version: [url, ...]}}``,
+written atomically, only servers that answered ``/healthz``), which the app replicas read to build a pool of
+remote backends per version (``app/backends/registry.py``, ``app/backends/pool.py``).
 
     python -m app.model_servers            # until Ctrl-C or SIGTERM; stops every server it started on the way out
 """
@@ -38,14 +39,16 @@ def servers_path(settings: Settings) -> Path:
     return settings.home / "serving" / "servers.json"
 
 
-def published_servers(settings: Settings) -> dict[str, str]:
-    """The version -> url map the manager last published; empty when none (no manager, or nothing up yet)."""
+def published_servers(settings: Settings) -> dict[str, list[str]]:
+    """The version -> urls map the manager last published; empty when none (no manager, or nothing up yet)."""
     try:
         data = json.loads(servers_path(settings).read_text())
     except (OSError, ValueError):
         return {}
     servers = data.get("servers") if isinstance(data, dict) else None
-    return {str(k): str(v) for k, v in servers.items()} if isinstance(servers, dict) else {}
+    if not isinstance(servers, dict):
+        return {}
+    return {str(k): [str(u) for u in v] for k, v in servers.items() if isinstance(v, list) and v}
 
 
 @dataclass
@@ -69,8 +72,8 @@ class ServerManager:
     def __init__(self, settings: Settings, threads: int | None = None):
         self.settings = settings
         self.threads = threads
-        self.servers: dict[str, Server] = {}
-        self._published: dict[str, str] | None = None
+        self.servers: dict[tuple[str, int], Server] = {}
+        self._published: dict[str, list[str]] | None = None
         self._unservable: set[str] = set()  # named by the plan, no model directory here: logged once, not started
         self._env = settings.child_env(Path(__file__).resolve().parents[1])
         (settings.home / "serving").mkdir(parents=True, exist_ok=True)
@@ -78,23 +81,28 @@ class ServerManager:
     def wanted(self, plan: ReleasePlan) -> list[str]:
         return list(dict.fromkeys([self.settings.model_version, *plan.versions()]))
 
-    def step(self, plan: ReleasePlan) -> dict[str, str]:
-        wanted = self.wanted(plan)
-        for version in wanted:
-            if version not in self.servers and servable_dir(self.settings, version) is None:
+    def step(self, plan: ReleasePlan) -> dict[str, list[str]]:
+        wanted = []
+        for version in self.wanted(plan):
+            if servable_dir(self.settings, version) is None:
                 if version not in self._unservable:
                     log.error("the plan names %s but no model directory serves it: no server for it", version)
                     self._unservable.add(version)
                 continue
-            server = self.servers.get(version)
+            wanted += [(version, i) for i in range(self.settings.model_servers_per_version)]
+        for key in wanted:
+            server = self.servers.get(key)
             if server is None:
-                server = self.servers[version] = Server(version, free_port())
-                server.log_path = self.settings.home / "serving" / f"{version}.log"
+                server = self.servers[key] = Server(key[0], free_port())
+                server.log_path = self.settings.home / "serving" / f"{key[0]}-{key[1]}.log"
             self._look_after(server)
-        for version in [v for v in self.servers if v not in wanted]:
-            log.info("the plan no longer names %s: stopping its server", version)
-            self._stop(self.servers.pop(version))
-        up = {v: s.url for v, s in self.servers.items() if s.healthy}
+        for key in [k for k in self.servers if k not in wanted]:
+            log.info("the plan no longer names %s: stopping its server %d", *key)
+            self._stop(self.servers.pop(key))
+        up: dict[str, list[str]] = {}
+        for (version, _), server in sorted(self.servers.items()):
+            if server.healthy:
+                up.setdefault(version, []).append(server.url)
         if up != self._published:
             self._publish(up)
         return up
@@ -141,13 +149,13 @@ class ServerManager:
             proc.kill()
             proc.wait(5)
 
-    def _publish(self, up: dict[str, str]) -> None:
+    def _publish(self, up: dict[str, list[str]]) -> None:
         path = servers_path(self.settings)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"servers": up, "updated_at": time.time()}))
         os.replace(tmp, path)
         self._published = up
-        log.info("serving: %s", ", ".join(f"{v} at {u}" for v, u in up.items()) or "nothing yet")
+        log.info("serving: %s", "; ".join(f"{v} at {', '.join(u)}" for v, u in up.items()) or "nothing yet")
 
     def close(self) -> None:
         for server in self.servers.values():

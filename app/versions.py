@@ -27,6 +27,8 @@ from feedback.settings import Settings
 
 log = logging.getLogger(__name__)
 
+RETIRE_AFTER_S = 120.0  # a replaced pool of model servers is closed this long after (its answers end first)
+
 
 def _close_backend(version: str, backend: Backend) -> None:
     """Close an unloaded backend on its own thread (a decode thread may take a moment to stop)."""
@@ -157,22 +159,13 @@ class LoadedVersions:
     # ---- model servers apart (FLYWHEEL_SERVING=servers) -------------------------------------------
     def watch_servers(self, stop: threading.Event, every_s: float = 1.0) -> threading.Thread:
         """Follow what ``app/model_servers.py`` publishes: a version the plan names whose server came up is loaded
-        (a remote backend), and one whose server moved to another address is reloaded. Runs until ``stop``."""
+        (a pool of its servers), and one whose servers changed (added, removed) is reloaded. Runs until ``stop``."""
         from app.model_servers import published_servers
 
         def loop() -> None:
             while not stop.wait(every_s):
                 try:
-                    urls = published_servers(self.settings)
-                    with self._mu:
-                        moved = [
-                            v for v, b in self.loaded.items() if v in urls and getattr(b, "base_url", None) != urls[v]
-                        ]
-                        for version in moved:
-                            log.info("the model server of %s moved to %s: reloading", version, urls[version])
-                            self.backends = {k: b for k, b in self.backends.items() if k != version}
-                            old = self.loaded.pop(version)
-                            threading.Thread(target=_close_backend, args=(version, old), daemon=True).start()
+                    self._follow_servers(published_servers(self.settings))
                     self.prepare(self.router.plan)
                 except Exception:  # noqa: BLE001 - the next look may succeed; the served versions stay as they are
                     log.exception("could not follow the model servers")
@@ -180,6 +173,26 @@ class LoadedVersions:
         thread = threading.Thread(target=loop, name="watch-model-servers", daemon=True)
         thread.start()
         return thread
+
+    def _follow_servers(self, published: dict[str, list[str]]) -> None:
+        """A served version whose servers changed gets a new pool of them (cheap: no model loads here); the old
+        pool is closed after its answers in flight had time to end. A version with no server published at the
+        moment keeps its pool, which refuses retryably until its server is back at the same address."""
+        from app.backends.pool import ServerPool
+
+        with self._mu:
+            for version, old in list(self.backends.items()):
+                urls = published.get(version)
+                if not urls or not hasattr(old, "urls") or old.urls == urls:
+                    continue
+                log.info("the model servers of %s are now %s", version, ", ".join(urls))
+                new = ServerPool(urls, model=version)
+                self.backends = {**self.backends, version: new}
+                if version in self.loaded:
+                    self.loaded[version] = new
+                timer = threading.Timer(RETIRE_AFTER_S, _close_backend, args=(version, old))
+                timer.daemon = True
+                timer.start()
 
     # ---- unloading past the bound ----------------------------------------------------------------
     def evict(self) -> None:

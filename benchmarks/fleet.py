@@ -1,18 +1,21 @@
 """The fleet rehearsal on one machine (issue 20, reduced form): simulated users chat and rate through the load
 balancer (Debian's nginx, ``infra.balancer``) in front of app replicas that share one home, while a replica is
-killed (SIGKILL) and restarted and, with ``--postgres``, the shared PostgreSQL is stopped and started.
+killed (SIGKILL) and restarted; with ``--postgres``, the shared PostgreSQL is stopped and started; with
+``--servers``, the model runs in a model server apart from the replicas (``FLYWHEEL_SERVING=servers``), which is
+killed (SIGKILL) once and restarted by its manager.
 
     python -m benchmarks.fleet --json                      # 2 replicas, 4 users, 60 s, SQLite state
     python -m benchmarks.fleet --postgres --seconds 90     # state in a local PostgreSQL (flywheel db), stopped once
+    python -m benchmarks.fleet --servers --postgres        # and the model apart, in a model server killed once
 
 Every acknowledged rating (200, or 202 queued through an outage) is looked for in the replicas' spools afterwards
 (no broker runs: events wait there, unsealed with the home's payload keys), so ``ratings_lost`` and
 ``ratings_duplicated`` are counted, not inferred. ``sessions_lost`` counts users who can no longer rate a turn
 they were served before the faults, through whichever replica the balancer picks.
 
-Not in this form (see issue 20): network namespaces per service, model servers apart from the app, three brokers,
-and the flood's ``victim_ttft_p99_ratio`` (``python -m benchmarks.hostile``). On 2 cores each replica holds its
-own copy of the model, so the rehearsal shows failover and bookkeeping, not throughput.
+Not in this form (see issue 20): network namespaces per service, three brokers, and the flood's
+``victim_ttft_p99_ratio`` (``python -m benchmarks.hostile``). On 2 cores the rehearsal shows failover and
+bookkeeping, not throughput.
 """
 
 from __future__ import annotations
@@ -74,7 +77,14 @@ class Proc:
 class Fleet:
     """App replicas on one home behind the balancer; ``url`` is the balancer's."""
 
-    def __init__(self, home: Path, replicas: int = 2, answer_tokens: int = 8, database_url: str | None = None):
+    def __init__(
+        self,
+        home: Path,
+        replicas: int = 2,
+        answer_tokens: int = 8,
+        database_url: str | None = None,
+        servers: bool = False,
+    ):
         self.home = home
         home.mkdir(parents=True, exist_ok=True)
         self.ports = [free_port() for _ in range(replicas)]
@@ -93,8 +103,16 @@ class Fleet:
         }
         if database_url:
             base["FLYWHEEL_APP_DATABASE_URL"] = database_url
+        if servers:  # two per version: losing one costs only what it was streaming
+            base["FLYWHEEL_SERVING"] = "servers"
+            base["FLYWHEEL_MODEL_SERVERS_PER_VERSION"] = "2"
         self.env = base
         py = sys.executable
+        self.manager = (
+            Proc("model-servers", [py, "-m", "app.model_servers"], base, home / "model-servers.log")
+            if servers
+            else None
+        )
         self.replicas = [
             Proc(f"app-{i}", [py, "-m", "app.server"], {**base, "FLYWHEEL_APP_PORT": str(p)}, home / f"app-{i}.log")
             for i, p in enumerate(self.ports)
@@ -109,6 +127,8 @@ class Fleet:
         )
 
     def start(self, timeout_s: float = 600) -> Fleet:
+        if self.manager is not None:
+            self.manager.start()
         for r in self.replicas:
             r.start()
         self.balancer.start()
@@ -153,10 +173,36 @@ class Fleet:
         url = self.env.get("FLYWHEEL_APP_DATABASE_URL")
         return Settings(home=self.home, app_database_url=SecretStr(url) if url else None)
 
+    def model_server_pid(self) -> int | None:
+        """The pid of the default version's model server (``--servers``), from the manager's published address."""
+        import psutil
+
+        from app.model_servers import published_servers
+
+        urls = published_servers(self.settings()).get("base")
+        port = int(urls[0].rsplit(":", 1)[1]) if urls else None
+        for conn in psutil.net_connections("tcp") if port else ():
+            if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN:
+                return conn.pid
+        return None
+
+    def wait_model_server(self, timeout_s: float = 300) -> float:
+        """Seconds until the manager publishes both of the default version's servers again."""
+        from app.model_servers import published_servers
+
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout_s:
+            if len(published_servers(self.settings()).get("base", [])) == 2 and self.model_server_pid():
+                return time.monotonic() - t0
+            time.sleep(0.2)
+        raise RuntimeError(f"the model server did not come back in {timeout_s:.0f} s")
+
     def stop(self) -> None:
         self.balancer.stop()
         for r in self.replicas:
             r.stop()
+        if self.manager is not None:
+            self.manager.stop()  # it stops its servers on the way out
 
 
 # ---- simulated users ----------------------------------------------------------------------------------------
@@ -229,6 +275,8 @@ def _call(client: httpx.Client, fleet: Fleet, path: str, body: dict, tally: Tall
             tally.refused_retryable += 1
         elif r.status_code == 502 and fleet.replica_of(r) is not None:  # the replica died under this request
             tally.broken += 1
+        elif r.status_code == 500 and '"model_error"' in r.text:  # its model server died under it ("please retry")
+            tally.broken += 1
         else:
             tally.other.append(f"{r.status_code} {r.text[:120]}")
     return None
@@ -273,7 +321,9 @@ def ratings_in_spools(fleet: Fleet) -> list[tuple[str, str, str]]:
     return out
 
 
-def rehearse(home: Path, replicas: int = 2, users: int = 4, seconds: float = 60, postgres: bool = False) -> dict:
+def rehearse(
+    home: Path, replicas: int = 2, users: int = 4, seconds: float = 60, postgres: bool = False, servers: bool = False
+) -> dict:
     """Run the rehearsal; returns the report (see the module's docstring)."""
     from infra import postgres as pg
 
@@ -285,9 +335,10 @@ def rehearse(home: Path, replicas: int = 2, users: int = 4, seconds: float = 60,
 
         db_settings = Settings(home=home / "db", db_port=free_port())
         url = pg.start(db_settings).url
-    fleet = Fleet(home / "fleet", replicas=replicas, database_url=url)
+    fleet = Fleet(home / "fleet", replicas=replicas, database_url=url, servers=servers)
     report: dict = {
         "replicas": replicas,
+        "serving": "servers" if servers else "embedded",
         "users": users,
         "seconds": seconds,
         "store": "postgres" if postgres else "sqlite",
@@ -304,8 +355,8 @@ def rehearse(home: Path, replicas: int = 2, users: int = 4, seconds: float = 60,
         ]
         for t in threads:
             t.start()
-        failover: dict[str, list[float]] = {"replica": [], "postgres": []}
-        restart: dict[str, list[float]] = {"replica": [], "postgres": []}
+        failover: dict[str, list[float]] = {"replica": [], "postgres": [], "model_server": []}
+        restart: dict[str, list[float]] = {"replica": [], "postgres": [], "model_server": []}
         time.sleep(seconds * 0.2)
         victim = max(range(replicas), key=lambda i: tally.by_replica.get(i, 0))
         t_kill = time.monotonic()
@@ -316,6 +367,14 @@ def rehearse(home: Path, replicas: int = 2, users: int = 4, seconds: float = 60,
         time.sleep(min(5.0, seconds * 0.1))
         fleet.replicas[victim].start()
         restart["replica"].append(round(fleet.wait_replica(victim), 1))
+        if servers and (pid := fleet.model_server_pid()) is not None:
+            time.sleep(seconds * 0.1)
+            t_kill = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            restart["model_server"].append(round(fleet.wait_model_server(), 1))
+            f = first_answer_after(tally, t_kill)
+            if f is not None:
+                failover["model_server"].append(f)
         if postgres:
             time.sleep(seconds * 0.1)
             t_kill = time.monotonic()
@@ -381,13 +440,14 @@ def main() -> None:
     p.add_argument("--users", type=int, default=4)
     p.add_argument("--seconds", type=float, default=60)
     p.add_argument("--postgres", action="store_true", help="shared state in a local PostgreSQL, stopped once")
+    p.add_argument("--servers", action="store_true", help="the model in a model server apart, killed once")
     p.add_argument("--home", type=Path, default=None)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="flywheel-fleet-") as tmp:
-        report = rehearse(args.home or Path(tmp), args.replicas, args.users, args.seconds, args.postgres)
+        report = rehearse(args.home or Path(tmp), args.replicas, args.users, args.seconds, args.postgres, args.servers)
     if args.json:
         print(json.dumps(report, indent=2))
         return

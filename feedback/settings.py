@@ -88,6 +88,13 @@ class Settings(BaseSettings):
         "server processes apart from the app (servers: `flywheel up` starts app/model_servers.py, which runs one "
         "server per version the release plan names; the app streams from them through the remote backend).",
     )
+    model_servers_per_version: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="With serving=servers: model servers per version (an answer goes to the least "
+        "loaded; losing one costs only the answers it was streaming).",
+    )
     serve_engine: Literal["llama.cpp", "transformers"] = Field(
         "llama.cpp",
         description="Engine of in-process (embedded) backends: llama.cpp (GGUF export made on first load, fast on "

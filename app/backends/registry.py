@@ -41,7 +41,7 @@ def backend_config(settings: Settings | None = None) -> dict[str, dict[str, Any]
     if settings.serving == "servers":  # model servers apart (app/model_servers.py publishes who serves what)
         from app.model_servers import published_servers
 
-        return {v: {"kind": "remote", "url": url, "model": v} for v, url in published_servers(settings).items()}
+        return {v: {"kind": "pool", "urls": urls, "model": v} for v, urls in published_servers(settings).items()}
     if settings.backend == "remote":
         raise ValueError(f"FLYWHEEL_BACKEND=remote needs {path} naming the endpoint's url")
     return {settings.model_version: {"kind": "embedded", "path": str(settings.base_model_path)}}
@@ -76,7 +76,13 @@ def build_backend(spec: Mapping[str, Any], base_dir: Path | None = None, setting
         key_env = spec.pop("api_key_env", None)
         _check(spec, _REMOTE_KEYS, kind)
         return RemoteBackend(url, api_key=os.environ.get(key_env) if key_env else None, **spec)
-    raise ValueError(f"unknown backend kind {kind!r} (embedded or remote)")
+    if kind == "pool":  # the model servers of one version (FLYWHEEL_SERVING=servers, app/model_servers.py)
+        from app.backends.pool import ServerPool
+
+        urls = spec.pop("urls")
+        _check(spec, _REMOTE_KEYS, kind)
+        return ServerPool(list(urls), **spec)
+    raise ValueError(f"unknown backend kind {kind!r} (embedded, remote or pool)")
 
 
 def _wait_for_default_server(settings: Settings, timeout_s: float = 300.0) -> dict[str, dict[str, Any]]:
