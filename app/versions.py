@@ -190,6 +190,7 @@ class LoadedVersions:
                 self.backends = {**self.backends, version: new}
                 if version in self.loaded:
                     self.loaded[version] = new
+                self.metrics.watch_backend(version, new.load)  # the gauge reads the pool in use, not the retired one
                 timer = threading.Timer(RETIRE_AFTER_S, _close_backend, args=(version, old))
                 timer.daemon = True
                 timer.start()

@@ -19,8 +19,6 @@ from app.model_servers import ServerManager, published_servers, run
 from app.router import ReleasePlan, Variant
 from tests.app.conftest import start_app
 
-pytestmark = [pytest.mark.integration]
-
 
 def _wait(predicate, timeout: float, what: str):
     deadline = time.monotonic() + timeout
@@ -47,6 +45,7 @@ def apart(settings):
     assert published_servers(s) == {}, "the manager left servers published after it stopped"
 
 
+@pytest.mark.integration
 def test_the_app_streams_from_a_model_server_and_survives_losing_it(apart):
     s = apart
     urls = _wait(lambda: len(published_servers(s).get(s.model_version, [])) == 2 and published_servers(s)["base"],
@@ -118,6 +117,7 @@ def _server_pid(s, url: str) -> int | None:
     return None
 
 
+@pytest.mark.integration
 def test_the_plan_decides_which_versions_get_a_server_and_an_unservable_one_gets_none(settings, caplog):
     manager = ServerManager(settings)
     plan = ReleasePlan(variants=[Variant(model_version="base", weight=0.5), Variant(model_version="ghost", weight=0.5)])
@@ -141,3 +141,24 @@ def test_the_servers_request_model_refuses_what_it_cannot_honour():
         ChatRequest.model_validate({"messages": [], "user": "x" * 500})
     assert ChatRequest.model_validate({"messages": [], "frequency_penalty": 1}).stream is False
     assert json.loads(ChatRequest.model_validate({"messages": []}).model_dump_json())["temperature"] == 0.7
+
+
+def test_a_replica_swaps_in_the_new_pool_when_the_published_servers_change(tmp_path):
+    from app.backends.pool import ServerPool
+    from app.metrics import Metrics
+    from app.router import ReleaseRouter
+    from app.versions import LoadedVersions
+    from feedback.settings import Settings
+
+    s = Settings(home=tmp_path, serving="servers")
+    old = ServerPool(["http://127.0.0.1:1"], model="base")
+    metrics = Metrics()
+    versions = LoadedVersions(s, {"base": old}, ReleaseRouter(s), metrics)
+    versions._follow_servers({})  # nothing published (a restart in progress): the pool stays
+    assert versions.backends["base"] is old
+    versions._follow_servers({"base": ["http://127.0.0.1:1", "http://127.0.0.1:2"]})  # a server added
+    new = versions.backends["base"]
+    assert new is not old and new.urls == ["http://127.0.0.1:1", "http://127.0.0.1:2"]
+    assert metrics._load_sources["base"] == new.load
+    versions._follow_servers({"base": ["http://127.0.0.1:1", "http://127.0.0.1:2"]})
+    assert versions.backends["base"] is new  # unchanged servers: the same pool
