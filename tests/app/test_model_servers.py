@@ -119,19 +119,44 @@ def _server_pid(s, url: str) -> int | None:
 
 @pytest.mark.integration
 def test_the_plan_decides_which_versions_get_a_server_and_an_unservable_one_gets_none(settings, caplog):
+    _servable_copy(settings, "cand")
     manager = ServerManager(settings)
     plan = ReleasePlan(variants=[Variant(model_version="base", weight=0.5), Variant(model_version="ghost", weight=0.5)])
     assert manager.wanted(plan) == ["base", "ghost"]
+    canary = ReleasePlan(
+        variants=[Variant(model_version="base", weight=0.9), Variant(model_version="cand", weight=0.1)]
+    )
     try:
         for _ in range(3):
             manager.step(plan)
         assert set(manager.servers) == {("base", 0)}, "a version with no model directory must not get a server"
         assert sum("ghost" in r.message for r in caplog.records) == 1, "logged once, not every round"
-        manager.step(ReleasePlan(variants=[Variant(model_version="other", weight=1.0)]))
-        assert set(manager.servers) == {("base", 0)}  # the default version always has one
+        # A canary: production and the candidate each on a server of their own.
+        up = _wait(lambda: len(manager.step(canary)) == 2 and manager.step(canary), 180, "both versions' servers")
+        assert set(up) == {"base", "cand"} and up["base"] != up["cand"]
+        with httpx.Client(timeout=60) as client:
+            served = {v: client.get(f"{u[0]}/v1/models").json()["data"][0]["id"] for v, u in up.items()}
+        assert served == {"base": "base", "cand": "cand"}
+        # The candidate leaves the plan (rolled back): its server stops, production's stays.
+        assert set(manager.step(ReleasePlan(variants=[Variant(model_version="base", weight=1.0)]))) == {"base"}
+        assert set(manager.servers) == {("base", 0)}
     finally:
         manager.close()
     assert published_servers(settings) == {}
+
+
+def _servable_copy(settings, version: str) -> None:
+    """A servable version directory: the base's weights and GGUF export linked, its small files copied, a lineage."""
+    import shutil
+
+    base, d = settings.base_model_path, settings.models_dir / version
+    d.mkdir(parents=True)
+    for f in base.iterdir():
+        if f.name in ("model.safetensors", "gguf"):
+            (d / f.name).symlink_to(f.resolve())
+        elif f.is_file() and f.name != "lineage.json":
+            shutil.copy(f, d / f.name)
+    (d / "lineage.json").write_text(json.dumps({"version": version, "kind": "policy"}))
 
 
 def test_the_servers_request_model_refuses_what_it_cannot_honour():
