@@ -132,7 +132,7 @@ class ServerManager:
             cmd += ["--threads", str(self.threads)]
         with open(server.log_path, "ab") as out:
             server.proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, env=self._env, start_new_session=True
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=self._env, preexec_fn=_die_with_parent
             )
         server.started_at = time.monotonic()
         log.info("model server of %s starting on port %d (pid %d)", server.version, server.port, server.proc.pid)
@@ -162,6 +162,15 @@ class ServerManager:
             self._stop(server)
         self.servers.clear()
         self._publish({})
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: the kernel SIGTERMs it when the manager dies, even by SIGKILL (no orphaned
+    server keeps its model and port after ``flywheel down`` or a crash)."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _answers(url: str) -> bool:

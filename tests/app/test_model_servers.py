@@ -11,6 +11,7 @@ import threading
 import time
 
 import httpx
+import psutil
 import pytest
 
 from app.backends.registry import load_backends
@@ -18,6 +19,7 @@ from app.model_server import ChatRequest
 from app.model_servers import ServerManager, published_servers, run
 from app.router import ReleasePlan, Variant
 from tests.app.conftest import start_app
+from tests.conftest import REPO
 
 
 def _wait(predicate, timeout: float, what: str):
@@ -108,8 +110,6 @@ def test_the_app_streams_from_a_model_server_and_survives_losing_it(apart):
 
 def _server_pid(s, url: str) -> int | None:
     """The pid listening on ``url``'s port (the manager's child)."""
-    import psutil
-
     port = int(url.rsplit(":", 1)[1])
     for conn in psutil.net_connections("tcp"):
         if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN:
@@ -187,3 +187,25 @@ def test_a_replica_swaps_in_the_new_pool_when_the_published_servers_change(tmp_p
     assert metrics._load_sources["base"] == new.load
     versions._follow_servers({"base": ["http://127.0.0.1:1", "http://127.0.0.1:2"]})
     assert versions.backends["base"] is new  # unchanged servers: the same pool
+
+
+@pytest.mark.integration
+def test_a_killed_manager_takes_its_servers_with_it(settings, tmp_path):
+    """``flywheel down`` or a crash that SIGKILLs the manager leaves no model server holding a model and a port."""
+    import subprocess
+    import sys
+
+    env = settings.child_env(REPO)
+    with open(tmp_path / "manager.log", "wb") as log:
+        manager = subprocess.Popen([sys.executable, "-m", "app.model_servers"], env=env, stdout=log, stderr=log)
+    try:
+        urls = _wait(lambda: published_servers(settings).get("base"), 180, "the manager's server")
+        pid = _server_pid(settings, urls[0])
+        assert pid is not None
+        manager.kill()
+        manager.wait(10)
+        _wait(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 15,
+              "the orphaned model server to exit")  # fmt: skip
+    finally:
+        if manager.poll() is None:
+            manager.kill()
