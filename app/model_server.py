@@ -35,7 +35,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from app.backends.base import Backend, Busy
+from app.backends.base import MODEL_SERVER_TOKEN_ENV, Backend, Busy
 from app.router import servable_dir
 from app.validation import DEFAULT_LIMITS, InputError, check_conversation
 from feedback.events import Sampling
@@ -43,7 +43,7 @@ from feedback.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-TOKEN_ENV = "FLYWHEEL_MODEL_SERVER_TOKEN"
+TOKEN_ENV = MODEL_SERVER_TOKEN_ENV
 PARTY_MAX = 128
 
 

@@ -13,6 +13,7 @@ remote backends per version (``app/backends/registry.py``, ``app/backends/pool.p
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -55,6 +56,8 @@ def published_servers(settings: Settings) -> dict[str, list[str]]:
 class Server:
     version: str
     port: int
+    host: str = "127.0.0.1"
+    netns: str | None = None
     proc: subprocess.Popen | None = None
     started_at: float = 0.0
     healthy: bool = False
@@ -63,7 +66,7 @@ class Server:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
 
 class ServerManager:
@@ -76,6 +79,7 @@ class ServerManager:
         self._published: dict[str, list[str]] | None = None
         self._unservable: set[str] = set()  # named by the plan, no model directory here: logged once, not started
         self._env = settings.child_env(Path(__file__).resolve().parents[1])
+        self.places = places(settings)
         (settings.home / "serving").mkdir(parents=True, exist_ok=True)
 
     def wanted(self, plan: ReleasePlan) -> list[str]:
@@ -93,7 +97,8 @@ class ServerManager:
         for key in wanted:
             server = self.servers.get(key)
             if server is None:
-                server = self.servers[key] = Server(key[0], free_port())
+                netns, host = self.places[key[1] % len(self.places)] if self.places else (None, "127.0.0.1")
+                server = self.servers[key] = Server(key[0], free_port(), host, netns)
                 server.log_path = self.settings.home / "serving" / f"{key[0]}-{key[1]}.log"
             self._look_after(server)
         for key in [k for k in self.servers if k not in wanted]:
@@ -128,6 +133,9 @@ class ServerManager:
 
     def _start(self, server: Server) -> None:
         cmd = [sys.executable, "-m", "app.model_server", "--version", server.version, "--port", str(server.port)]
+        cmd += ["--host", server.host]
+        if server.netns:
+            cmd = ["/usr/sbin/ip", "netns", "exec", server.netns, *cmd]
         if self.threads:
             cmd += ["--threads", str(self.threads)]
         with open(server.log_path, "ab") as out:
@@ -162,6 +170,19 @@ class ServerManager:
             self._stop(server)
         self.servers.clear()
         self._publish({})
+
+
+def places(settings: Settings) -> list[tuple[str | None, str]]:
+    """``model_server_places`` as (netns or None, host) pairs; a malformed entry is a ValueError naming it."""
+    out = []
+    for entry in filter(None, (e.strip() for e in settings.model_server_places.split(","))):
+        netns, _, host = entry.rpartition("/")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"FLYWHEEL_MODEL_SERVER_PLACES: {entry!r} is not [netns/]address") from None
+        out.append((netns or None, host))
+    return out
 
 
 def _die_with_parent() -> None:

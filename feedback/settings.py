@@ -95,6 +95,12 @@ class Settings(BaseSettings):
         description="With serving=servers: model servers per version (an answer goes to the least "
         "loaded; losing one costs only the answers it was streaming).",
     )
+    model_server_places: str = Field(
+        "",
+        description="With serving=servers: where model servers run, comma-separated `[netns/]host` (server i of a "
+        "version goes to place i mod their count; a netns is a network namespace, `benchmarks.fleet --netns` makes "
+        "them). Empty: every server on 127.0.0.1. Off loopback, servers and app need FLYWHEEL_MODEL_SERVER_TOKEN.",
+    )
     serve_engine: Literal["llama.cpp", "transformers"] = Field(
         "llama.cpp",
         description="Engine of in-process (embedded) backends: llama.cpp (GGUF export made on first load, fast on "

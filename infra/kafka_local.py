@@ -286,6 +286,7 @@ class Node:
     port: int
     controller_port: int
     dir: Path
+    netns: str | None = None  # a network namespace to run in (the fleet rehearsal's own address per broker)
 
     @property
     def address(self) -> str:
@@ -301,7 +302,7 @@ def cluster_nodes(s: Settings, n: int | None = None) -> list[Node]:
     layout = cluster_dir(s) / "cluster.json"
     if n is None and layout.exists():
         return [
-            Node(d["node_id"], d["host"], d["port"], d["controller_port"], Path(d["dir"]))
+            Node(d["node_id"], d["host"], d["port"], d["controller_port"], Path(d["dir"]), d.get("netns"))
             for d in json.loads(layout.read_text())
         ]
     n = n or 3
@@ -398,8 +399,10 @@ def start_node(s: Settings, node: Node, nodes: list[Node], cluster_id: str) -> i
             capture_output=True,
         )
     with open(node.dir / "broker.log", "ab") as log:
+        netns = ["/usr/sbin/ip", "netns", "exec", node.netns] if node.netns else []
         proc = subprocess.Popen(
             [
+                *netns,
                 _java(),
                 f"-Xmx{s.kafka_heap}",
                 "-Xms128m",
@@ -434,13 +437,22 @@ def cluster_id(s: Settings) -> str:
 
 
 def start_cluster(
-    s: Settings, brokers: int = 3, wait_s: float = 180.0, create_topics: bool = True, quiet: bool = False
+    s: Settings,
+    brokers: int = 3,
+    wait_s: float = 180.0,
+    create_topics: bool = True,
+    quiet: bool = False,
+    nodes: list[Node] | None = None,
 ) -> BrokerStatus:
-    """Start (or find running) a local cluster of ``brokers`` nodes and wait until every broker answers."""
+    """Start (or find running) a local cluster of ``brokers`` nodes and wait until every broker answers.
+    ``nodes`` lays a new cluster out explicitly (hosts and namespaces of their own: ``benchmarks.fleet --netns``)."""
     from feedback.topics import ensure_topics
 
     layout = cluster_dir(s) / "cluster.json"
-    nodes = cluster_nodes(s) if layout.exists() else cluster_nodes(s, brokers)
+    if layout.exists():
+        nodes = cluster_nodes(s)
+    elif nodes is None:
+        nodes = cluster_nodes(s, brokers)
     if len(nodes) != brokers:
         raise KafkaError(
             f"a {len(nodes)}-broker cluster already lives in {cluster_dir(s)}; stop it and remove "
@@ -456,6 +468,7 @@ def start_cluster(
                     "port": n.port,
                     "controller_port": n.controller_port,
                     "dir": str(n.dir),
+                    "netns": n.netns,
                 }
                 for n in nodes
             ]

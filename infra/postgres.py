@@ -47,10 +47,12 @@ class Instance:
     password: str
     running: bool = False
     pid: int | None = None
+    host: str = "127.0.0.1"  # the address it listens on (loopback, unless a rehearsal gives it a namespace's)
+    netns: str | None = None  # the network namespace it runs in (``benchmarks.fleet --netns``)
 
     @property
     def url(self) -> str:
-        return f"postgresql://{SUPERUSER}:{self.password}@127.0.0.1:{self.port}/{DATABASE}"
+        return f"postgresql://{SUPERUSER}:{self.password}@{self.host}:{self.port}/{DATABASE}"
 
     def as_dict(self) -> dict:
         out = asdict(self)
@@ -84,10 +86,12 @@ def _base(settings: Settings) -> Path:
     return (settings.home / "postgres").resolve()
 
 
-def _run(cmd: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
-    """A PostgreSQL tool, as the ``postgres`` user when we are root."""
+def _run(cmd: list[str], timeout: float = 120, netns: str | None = None) -> subprocess.CompletedProcess:
+    """A PostgreSQL tool, as the ``postgres`` user when we are root (inside ``netns`` when one is named)."""
     if _as_root():
         cmd = ["runuser", "-u", SYSTEM_USER, "--", *cmd]
+    if netns:
+        cmd = ["/usr/sbin/ip", "netns", "exec", netns, *cmd]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
@@ -100,7 +104,8 @@ def _save(settings: Settings, inst: Instance) -> None:
     path = record_path(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"port": inst.port, "base": inst.base, "password": inst.password}))
+    record = {"port": inst.port, "base": inst.base, "password": inst.password, "host": inst.host, "netns": inst.netns}
+    tmp.write_text(json.dumps(record))
     os.chmod(tmp, 0o600)
     tmp.replace(path)
 
@@ -143,22 +148,38 @@ def _initdb(base: Path, password: str) -> None:
         raise PostgresError(f"initdb failed: {(done.stderr or done.stdout).strip()[-500:]}")
 
 
-def start(settings: Settings, timeout_s: float = 60.0) -> Instance:
-    """Initialise once, start if not running, create the database; the instance (``running`` True)."""
+def start(
+    settings: Settings,
+    timeout_s: float = 60.0,
+    host: str = "127.0.0.1",
+    netns: str | None = None,
+    allow: str | None = None,
+) -> Instance:
+    """Initialise once, start if not running, create the database; the instance (``running`` True).
+
+    A new instance listens on ``host`` (loopback by default) inside ``netns`` (none by default), and accepts
+    password connections from the ``allow`` subnet beside loopback (the fleet rehearsal's namespaces); these are
+    kept in its record, so a restart keeps them."""
     inst = _load(settings)
     if inst is None:
-        inst = Instance(port=settings.db_port, base=str(_base(settings)), password=secrets.token_urlsafe(24))
+        inst = Instance(
+            port=settings.db_port, base=str(_base(settings)), password=secrets.token_urlsafe(24), host=host, netns=netns
+        )
         if (Path(inst.base) / "data").exists():
             shutil.rmtree(inst.base)  # a cluster whose record was lost: its password is gone with it
         _initdb(Path(inst.base), inst.password)
+        if allow:
+            with open(Path(inst.base) / "data" / "pg_hba.conf", "a") as hba:
+                hba.write(f"host all all {allow} scram-sha-256\n")
         _save(settings, inst)
     base = Path(inst.base)
     if _pid(base) is None:
-        options = f"-p {inst.port} -c listen_addresses=127.0.0.1 -k {base}"
+        options = f"-p {inst.port} -c listen_addresses={inst.host} -k {base}"
         done = _run(
             [str(bin_dir() / "pg_ctl"), "-D", str(base / "data"), "-l", str(base / "postgres.log"), "-o", options]
             + ["-w", "-t", str(int(timeout_s)), "start"],
             timeout=timeout_s + 30,
+            netns=inst.netns,
         )
         if done.returncode != 0:
             log = (base / "postgres.log").read_text(errors="replace")[-800:] if (base / "postgres.log").exists() else ""

@@ -12,6 +12,8 @@ from typing import Protocol
 
 from feedback.events import FinishReason, Sampling
 
+MODEL_SERVER_TOKEN_ENV = "FLYWHEEL_MODEL_SERVER_TOKEN"  # the bearer token a model server off loopback requires
+
 
 class Busy(RuntimeError):
     """The backend is at its concurrency bound; the API answers 429 and the UI a busy message."""

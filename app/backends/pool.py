@@ -4,19 +4,33 @@ losing a server costs nothing but the answers it was streaming (those end with a
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 
-from app.backends.base import Busy, Chunk
+from app.backends.base import MODEL_SERVER_TOKEN_ENV, Busy, Chunk
 from app.backends.remote import RemoteBackend
 from feedback.events import Sampling
 
 
 class ServerPool:
-    def __init__(self, urls: list[str], model: str | None = None, max_concurrency: int = 32, timeout: float = 120.0):
+    """``api_key`` defaults to ``FLYWHEEL_MODEL_SERVER_TOKEN``, which a server listening off loopback requires."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        model: str | None = None,
+        max_concurrency: int = 32,
+        timeout: float = 120.0,
+        api_key: str | None = None,
+    ):
         if not urls:
             raise ValueError("a server pool needs at least one url")
         self.urls = list(urls)
-        self.members = [RemoteBackend(u, model=model, max_concurrency=max_concurrency, timeout=timeout) for u in urls]
+        api_key = api_key or os.environ.get(MODEL_SERVER_TOKEN_ENV) or None
+        self.members = [
+            RemoteBackend(u, model=model, max_concurrency=max_concurrency, timeout=timeout, api_key=api_key)
+            for u in urls
+        ]
         self.name = f"pool:{','.join(urls)}"
         self._turn = 0  # equal loads take turns
 
