@@ -1,6 +1,6 @@
 """The suite's time, from the last local runs (pytest's cache).
 
-- ``python -m tests.durations``: copy the group durations of the last full run into ``tests/durations.json``, which
+- ``python -m tests.durations``: merge the group durations of the last runs into ``tests/durations.json``, which
   a fresh clone uses to start the longest groups first (run it after a full ``make test``);
 - ``python -m tests.durations --tests [N]``: print the N slowest tests (setup + call + teardown, default 40) and
   each group's share of the total: where the suite's time goes.
@@ -46,9 +46,17 @@ def main(argv: list[str]) -> int:
     cached = _cached(DURATIONS_KEY)
     if cached is None:
         return 1
-    seconds = {k: round(v) for k, v in sorted(cached.items(), key=lambda kv: -kv[1])}
+    # Merged into what the file knows: a partial run (`make test-fast`, one file) updates the groups it ran and
+    # keeps the others' figures (replacing the file with it once dropped every slow group from the schedule).
+    merged = json.loads(DURATIONS_FILE.read_text()) if DURATIONS_FILE.exists() else {}
+    merged.update(cached)
+    merged = {k: v for k, v in merged.items() if (REPO / k.split("::")[0]).exists() or not k.startswith("tests/")}
+    seconds = {k: round(v) for k, v in sorted(merged.items(), key=lambda kv: -kv[1])}
     DURATIONS_FILE.write_text(json.dumps(seconds, indent=1) + "\n")
-    print(f"{len(seconds)} groups, {sum(seconds.values())} s in all -> {DURATIONS_FILE.relative_to(REPO)}")
+    print(
+        f"{len(cached)} groups from the last runs merged: {len(seconds)} groups, {sum(seconds.values())} s in all "
+        f"-> {DURATIONS_FILE.relative_to(REPO)}"
+    )
     return 0
 
 
