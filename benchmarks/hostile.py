@@ -4,6 +4,7 @@
     python -m benchmarks.hostile --quick --json         # one round of the whole corpus
     python -m benchmarks.hostile --quick --suite-slice  # the slice the suite runs (every guard, a third of the rest)
     python -m benchmarks.hostile --no-browser           # HTTP only
+    python -m benchmarks.hostile --servers --no-browser # the model in a model server apart (FLYWHEEL_SERVING=servers)
 
 It starts ``python -m app.server`` (the real model, keys required, an admin token) on a free loopback port with a
 throwaway FLYWHEEL_HOME; Kafka points at a closed port, so events wait in the app's spool (nothing here is about
@@ -97,6 +98,7 @@ class LiveServer:
     keys: dict[str, str]  # role -> plaintext key
     key_ids: dict[str, str]
     log_path: Path
+    manager: subprocess.Popen | None = None  # with --servers: app.model_servers, which runs the model server
 
     @property
     def api(self) -> str:
@@ -106,16 +108,17 @@ class LiveServer:
         return self.proc.poll() is None
 
     def stop(self) -> None:
-        if self.alive():
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        for proc in (self.proc, self.manager):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(10)
 
 
-def start_server(home: Path, *, answer_tokens: int) -> LiveServer:
+def start_server(home: Path, *, answer_tokens: int, servers: bool = False) -> LiveServer:
     from app.keys import KeyStore
     from feedback.settings import Settings
 
@@ -139,11 +142,26 @@ def start_server(home: Path, *, answer_tokens: int) -> LiveServer:
         "FLYWHEEL_BASE_MODEL": os.environ.get("FLYWHEEL_BASE_MODEL", str(REPO / ".flywheel" / "models" / "base")),
         "PYTHONPATH": str(REPO),
     }
+    manager = None
+    if servers:  # the model server first (one for the base version), then the app that streams from it
+        from app.model_servers import published_servers
+
+        env["FLYWHEEL_SERVING"] = "servers"
+        with (home / "model-servers.log").open("w") as out:
+            manager = subprocess.Popen(
+                [sys.executable, "-m", "app.model_servers"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + 240
+        while not published_servers(Settings(home=home)):
+            if manager.poll() is not None or time.monotonic() > deadline:
+                manager.kill()
+                raise RuntimeError(f"no model server in 240 s: {(home / 'model-servers.log').read_text()[-3000:]}")
+            time.sleep(0.5)
     log_path = home / "server.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "app.server"], cwd=REPO, env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT
     )
-    server = LiveServer(home, f"http://127.0.0.1:{port}", proc, keys, key_ids, log_path)
+    server = LiveServer(home, f"http://127.0.0.1:{port}", proc, keys, key_ids, log_path, manager)
     deadline = time.monotonic() + 240
     while True:
         if not server.alive():
@@ -166,6 +184,13 @@ def operator_health(server: LiveServer) -> dict:
 def slots_held(server: LiveServer) -> int:
     h = operator_health(server)
     backend = sum(v.get("slots_in_use") or 0 for v in h["model_versions"].values())
+    if server.manager is not None:  # the model servers' own streams in flight (their load is in-flight / 8)
+        from app.model_servers import published_servers
+        from feedback.settings import Settings
+
+        for urls in published_servers(Settings(home=server.home)).values():
+            for url in urls:
+                backend += round(8 * httpx.get(f"{url}/healthz", timeout=10).json()["load"])
     return max(backend, h["open_turns"]) + h["api_streams_open"]
 
 
@@ -784,6 +809,7 @@ def run(
     flood: int | None = None,
     workers: int = 6,
     suite: bool = False,
+    servers: bool = False,
 ) -> dict:
     """One campaign; ``quick``: one round of the corpus; ``suite``: only ``suite_slice`` of it (the test suite)."""
     victim_n = victim_n or (6 if quick else 20)
@@ -802,7 +828,7 @@ def run(
         home = Path(tmp) / "home"
         home.mkdir()
         progress("starting the app (real model, keys required) ...")
-        server = start_server(home, answer_tokens=16)
+        server = start_server(home, answer_tokens=16, servers=servers)
         phase("start")
         try:
             progress(f"quiet baseline: {victim_n} victim answers ...")
@@ -884,6 +910,7 @@ def run(
         "browser": result_browser,
         "events_pending_in_spool": health.get("events", {}).get("pending"),
         "quick": quick,
+        "serving": "servers" if servers else "embedded",
         "load_avg_start": [round(x, 2) for x in load_start],
         "load_avg_end": [round(x, 2) for x in os.getloadavg()],
     }
@@ -922,6 +949,7 @@ def main() -> int:
     ap.add_argument("--victim-requests", type=int, default=None, help="victim answers per phase (default 20)")
     ap.add_argument("--flood", type=int, default=None, help="requests per flood kind per round (default 60)")
     ap.add_argument("--workers", type=int, default=6, help="attacker threads")
+    ap.add_argument("--servers", action="store_true", help="the model in a model server apart from the app")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     a = ap.parse_args()
     if not a.no_browser and not Path(CHROMIUM).exists():
@@ -934,6 +962,7 @@ def main() -> int:
         flood=a.flood,
         workers=a.workers,
         suite=a.suite_slice,
+        servers=a.servers,
     )
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)

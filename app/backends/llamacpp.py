@@ -7,10 +7,13 @@ of the copy bandwidth, and PyTorch has no fast CPU path for lower precisions on 
 bytes. llama-cpp-python's low-level bindings let this backend keep the app's own contract (``batching.py``:
 bound, streaming, cancellation) while llama.cpp does the arithmetic.
 
-How a step is built: one ``llama_batch`` holds, for every decoding sequence, its last sampled token, plus at most
-``prefill_chunk`` prompt tokens of sequences still being prefilled (oldest first). So a long prompt is fed a
-chunk per step, interleaved with everyone else's decoding, and never freezes the other streams, while a short
-prompt is prefilled within the step it arrives in. Each sequence has its own KV-cache stream
+How a step is built: one ``llama_batch`` holds, for every decoding sequence, its last sampled token, plus prompt
+tokens of sequences still being prefilled (the party served least first) up to this step's prefill budget
+(``PrefillBudget``). So a long prompt is fed a chunk per step, interleaved with everyone else's decoding, while a
+short prompt is prefilled within the step it arrives in. The budget is sized by measured cost: while streams
+decode, as many prompt tokens as keep the step within ``step_target_s`` (their pause between two tokens); while
+no stream decodes, it doubles each step up to ``prefill_max`` (nobody waits on the step, so bigger chunks only
+make the prompt's own first token sooner). Each sequence has its own KV-cache stream
 (``kv_unified=False``), so attention reads only its own history. Prompts are the model's chat template through
 the Hugging Face tokenizer (the same ids the transformers engine feeds), and text is decoded by the same tokenizer.
 
@@ -28,8 +31,10 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -166,6 +171,51 @@ class Engine:
             self.ctx = None
 
 
+class PrefillBudget:
+    """How many prompt tokens the next step may prefill.
+
+    A step's time is about ``rows_s + n * u * (K + context)``: the decoding rows' share, and each prefilled
+    token's own cost, which grows with the context it attends over (``K`` is the context at which attention costs
+    as much as the rest of the token, measured on this model; a 64-token chunk took ~470 ms at ~1,500 tokens of
+    context, so no fixed chunk keeps a running stream's pause short). ``rows_s`` and ``u`` are estimated from the
+    steps just computed (``observe``), so the chunk shrinks as the prompt's context grows and as the machine
+    gets busier. With nobody decoding, the budget doubles each step from ``start`` to ``most``."""
+
+    def __init__(
+        self, start: int = 64, most: int = 256, least: int = 8, step_target_s: float = 0.18, k_tokens: float = 2000
+    ):
+        self.start, self.most, self.least = max(1, start), max(1, most, start), max(1, min(least, start))
+        self.step_target_s, self.k = step_target_s, k_tokens
+        self.rows_s: float | None = None  # seconds of a step with decoding rows only
+        self.u: float | None = None  # seconds per prefilled token per token of (K + context)
+        self._alone = self.start
+
+    def next(self, decoding: int, context: int = 0) -> int:
+        """The budget of a step with ``decoding`` rows whose first prompt chunk starts at position ``context``."""
+        if decoding == 0:
+            budget, self._alone = self._alone, min(self.most, self._alone * 2)
+            return budget
+        self._alone = self.start
+        if self.u is None:
+            return self.start
+        room = max(self.step_target_s - (self.rows_s or 0.0), 0.0)
+        # n * u * (K + context + n / 2) = room: each token attends over the context before it
+        a = self.k + context
+        n = -a + math.sqrt(a * a + 2 * room / self.u)
+        return int(max(self.least, min(self.most, n)))
+
+    def observe(self, decoding: int, prefilled: int, seconds: float, context: float = 0.0) -> None:
+        """A step with ``decoding`` rows and ``prefilled`` prompt tokens, attending on average over ``context``
+        tokens, took ``seconds``."""
+        if prefilled == 0:
+            if decoding:
+                self.rows_s = seconds if self.rows_s is None else 0.7 * self.rows_s + 0.3 * seconds
+            return
+        own = max(seconds - (self.rows_s or 0.0) if decoding else seconds, 1e-6) / prefilled
+        u = own / (self.k + context)
+        self.u = u if self.u is None else 0.3 * self.u + 0.7 * u  # the context grows: weigh the latest
+
+
 class LlamaCppBackend(BatchingBackend):
     """A model version served by llama.cpp from its GGUF export at ``precision`` (converted on first load)."""
 
@@ -178,20 +228,23 @@ class LlamaCppBackend(BatchingBackend):
         *,
         precision: str = "f16",
         num_threads: int | None = None,
-        prefill_chunk: int = 64,  # 8 users arriving at once: TTFT p50 320-365 ms at 64, 420-430 at 128
+        prefill_chunk: int = 64,  # the first chunk; 8 users arriving at once: TTFT p50 320-365 ms at 64, 420-430 at 128
+        prefill_max: int = 256,  # the most prompt tokens a step prefills (the budget's ceiling)
+        step_target_s: float = 0.18,  # while streams decode, a step (their pause between tokens) this long at most
     ):
         from transformers import AutoTokenizer, GenerationConfig
 
         model_path = Path(model_path)
         self.precision = precision
         self.prefill_chunk = max(1, prefill_chunk)
+        self.budget = PrefillBudget(self.prefill_chunk, max(prefill_max, self.prefill_chunk), 8, step_target_s)
         self.gguf_path = ensure_gguf(model_path, precision)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         try:
             eos = GenerationConfig.from_pretrained(model_path).eos_token_id
         except OSError:  # no generation_config.json: the tokenizer's eos and the usual chat ends
             eos = None
-        n_batch = self.prefill_chunk + max_concurrency  # one token per decoding row plus one prefill chunk
+        n_batch = self.budget.most + max_concurrency  # one token per decoding row plus the largest prefill
         # sequences 0..max_concurrency-1 are the slots; one more holds the template's public preamble
         self._template_seq = max_concurrency
         self._engine = Engine(
@@ -243,8 +296,13 @@ class LlamaCppBackend(BatchingBackend):
             self._release(req)
         if not self._rows:
             return
-        parts, outs = self._plan()
+        parts, outs, decoding = self._plan()
+        t0 = time.perf_counter()
         rows = [i for i in self._engine.decode(parts) if i >= 0]
+        chunks = parts[decoding:]
+        prefilled = sum(len(toks) for _, toks, _, _ in chunks)
+        context = sum(len(toks) * (pos + len(toks) / 2) for _, toks, pos, _ in chunks) / max(prefilled, 1)
+        self.budget.observe(decoding, prefilled, time.perf_counter() - t0, context)
         for i, req in zip(rows, outs, strict=True):
             tok = self._sample(self._engine.logits(i), req)
             req.extra.setdefault("answer", []).append(tok)
@@ -299,9 +357,10 @@ class LlamaCppBackend(BatchingBackend):
                 self._engine.forget(slot)
         return len(slots)
 
-    def _plan(self) -> tuple[list[Part], list[Request]]:
-        """This step's batch: each decoding row's last token, then prompt chunks within ``prefill_chunk``, the
-        party served least first (``_order``): a flooder's long prompts wait behind a quiet user's short one."""
+    def _plan(self) -> tuple[list[Part], list[Request], int]:
+        """This step's batch: each decoding row's last token, then prompt chunks within the step's budget
+        (``PrefillBudget``), the party served least first (``_order``): a flooder's long prompts wait behind a
+        quiet user's short one. Also returns how many rows decode."""
         parts: list[Part] = []
         outs: list[Request] = []
         for req in self._rows:
@@ -309,8 +368,10 @@ class LlamaCppBackend(BatchingBackend):
                 parts.append((req.slot, [req.last], req.fed, True))
                 outs.append(req)
                 req.fed += 1
-        budget = self.prefill_chunk
-        for req in sorted((r for r in self._rows if r.fed < len(r.ids)), key=self._order):
+        decoding = len(parts)
+        prefilling = sorted((r for r in self._rows if r.fed < len(r.ids)), key=self._order)
+        budget = self.budget.next(decoding, prefilling[0].fed) if prefilling else 0
+        for req in prefilling:
             if budget <= 0:
                 break
             chunk = req.ids[req.fed : req.fed + budget]
@@ -321,7 +382,7 @@ class LlamaCppBackend(BatchingBackend):
             req.fed += len(chunk)
             budget -= len(chunk)
             self._charge_prefill(req, len(chunk))
-        return parts, outs
+        return parts, outs, decoding
 
     def _sample(self, logits: np.ndarray, req: Request) -> int:
         s = req.sampling

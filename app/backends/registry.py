@@ -25,7 +25,7 @@ from feedback.settings import Settings, get_settings
 
 _EMBEDDED_KEYS = {"max_concurrency", "max_queue", "max_context_tokens", "num_threads"}
 _TRANSFORMERS_KEYS = _EMBEDDED_KEYS | {"device"}
-_LLAMA_CPP_KEYS = _EMBEDDED_KEYS | {"precision", "prefill_chunk"}
+_LLAMA_CPP_KEYS = _EMBEDDED_KEYS | {"precision", "prefill_chunk", "prefill_max", "step_target_s"}
 _REMOTE_KEYS = {"model", "max_concurrency", "timeout"}
 
 

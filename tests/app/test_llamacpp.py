@@ -79,8 +79,9 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_other_streams_keep_decoding(
     """With 16-token prefill chunks, a ~1,000-token prompt takes dozens of steps to prefill; a stream already
     running receives tokens during those steps instead of waiting for the whole prefill."""
     backend = build_backend(
-        {"kind": "embedded", "path": str(MODEL), "engine": "llama.cpp", "max_concurrency": 2, "prefill_chunk": 16}
-    )
+        {"kind": "embedded", "path": str(MODEL), "engine": "llama.cpp", "max_concurrency": 2, "prefill_chunk": 16,
+         "prefill_max": 16}
+    )  # fmt: skip
     long_prompt = "Here is one more paragraph of background to read carefully. " * 80
 
     async def run():
@@ -109,6 +110,33 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_other_streams_keep_decoding(
         asyncio.run(backend.aclose())
     assert prompt_tokens > 600
     assert len(during) >= 10, f"the running stream got {len(during)} chunks while {prompt_tokens} tokens prefilled"
+
+
+def test_the_prefill_budget_keeps_steps_short_while_streams_decode_and_grows_while_none_do():
+    """A synthetic machine whose prefill cost per token grows with the context, as measured (a 64-token chunk:
+    ~470 ms near 1,500 tokens of context): the budget keeps every step with decoding rows within its target once
+    it has measured one, and with nobody decoding it doubles to its ceiling."""
+    from app.backends.llamacpp import PrefillBudget
+
+    def step_s(rows: int, chunk: int, fed: int) -> float:  # each token attends over the context before it
+        return 0.03 + 0.002 * rows + chunk * 0.000003 * (500 + fed + chunk / 2)
+
+    b = PrefillBudget(start=64, most=256, step_target_s=0.18)
+    assert [b.next(0) for _ in range(4)] == [64, 128, 256, 256]  # alone: doubling to the ceiling
+    for _ in range(3):  # streams decode: their own steps are measured
+        b.observe(4, 0, step_s(4, 0, 0))
+    fed, steps = 0, []
+    while fed < 1500:
+        chunk = min(b.next(4, fed), 1500 - fed)
+        t = step_s(4, chunk, fed)
+        b.observe(4, chunk, t, fed + chunk / 2)
+        steps.append(t)
+        fed += chunk
+    assert steps[0] == pytest.approx(step_s(4, 64, 0))  # the first chunk, before any prefill was measured
+    # then within the target, though the budget's K (2,000 tokens) is not this machine's (500)
+    assert max(steps[1:]) <= 0.18 * 1.1, max(steps)
+    assert len(steps) < 1500 / 8  # and the prompt still moves by more than the floor
+    assert b.next(0) == 64  # streams ended: alone again, from the first chunk
 
 
 def test_every_loaded_version_computes_on_one_thread(monkeypatch):
