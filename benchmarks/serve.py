@@ -640,6 +640,19 @@ async def bench(args: argparse.Namespace) -> dict:
             report["stall"] = await run_stall(target, args.stall_users, args.stall_prompt_tokens, args.tokens)
     finally:
         await target.close()
+    if args.stall_users and args.stall_baseline and engine == "llama.cpp":
+        # The same stall with the fixed 64-token chunk every step (the engine before its measured budget), in
+        # this run: the machine is shared, so the comparison is side by side.
+        progress("the same long prompt, fixed 64-token prefill chunks (baseline) ...")
+        fixed_spec = {**spec, "prefill_max": 64, "step_target_s": 1e3}
+        fixed = (ApiTarget if target_name == "api" else BackendTarget)(fixed_spec)
+        try:
+            await fixed.request(PROMPTS[0], 8)
+            report["stall_fixed_chunk"] = await run_stall(
+                fixed, args.stall_users, args.stall_prompt_tokens, args.tokens
+            )
+        finally:
+            await fixed.close()
     if args.peer and engine == "llama.cpp":
         progress("peer: llama-server, the same users through HTTP ...")
         try:
@@ -726,6 +739,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-quality", dest="quality", action="store_false", help="skip perplexity / greedy agreement")
     p.add_argument("--stall-users", type=int, default=4, help="streams running while a long prompt joins (0: skip)")
     p.add_argument("--stall-prompt-tokens", type=int, default=1500, help="about how long the joining prompt is")
+    p.add_argument(
+        "--no-stall-baseline",
+        dest="stall_baseline",
+        action="store_false",
+        help="skip the stall's baseline (fixed 64-token prefill chunks, the same run)",
+    )
     p.add_argument("--model", default=str(settings.base_model_path), help="model directory")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
@@ -763,6 +782,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"peer server: not measured ({report['peer_server_error']})")
     if "stall" in report:
         print("long prompt joining:", report["stall"])
+    if "stall_fixed_chunk" in report:
+        print("  with fixed 64-token chunks:", report["stall_fixed_chunk"])
     if "quality" in report:
         print("quality:", json.dumps(report["quality"]))
     for name, c in report["checks"].items():

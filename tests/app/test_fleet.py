@@ -36,7 +36,7 @@ def _chat(client: httpx.Client, url: str, user: str, text: str) -> httpx.Respons
 def test_a_users_session_is_the_same_on_both_replicas(fleet):
     headers = {"Authorization": f"Bearer {fleet.keys[0]}", "X-Flywheel-Consent": "1"}
     with httpx.Client(headers=headers, timeout=120) as client:
-        direct = [f"http://127.0.0.1:{p}" for p in fleet.ports]
+        direct = [f"http://{a}" for a in fleet.addrs]
         served = [_chat(client, direct[i], "ann", f"question {i}") for i in (0, 1)]
         assert all(r.status_code == 200 for r in served), [r.text for r in served]
         for i in (0, 1):  # each turn rated on the replica that did not serve it
@@ -51,8 +51,8 @@ def test_a_users_session_is_the_same_on_both_replicas(fleet):
         assert page.status_code == 200 and browser.cookies.get("flywheel_uid")
         again = [browser.get(fleet.url + "/") for _ in range(6)]  # with the cookie: on one replica (Gradio's queue)
         assert len({fleet.replica_of(r) for r in again}) == 1, "a browser user with a cookie stays on one replica"
-        for port in fleet.ports:
-            r = browser.get(f"http://127.0.0.1:{port}/")
+        for addr in fleet.addrs:
+            r = browser.get(f"http://{addr}/")
             assert r.status_code == 200 and "set-cookie" not in r.headers, "the other replica issued a new user"
 
 
