@@ -116,7 +116,7 @@ def test_the_prefill_budget_keeps_steps_short_while_streams_decode_and_grows_whi
     """A synthetic machine whose prefill cost per token grows with the context, as measured (a 64-token chunk:
     ~470 ms near 1,500 tokens of context): the budget keeps every step with decoding rows within its target once
     it has measured one, and with nobody decoding it doubles to its ceiling."""
-    from app.backends.llamacpp import PrefillBudget
+    from app.backends.prefill import PrefillBudget
 
     def step_s(rows: int, chunk: int, fed: int) -> float:  # each token attends over the context before it
         return 0.03 + 0.002 * rows + chunk * 0.000003 * (500 + fed + chunk / 2)
