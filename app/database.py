@@ -221,7 +221,11 @@ class PgBuckets:
     row. A statement past ``timeout_s`` raises ``StoreBusy``; a database that does not answer, ``StoreDown``
     (``PgConnection``, which retries every ``reconnect_s``)."""
 
-    NOW = "extract(epoch from clock_timestamp())::float8"
+    # One instant per take: clock_timestamp() moves between its evaluations in one statement, so a take could refill
+    # at one instant, decide at a later one (admitted without a token taken: 47 admitted against a limit of 46.4)
+    # and stamp a third. statement_timestamp() is fixed for the statement; a take that started before another but
+    # got the row after it refills nothing (``greatest``) and keeps the later stamp.
+    NOW = "extract(epoch from statement_timestamp())::float8"
 
     def __init__(self, url: str, rate: float, burst: int, timeout_s: float = 0.25, reconnect_s: float = 5.0):
         self.rate, self.burst = rate, burst

@@ -55,6 +55,29 @@ def test_migrations_run_once_and_a_newer_schema_is_refused(pg):
             con.execute("DELETE FROM flywheel_schema WHERE version > %s", (latest(),))
 
 
+def test_a_bucket_holds_exactly_its_refill_to_its_update_time_minus_what_was_taken(pg):
+    """One take reads the clock once: a statement that refilled at one instant, decided at a later one and stamped
+    a third could admit without taking a token (47 admitted against a limit of 46.4 in a loaded run)."""
+    _, inst = pg
+    rate, burst, bucket = 1000.0, 3, "key:consistent"
+    b = PgBuckets(inst.url, rate, burst)
+    try:
+        with psycopg.connect(inst.url, autocommit=True) as con:
+            row = lambda: con.execute(  # noqa: E731
+                "SELECT tokens, updated FROM rate_buckets WHERE bucket = %s", (bucket,)
+            ).fetchone()
+            b.take(bucket)
+            tokens, updated = row()
+            for _ in range(200):
+                admitted = b.take(bucket) is None
+                t, u = row()
+                refilled = min(burst, tokens + max(0.0, u - updated) * rate)
+                assert t == pytest.approx(refilled - admitted, abs=1e-6), (t, refilled, admitted, u - updated)
+                tokens, updated = t, u
+    finally:
+        b.close()
+
+
 @pytest.mark.slow  # two processes for 2 s each
 def test_two_replicas_on_postgres_never_give_a_key_twice_its_rate(pg):
     from benchmarks.limits import overshoot
