@@ -65,6 +65,7 @@ def ui(kafka_broker: Settings, tmp_path_factory, model_backend):
     publish_plan(s, plan)
     # 24 tokens: long enough to click Stop mid-answer; a story hit the limit in 40 of 40 tries at 32 tokens
     app = start_app(s, {"base": model_backend, "canary": model_backend}, max_new_tokens=24)
+    _BACKENDS[:] = [model_backend]
     try:
         assert app.service.router.wait_for(plan.plan_id, timeout=15)
         yield s, app
@@ -84,6 +85,29 @@ def browser():
         b.close()
 
 
+_BACKENDS: list = []  # the module's model, for what a timed-out wait reports
+
+
+def _why(page, waited_for: str) -> str:
+    """What a timed-out wait saw: the model's requests in flight and the page's text (a CI run timed out twice in a
+    row here, a second answer and then a fresh page, and said nothing more)."""
+    inflight = [getattr(b, "_inflight", None) for b in _BACKENDS]
+    try:
+        text = page.evaluate("document.body ? document.body.innerText : ''")[-600:]
+    except Exception as e:  # noqa: BLE001 - the report must not hide the timeout
+        text = f"(page unreadable: {e})"
+    return f"timed out waiting for {waited_for}; model requests in flight {inflight}; page text ends: {text!r}"
+
+
+def _wait(page, waited_for: str, fn) -> None:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        fn()
+    except PlaywrightTimeout:
+        pytest.fail(_why(page, waited_for))
+
+
 def open_page(browser, url: str, viewport: dict, requests: list[str] | None = None):
     """A new person (fresh context, so a fresh cookie) on the chat page."""
     ctx = browser.new_context(viewport=viewport, is_mobile=viewport is PHONE, has_touch=viewport is PHONE)
@@ -92,7 +116,7 @@ def open_page(browser, url: str, viewport: dict, requests: list[str] | None = No
     if requests is not None:
         page.on("request", lambda r: requests.append(r.url))
     page.goto(url + "/")
-    page.wait_for_selector("#msg textarea", timeout=60_000)
+    _wait(page, "the chat box", lambda: page.wait_for_selector("#msg textarea", timeout=60_000))
     return page
 
 
@@ -104,13 +128,18 @@ def open_sidebar(page) -> None:
 
 
 def send(page, text: str) -> None:
+    """Type and press Enter, then wait until the message is in the chat (a send the page dropped fails here)."""
+    sent = "document.querySelectorAll('#chatbot [data-testid=user]').length"
+    before = page.evaluate(sent)
     page.fill("#msg textarea", text)
     page.keyboard.press("Enter")
+    _wait(page, "the message in the chat", lambda: page.wait_for_function(f"{sent} > {before}", timeout=60_000))
 
 
 def wait_answers(page, n: int) -> None:
     """Until ``n`` answers are finished (a finished answer has its version footer)."""
-    page.wait_for_function(f"document.querySelectorAll('#chatbot .fw-version').length === {n}", timeout=ANSWER_S * 1000)
+    js = f"document.querySelectorAll('#chatbot .fw-version').length === {n}"
+    _wait(page, f"{n} finished answers", lambda: page.wait_for_function(js, timeout=ANSWER_S * 1000))
 
 
 def wait_streaming(page) -> None:
