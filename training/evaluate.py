@@ -230,7 +230,8 @@ def evaluate(
     if len(prompts) >= cfg.min_eval_prompts:
         judged = {s: suites[s][0] for s in (HELDOUT, "overrefusal", "refqa")}
         say(f"[evaluate] judging {sum(map(len, judged.values()))} answer pairs with {judge_info.name} ...")
-        results.update(judge_answers(judge_info, judged, answers["candidate"], answers["production"], pairs, cfg))
+        keep = lambda kind, payload, compute: _cached(judge_info, kind, [prod.name, payload], compute)  # noqa: E731
+        results.update(judge_answers(judge_info, judged, answers["candidate"], answers["production"], pairs, cfg, keep))
     else:
         results["win_rate"] = results["lc_win_rate"] = None
         results["heldout_prompts"] = len(prompts)

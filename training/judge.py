@@ -10,7 +10,7 @@ held-out suite's rate is read at zero length difference) and how strongly the ju
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from feedback.settings import Settings
@@ -73,10 +73,14 @@ def judge_answers(
     prod: dict[str, Sequence[str]],
     pairs: list[dict[str, Any]],
     cfg: GateConfig,
+    cached: Callable[[str, Any, Callable[[], Any]], Any] | None = None,
 ) -> dict[str, Any]:
     """Score every suite's answer pairs with the judge; raw and length-controlled win rates, length correlation.
 
-    ``prompts[HELDOUT]`` is the suite the gate reads; the other suites only help fit the judge's length slope."""
+    ``prompts[HELDOUT]`` is the suite the gate reads; the other suites only help fit the judge's length slope.
+    ``cached(kind, payload, compute)`` keeps what does not depend on the candidate (production's scores, the
+    held-out pairs' scores) for the next candidate judged against the same production (~half the judging)."""
+    keep = cached or (lambda kind, payload, compute: compute())
     tok = load_tokenizer(judge_info.path)
     rm = load_reward_model(judge_info.path, tok).eval()
     out: list[float] = []
@@ -88,7 +92,8 @@ def judge_answers(
         if not convs:
             continue
         c = reward_scores(rm, tok, convs, cand[suite])
-        p = reward_scores(rm, tok, convs, prod[suite])
+        theirs = list(prod[suite])
+        p = keep("judge_scores", [list(convs), theirs], lambda c=convs, a=theirs: reward_scores(rm, tok, c, a))
         o = outcomes(c, p, cfg.tie_margin)
         if suite == HELDOUT:
             heldout = o
@@ -109,7 +114,12 @@ def judge_answers(
     corr = length_correlation(score_diff, delta)
     res["judge_length_corr"], res["judge_length_corr_p"] = corr["rho"], corr["p_value"]
     if pairs:
-        chosen, rejected = pair_scores(rm, tok, pairs)
+        key = [
+            [[{"role": m["role"], "content": m["content"]} for m in p["prompt"]], p["chosen"][-1]["content"]]
+            + [p["rejected"][-1]["content"]]
+            for p in pairs
+        ]
+        chosen, rejected = keep("judge_pairs", key, lambda: pair_scores(rm, tok, pairs))
         res["judge_accuracy"] = sum(a > b for a, b in zip(chosen, rejected, strict=True)) / len(pairs)
         pc = length_correlation(
             [a - b for a, b in zip(chosen, rejected, strict=True)],

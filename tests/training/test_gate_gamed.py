@@ -213,3 +213,5 @@ def test_a_good_candidate_passes(gamed):
     lineage = json.loads((Path(registry.get_version(settings, roles["good"]).path) / "lineage.json").read_text())
     assert lineage["eval"]["capability"]["metrics"]["refqa_accuracy"]["n"] == 64, "figures on the model card"
     assert lineage["gate"] == "passed" and registry.promotable(settings, roles["good"]) == (True, "ok")
+    kept = Path(registry.get_version(settings, roles["judge"]).path) / "eval_cache"
+    assert list(kept.glob("judge_scores-*.json")) and list(kept.glob("judge_pairs-*.json")), "production's scores kept"
