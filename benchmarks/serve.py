@@ -212,7 +212,7 @@ def quality(model_path: Path, precisions: list[str], new_tokens: int = 32) -> di
 
     from app.backends.batching import stop_ids
     from app.backends.gguf import ensure_gguf
-    from app.backends.llamacpp import greedy, score
+    from app.backends.llamacpp_quality import greedy, score
 
     progress("quality: transformers fp32 reference (perplexity, greedy) ...")
     ref_ppl, ref_greedy = transformers_reference(model_path, new_tokens)

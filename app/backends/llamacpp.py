@@ -81,8 +81,29 @@ def _llama():
 class Engine:
     """One GGUF model and one context: fill a batch, decode it, read logits. Not thread-safe: one owner."""
 
-    def __init__(self, gguf_path: Path, n_ctx: int, n_seq: int, n_batch: int, num_threads: int | None = None):
-        _on_llama_thread(self._load, gguf_path, n_ctx, n_seq, n_batch, num_threads)
+    # A step of at most this many tokens (decoding rows, no prompt chunk) computes on ``small_threads`` threads.
+    # Measured per step on 2 cores (sleeping OpenMP waits, the stack's setting): 1 row 10 ms on one thread vs 21 ms
+    # on two, 4 rows 21 vs 34, 8 rows 40 vs 42; a 64-token prompt chunk 95 vs 73 ms, 256 tokens 350 vs 204 ms
+    # (``python -m benchmarks.threads``). A small step is too little work to pay two threads' wake-ups at each of
+    # its ~100 barriers, and one thread never waits on a partner descheduled by a process beside it (training).
+    SMALL_STEP_TOKENS = 16
+
+    def __init__(
+        self,
+        gguf_path: Path,
+        n_ctx: int,
+        n_seq: int,
+        n_batch: int,
+        num_threads: int | None = None,
+        small_threads: int | None = None,
+    ):
+        self.threads = num_threads or len(os.sched_getaffinity(0))
+        if small_threads is None:  # spinning waits (OpenMP's default) make two threads pay off even on small steps
+            passive = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
+            small_threads = 1 if passive else self.threads
+        self.small_threads = max(1, min(small_threads, self.threads))
+        self._threads_now = self.threads
+        _on_llama_thread(self._load, gguf_path, n_ctx, n_seq, n_batch, self.threads)
 
     def _load(self, gguf_path: Path, n_ctx: int, n_seq: int, n_batch: int, num_threads: int | None) -> None:
         self.L = L = _llama()
@@ -91,7 +112,7 @@ class Engine:
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {gguf_path}")
         self.n_ctx_train = L.llama_model_n_ctx_train(self.model)
-        threads = num_threads or len(os.sched_getaffinity(0))
+        threads = num_threads
         cparams = L.llama_context_default_params()
         cparams.n_seq_max = n_seq
         cparams.n_ctx = n_ctx  # each sequence gets n_ctx / n_seq of its own
@@ -132,10 +153,16 @@ class Engine:
                 b.logits[n] = want and j == len(toks) - 1
                 n += 1
         b.n_tokens = n
-        rc = _on_llama_thread(self.L.llama_decode, self.ctx, b)
+        rc = _on_llama_thread(self._decode, b, self.small_threads if n <= self.SMALL_STEP_TOKENS else self.threads)
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
         return rows
+
+    def _decode(self, batch, threads: int) -> int:
+        if threads != self._threads_now:
+            self.L.llama_set_n_threads(self.ctx, threads, threads)
+            self._threads_now = threads
+        return self.L.llama_decode(self.ctx, batch)
 
     def logits(self, i: int) -> np.ndarray:
         """Logits of the last decode's batch token ``i`` (one asked for); valid until the next decode."""
@@ -183,6 +210,7 @@ class LlamaCppBackend(BatchingBackend):
         *,
         precision: str = "f16",
         num_threads: int | None = None,
+        small_step_threads: int | None = None,  # threads of a step of a few decoding rows (``Engine``)
         prefill_chunk: int = 64,  # the first chunk; 8 users arriving at once: TTFT p50 320-365 ms at 64, 420-430 at 128
         prefill_max: int = 256,  # the most prompt tokens a step prefills (the budget's ceiling)
         step_target_s: float = 0.18,  # while streams decode, a step (their pause between tokens) this long at most
@@ -203,7 +231,12 @@ class LlamaCppBackend(BatchingBackend):
         # sequences 0..max_concurrency-1 are the slots; one more holds the template's public preamble
         self._template_seq = max_concurrency
         self._engine = Engine(
-            self.gguf_path, max_context_tokens * (max_concurrency + 1), max_concurrency + 1, n_batch, num_threads
+            self.gguf_path,
+            max_context_tokens * (max_concurrency + 1),
+            max_concurrency + 1,
+            n_batch,
+            num_threads,
+            small_step_threads,
         )
         context = min(max_context_tokens, self._engine.n_ctx_train or max_context_tokens)
         self._free = list(range(max_concurrency))[::-1]
@@ -378,58 +411,3 @@ def _shared(cached: list[int], ids: list[int], limit: int) -> int:
     """Length of the common prefix of ``cached`` and ``ids``, at most ``limit``."""
     n = min(len(cached), limit)
     return next((i for i in range(n) if cached[i] != ids[i]), max(n, 0))
-
-
-# ---- quality checks of a precision (the benchmark and the tests use these) ----
-
-
-def score(gguf_path: str | Path, sequences: list[tuple[list[int], int]], num_threads: int | None = None):
-    """Negative log-likelihood (nats, summed) of each sequence's tokens from index ``start`` on, and their count:
-    perplexity is ``exp(nll / count)``."""
-    longest = max(len(ids) for ids, _ in sequences)
-    engine = Engine(Path(gguf_path), max(256, longest), 1, longest, num_threads)
-    nll, count = 0.0, 0
-    try:
-        for ids, start in sequences:
-            engine.forget()
-            b = engine.batch
-            for j, tok in enumerate(ids):
-                b.token[j], b.pos[j], b.n_seq_id[j] = tok, j, 1
-                b.seq_id[j][0] = 0
-                b.logits[j] = start - 1 <= j < len(ids) - 1
-            b.n_tokens = len(ids)
-            if _on_llama_thread(engine.L.llama_decode, engine.ctx, b) != 0:
-                raise RuntimeError("llama_decode failed while scoring")
-            for j in range(start - 1, len(ids) - 1):
-                z = engine.logits(j).astype(np.float64)
-                m = z.max()
-                nll += float(m + np.log(np.exp(z - m).sum()) - z[ids[j + 1]])
-                count += 1
-    finally:
-        engine.close()
-    return nll, count
-
-
-def greedy(
-    gguf_path: str | Path, prompts: list[list[int]], new_tokens: int, stop: set[int], num_threads: int | None = None
-) -> list[list[int]]:
-    """Greedy continuations (token ids, stop token excluded) of each prompt, one at a time: what a solo stream
-    of the backend produces."""
-    engine = Engine(Path(gguf_path), max(256, max(map(len, prompts)) + new_tokens), 1, 512, num_threads)
-    out = []
-    try:
-        for ids in prompts:
-            engine.forget()
-            for k in range(0, len(ids), 512):
-                (row,) = engine.decode([(0, ids[k : k + 512], k, k + 512 >= len(ids))])
-            toks: list[int] = []
-            while len(toks) < new_tokens:
-                tok = int(engine.logits(row).argmax())
-                if tok in stop:
-                    break
-                toks.append(tok)
-                (row,) = engine.decode([(0, [tok], len(ids) + len(toks) - 1, True)])
-            out.append(toks)
-    finally:
-        engine.close()
-    return out

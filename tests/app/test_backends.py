@@ -71,14 +71,14 @@ def test_streams_a_coherent_answer(embedded):
 
 
 def _reference_greedy(backend, ids: list[int], n: int) -> list[int]:
-    """The engine's own one-sequence greedy loop: ``model.generate`` (transformers) or ``llamacpp.greedy``."""
+    """The engine's own one-sequence greedy loop: ``model.generate`` (transformers) or ``llamacpp_quality.greedy``."""
     if hasattr(backend, "model"):
         import torch
 
         with torch.inference_mode():
             out = backend.model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
         return out[0, len(ids) :].tolist()
-    from app.backends.llamacpp import greedy
+    from app.backends.llamacpp_quality import greedy
 
     return greedy(backend.gguf_path, [ids], n, set(backend._stop_ids))[0]
 

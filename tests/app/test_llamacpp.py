@@ -146,7 +146,7 @@ def test_every_loaded_version_computes_on_one_thread(monkeypatch):
     and 70 ms with three, against 16 ms with one (benchmarks/serve.py measures the served speed)."""
     import llama_cpp
 
-    from app.backends.llamacpp import greedy
+    from app.backends.llamacpp_quality import greedy
 
     seen: set[int] = set()
     decode = llama_cpp.llama_decode
@@ -177,6 +177,40 @@ def test_every_loaded_version_computes_on_one_thread(monkeypatch):
     greedy(ensure_gguf(MODEL, "f16"), [[1, 2, 3]], 2, set())
     assert len(seen) == 1, f"llama.cpp computed on {len(seen)} threads"
     assert threading.get_ident() not in seen
+
+
+def test_small_steps_compute_on_one_thread_and_prompt_chunks_on_every_core(monkeypatch):
+    """With sleeping OpenMP waits (the stack's setting), a step of a few decoding rows took twice as long on two
+    threads as on one (1 row 20.6 vs 10.2 ms, benchmarks/threads.py), while a prompt chunk still gains from two."""
+    import llama_cpp
+
+    from app.backends.llamacpp import Engine
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    threads: list[int] = [2]
+    seen: list[tuple[int, int]] = []
+    set_threads, decode = llama_cpp.llama_set_n_threads, llama_cpp.llama_decode
+
+    def setting(ctx, n, n_batch):
+        threads[0] = n
+        return set_threads(ctx, n, n_batch)
+
+    def recording(ctx, batch):
+        seen.append((batch.n_tokens, threads[0]))
+        return decode(ctx, batch)
+
+    monkeypatch.setattr(llama_cpp, "llama_set_n_threads", setting)
+    monkeypatch.setattr(llama_cpp, "llama_decode", recording)
+    e = Engine(ensure_gguf(MODEL, "f16"), 1024, 2, 64, num_threads=2)
+    try:
+        e.decode([(0, list(range(10, 50)), 0, True)])  # a 40-token prompt chunk
+        e.decode([(0, [7], 40, True), (1, [8], 0, True)])  # two decoding rows
+        e.decode([(0, list(range(50, 60)), 41, True)] + [(1, [9], 1, True)])  # 11 tokens: still small
+        e.decode([(1, list(range(60, 90)), 2, True)])  # 30 tokens
+    finally:
+        e.close()
+    assert seen == [(40, 2), (2, 1), (11, 1), (30, 2)]
+    assert Engine.SMALL_STEP_TOKENS == 16
 
 
 def test_batches_reach_llama_cpp_in_sequence_order_after_slots_are_reused(monkeypatch):
@@ -272,7 +306,7 @@ def test_quantized_precision_stays_within_its_measured_quality_bound():
     from transformers import AutoTokenizer
 
     from app.backends.batching import stop_ids
-    from app.backends.llamacpp import greedy, score
+    from app.backends.llamacpp_quality import greedy, score
     from benchmarks.serve import agreement, chat_ids, heldout, heldout_sequences
 
     tok = AutoTokenizer.from_pretrained(MODEL)
