@@ -28,6 +28,7 @@ from pathlib import Path
 
 from app.router import ReleasePlan, ReleaseRouter, servable_dir
 from feedback.settings import Settings, get_settings
+from infra import procs
 from infra.ports import free_port
 
 log = logging.getLogger(__name__)
@@ -148,14 +149,7 @@ class ServerManager:
     @staticmethod
     def _stop(server: Server) -> None:
         proc, server.proc, server.healthy = server.proc, None, False
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        procs.end(proc, 10)
 
     def _publish(self, up: dict[str, list[str]]) -> None:
         path = servers_path(self.settings)

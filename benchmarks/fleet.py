@@ -42,6 +42,7 @@ from pathlib import Path
 import httpx
 
 from app.api import COMPLETION_PREFIX
+from infra import procs
 from infra.netns import Netns
 from infra.ports import free_port
 
@@ -73,13 +74,7 @@ class Proc:
             self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.alive():
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        procs.end(self.proc, 30)
 
 
 class Fleet:

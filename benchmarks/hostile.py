@@ -48,6 +48,7 @@ from pathlib import Path
 
 import httpx
 
+from infra import procs
 from infra.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,13 +110,7 @@ class LiveServer:
 
     def stop(self) -> None:
         for proc in (self.proc, self.manager):
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(10)
+            procs.end(proc, 30)
 
 
 def start_server(home: Path, *, answer_tokens: int, servers: bool = False) -> LiveServer:

@@ -56,6 +56,7 @@ from pathlib import Path
 # sets (app/backends/embedded.py). So torch is imported only inside the functions below, after `main` decided.
 from feedback.events import Sampling
 from feedback.settings import get_settings
+from infra import procs
 from infra.ports import free_port as _free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -451,11 +452,7 @@ class ApiTarget:
 
     async def close(self) -> None:
         await self.client.aclose()
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        procs.end(self.proc, 15)
         self.log.close()
         self.home.cleanup()
 
