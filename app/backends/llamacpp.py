@@ -83,7 +83,7 @@ class Engine:
 
     # A step of at most this many tokens (decoding rows, no prompt chunk) computes on ``small_threads`` threads.
     # Measured per step on 2 cores (sleeping OpenMP waits, the stack's setting): 1 row 10 ms on one thread vs 21 ms
-    # on two, 4 rows 21 vs 34, 8 rows 40 vs 42; a 64-token prompt chunk 95 vs 73 ms, 256 tokens 350 vs 204 ms
+    # on two, 4 rows 22 vs 41, 8 rows 40 vs 42; a 64-token prompt chunk 96 vs 74 ms, 256 tokens 356 vs 201 ms
     # (``python -m benchmarks.threads``). A small step is too little work to pay two threads' wake-ups at each of
     # its ~100 barriers, and one thread never waits on a partner descheduled by a process beside it (training).
     SMALL_STEP_TOKENS = 16
