@@ -136,6 +136,7 @@ class ChatHandlers:
                 reply.update(content=turn.text, done=True, finish="error" if failed else turn.finish_reason)
                 self.ctx.sessions.save_conversation(uid, st["conversation_id"], st["messages"])
             history = gr.update(choices=self.ctx.history(uid), value=st["conversation_id"])
+            self._done(tab, stop)  # before the output that gives Send back: a send right after it is a new answer
             yield ChatView(
                 chatbot_update(st),
                 st,
@@ -145,7 +146,12 @@ class ChatHandlers:
                 **idle_controls(st),
             ).out()
         finally:
-            self.ctx.stops.pop(tab, None)
+            self._done(tab, stop)
+
+    def _done(self, tab: str, stop: asyncio.Event) -> None:
+        """This answer no longer holds the tab (only its own entry: the next answer may already hold it)."""
+        if self.ctx.stops.get(tab) is stop:
+            del self.ctx.stops[tab]
 
     # ---- events --------------------------------------------------------------------------------------
     async def send(self, text: str, st: Chat, request: gr.Request):

@@ -52,6 +52,32 @@ def test_stop_ends_the_answer_as_cancelled_and_a_second_send_in_the_tab_is_refus
     assert live.service.sessions.load_conversation("u-stopper", st["conversation_id"])[-1]["finish"] == "cancelled"
 
 
+def test_a_send_right_after_the_buttons_come_back_is_answered(live):
+    """The last output of a stopped answer gives Send back; the person may press it before Gradio finishes the
+    handler. That send was refused as "still being written" and the message dropped (a CI run waited 120 s for an
+    answer that was never asked for)."""
+    chat = ChatHandlers(UIContext(live.service, max_new_tokens=200))
+    me = request_of(live, "u-quick", "tab-4")
+    st = new_chat()
+
+    async def scenario():
+        first = chat.send("Write a long story about a lighthouse keeper.", st, me)
+        await anext(first), await anext(first)  # the answer streams
+        await chat.stop(me)
+        while True:  # up to the output that gives Send back, and not a step further (Gradio has not closed it yet)
+            out = await anext(first)
+            if isinstance(out[5], dict) and out[5].get("interactive") is True:
+                break
+        second = await drain(chat.send("Name a fruit.", st, me))
+        await drain(first)  # Gradio closes the first handler now
+        return second
+
+    second = asyncio.run(scenario())
+    assert all(out[3] != status_md(STILL_ANSWERING) for out in second), "the second send was refused"
+    assert [m["role"] for m in st["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert st["messages"][-1]["done"] and st["messages"][-1]["finish"] in ("stop", "length")
+
+
 def test_regenerate_then_keep_the_previous_answer_restores_it_and_records_one_preference(live, settings):
     chat = ChatHandlers(UIContext(live.service, max_new_tokens=12))
     me = request_of(live, "u-keeper", "tab-2")
