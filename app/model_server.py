@@ -61,6 +61,9 @@ class ChatRequest(BaseModel):
     user: str | None = Field(None, max_length=PARTY_MAX)  # the party the answer counts against (fair scheduling)
 
 
+CONTEXT_LENGTH = "context_length_exceeded"  # the remote backend turns it back into the engine's ValueError
+
+
 def _error(status: int, message: str, code: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "code": code}}, status_code=status, headers=headers)
 
@@ -108,6 +111,9 @@ def create_server(backend: Backend, version: str, token: str | None = None) -> F
         except Busy as e:
             await stream.aclose()
             return _error(503, f"The model server is busy ({e}); retry in a moment.", "busy", {"Retry-After": "1"})
+        except ValueError as e:  # the engine refused the prompt: longer than the model's context (OpenAI's code)
+            await stream.aclose()
+            return _error(400, _one_sentence(e), CONTEXT_LENGTH)
         except StopAsyncIteration:
             first = None
         rid = f"chatcmpl-{uuid.uuid4().hex}"

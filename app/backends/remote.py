@@ -23,6 +23,19 @@ log = logging.getLogger(__name__)
 _FINISH: dict[str, Literal["stop", "length"]] = {"length": "length", "max_tokens": "length"}
 
 
+def _context_refusal(e: HfHubHTTPError) -> str | None:
+    """The server's sentence when it refused the prompt as longer than the model's context, else None."""
+    if e.response is None or e.response.status_code != 400:
+        return None
+    try:
+        err = e.response.json().get("error") or {}
+    except ValueError:
+        return None
+    if not isinstance(err, dict) or err.get("code") != "context_length_exceeded":
+        return None
+    return str(err.get("message") or "the prompt is longer than the model's context").rstrip(".")
+
+
 class RemoteBackend:
     """Streams from ``base_url`` (e.g. ``http://gpu-box:8080``); ``model`` is sent as the request's model name."""
 
@@ -73,6 +86,8 @@ class RemoteBackend:
             except HfHubHTTPError as e:
                 if e.response is not None and e.response.status_code in (429, 503):
                     raise Busy(f"{self.base_url} answered {e.response.status_code}") from e
+                if (refused := _context_refusal(e)) is not None:  # the caller's input, as the embedded engine says
+                    raise ValueError(refused) from e
                 raise
             except (TransportError, InferenceTimeoutError) as e:  # gone or restarting: retryable, never a hang
                 raise Busy(f"{self.base_url} did not answer ({type(e).__name__})") from e

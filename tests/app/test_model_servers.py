@@ -64,6 +64,10 @@ def test_the_app_streams_from_a_model_server_and_survives_losing_it(apart):
         )
         assert other.status_code == 400 and "serves 'base'" in other.json()["error"]["message"]
         assert server.post("/v1/chat/completions", content=b"{").status_code == 400
+        # longer than the model's context: the engine's refusal, a 400 (it was a 500, and the app's 503)
+        too_long = [{"role": "user", "content": "\U0001f600" * 1500}]
+        refused = server.post("/v1/chat/completions", json={"messages": too_long, "max_tokens": 4})
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded", refused.text
         direct = server.post(
             "/v1/chat/completions",
             json={"messages": hi, "max_tokens": 4, "user": "p1"},
@@ -105,6 +109,9 @@ def test_the_app_streams_from_a_model_server_and_survives_losing_it(apart):
                 "an answer after the model server was restarted",
             )
             assert answered.json()["choices"][0]["message"]["content"]
+            # too long for the model: the caller's error, as from the embedded engine (it was the app's 503)
+            long = client.post("/v1/chat/completions", json={**body, "messages": too_long, "max_tokens": 4})
+            assert long.status_code == 400 and "shorten" in long.json()["error"]["message"], long.text
             # A restart loads the model again: as long as the first start may take on a loaded machine (CI failed
             # at 30 s while the whole suite ran).
             _wait(lambda: published_servers(s).get(s.model_version) == urls, 180, "the same addresses published again")
