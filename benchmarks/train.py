@@ -176,6 +176,7 @@ def recipe_phase(recipe: str, home: Path, snapshot: str, steps: int, out: Path) 
             "policy_path": str(settings.models_dir / "base"),
             "reward_path": reward_path,
             "args": probe.args,
+            "precision": result["precision"],
         },
         out,
     )
@@ -326,7 +327,16 @@ def baseline_phase(batches_file: Path, warmup: int) -> dict[str, Any]:
     import torch
 
     data = torch.load(batches_file, weights_only=False)
-    step = baseline_step(data)
+    inner = baseline_step(data)
+    # the bare step runs in the recipe's precision (bf16: autocast, as TRL's bf16 does), so the ratio measures the
+    # framework's overhead, not the precision's gain
+    bf16 = data.get("precision") == "bf16"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def step(b):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            inner(b)
+
     steps = data["steps"]
     load_before = _load()
     for b in steps[:warmup]:
@@ -336,7 +346,12 @@ def baseline_phase(batches_file: Path, warmup: int) -> dict[str, Any]:
         t = time.perf_counter()
         step(b)
         seconds.append(time.perf_counter() - t)
-    return {"step_seconds": seconds, "peak_rss_mb": _peak_rss_mb(), "load_avg_1m": [load_before, _load()]}
+    return {
+        "step_seconds": seconds,
+        "peak_rss_mb": _peak_rss_mb(),
+        "load_avg_1m": [load_before, _load()],
+        "precision": "bf16" if bf16 else "fp32",
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -397,6 +412,15 @@ def summarise(recipe: str, rec: dict[str, Any], base: dict[str, Any], warmup: in
     }
 
 
+def _auto_probe(device: str, bf16_ok: bool) -> dict[str, Any] | None:
+    """What ``auto`` based its pick on: the per-machine probe (``training.cpu_precision``), where it is asked."""
+    if device != "cpu" or not bf16_ok:
+        return None
+    from training.cpu_precision import probe
+
+    return probe()
+
+
 def precision_phase(steps: int = 4, warmup: int = 1) -> dict[str, Any]:
     """One real training step of the base model in fp32 against the same step under bf16 autocast (what TRL's
     ``bf16=True`` does on a CPU, with ``use_cpu``), alternated so both see the same machine load.
@@ -405,7 +429,7 @@ def precision_phase(steps: int = 4, warmup: int = 1) -> dict[str, Any]:
     timed where the CPU has native bf16 (AVX512-BF16 or AMX) or on a GPU; elsewhere the record says why not."""
     import torch
 
-    from training.config import CPU_AUTO_PRECISION, cpu_bf16_supported, resolve_precision
+    from training.config import cpu_bf16_supported, resolve_precision
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bf16_ok = torch.cuda.is_bf16_supported() if device == "cuda" else cpu_bf16_supported()
@@ -414,7 +438,7 @@ def precision_phase(steps: int = 4, warmup: int = 1) -> dict[str, Any]:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "bf16_supported": bool(bf16_ok),
         "auto_picks": resolve_precision("auto"),
-        "cpu_auto_precision": CPU_AUTO_PRECISION,
+        "auto_probe": _auto_probe(device, bf16_ok),
         "batch": "2 x 256 tokens, AdamW, fp32 master weights",
         "load_avg_1m_at_start": _load(),
     }

@@ -18,6 +18,7 @@ import copy
 import difflib
 import hashlib
 import json
+import os
 import re
 from dataclasses import fields
 from pathlib import Path
@@ -198,13 +199,22 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-# What ``auto`` picks on a CPU, whatever its bf16 support. Measured with ``python -m benchmarks.train --json``
-# (its ``precision`` section times one real step in each precision the CPU supports): bf16 autocast was ~20x
-# slower than fp32 on the AVX2-only EPYC, and not faster on the AVX512-BF16 CPUs (the Intel Xeon: 65 against
-# 86 GFLOP/s for 1024x1024 matmuls). On the EPYC Zen 4 (AVX512-BF16) one real step at load 15-25 took fp32
-# 113-169 s against bf16 107-163 s (benchmarks/results/train_precision.json): overlapping, so not yet a reason.
-# Change it only with an idle benchmark run that shows bf16 ahead.
-CPU_AUTO_PRECISION = "fp32"
+def cpu_auto_precision() -> str:
+    """What ``auto`` trains in on this CPU: fp32 without native bf16; with it, whichever ``training.cpu_precision``
+    measured faster on this machine (bf16 1.9x faster per real step on the EPYC Zen 4, slower on the Xeon measured
+    earlier); ``FLYWHEEL_CPU_PRECISION=fp32|bf16`` overrides the probe."""
+    from training.cpu_precision import ENV, probe
+
+    forced = os.environ.get(ENV, "").strip()
+    if forced:
+        if forced not in ("fp32", "bf16"):
+            raise ConfigError(f"{ENV}={forced!r} is not a CPU precision: use fp32 or bf16, or unset it")
+        if forced == "bf16" and not cpu_bf16_supported():
+            raise ConfigError(f"{ENV}=bf16, but this CPU has no native bf16 (AVX512-BF16 or AMX): use fp32")
+        return forced
+    if not cpu_bf16_supported():
+        return "fp32"
+    return probe()["pick"]
 
 
 def cpu_bf16_supported() -> bool:
@@ -221,8 +231,8 @@ def cpu_bf16_supported() -> bool:
 def resolve_precision(requested: str = "auto") -> str:
     """The one place that decides training and evaluation precision from the hardware.
 
-    ``auto``: bf16 on a CUDA device that supports it (else fp16); on a CPU, ``CPU_AUTO_PRECISION`` (fp32: the
-    faster one on every CPU measured, see above). An explicit ``bf16`` on a CPU needs native bf16; the trainer
+    ``auto``: bf16 on a CUDA device that supports it (else fp16); on a CPU, ``cpu_auto_precision`` (the one
+    measured faster on this machine). An explicit ``bf16`` on a CPU needs native bf16; the trainer
     then runs with ``use_cpu`` (``trl_args``), without which transformers refuses bf16 on a CPU."""
     import torch
 
@@ -240,4 +250,4 @@ def resolve_precision(requested: str = "auto") -> str:
         return requested
     if cuda:
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return CPU_AUTO_PRECISION
+    return cpu_auto_precision()

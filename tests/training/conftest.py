@@ -195,6 +195,14 @@ def base_digest() -> str:
     return files_digest(need_model(BASE))
 
 
+def trained_precision() -> str:
+    """What ``precision: auto`` trains in here (per machine, ``training.cpu_precision``): part of a trained
+    fixture's key, so weights trained in fp32 are never reused where training now runs in bf16, or back."""
+    from training.config import resolve_precision
+
+    return resolve_precision("auto")
+
+
 def scratch_home(root: Path, source: Settings, snapshot_ids: list[str]) -> Settings:
     """A home of its own for building a cached fixture: the base model and copies of ``source``'s snapshots, a
     registry of its own (MLflow's SQLite store, no server), nothing else."""
@@ -331,5 +339,5 @@ def judge_entry(settings: Settings, sid: str) -> Path:
         shutil.rmtree(out / "scratch")
 
     source = hashlib.sha256(inspect.getsource(train_judge).encode()).hexdigest()
-    config = {"snapshot": sid, "base_model": base_digest(), "source": source}
+    config = {"snapshot": sid, "base_model": base_digest(), "precision": trained_precision(), "source": source}
     return cached_dir("judge", build, config=config, code=TRAINED_CODE)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from training.config import (
     CONFIG_DIR,
-    CPU_AUTO_PRECISION,
     METHODS,
     ConfigError,
     load_config,
@@ -53,15 +54,49 @@ def test_overrides_and_typos_are_named(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
-def test_precision_follows_the_hardware():
+def test_precision_follows_the_hardware(monkeypatch, tmp_path):
     import torch
 
-    if not torch.cuda.is_available():
-        # fp32 on every CPU: bf16 autocast was never faster on the CPUs measured (training/config.py)
-        assert resolve_precision("auto") == CPU_AUTO_PRECISION == "fp32"
-        with pytest.raises(ConfigError, match="needs a CUDA device"):
-            resolve_precision("fp16")
+    from training.config import cpu_bf16_supported
+    from training.cpu_precision import ENV, cache_file, probe
+
     assert resolve_precision("fp32") == "fp32"
+    if torch.cuda.is_available():
+        return
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        resolve_precision("fp16")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # a fresh machine: the probe measures, then reads
+    if not cpu_bf16_supported():
+        # no native bf16: emulated bf16 is ~20x slower, so auto never asks the probe
+        assert resolve_precision("auto") == "fp32" and not cache_file().exists()
+        monkeypatch.setenv(ENV, "bf16")
+        with pytest.raises(ConfigError, match="no native bf16"):
+            resolve_precision("auto")
+    else:
+        picked = resolve_precision("auto")
+        rec = probe()  # read back, not measured again
+        assert picked == rec["pick"] and cache_file().exists()
+        assert rec["pick"] == ("bf16" if rec["bf16_speedup"] >= rec["min_speedup"] else "fp32")
+        monkeypatch.setenv(ENV, "bf16")
+        assert resolve_precision("auto") == "bf16"
+        print(f"[precision] auto picks {picked} here: bf16 {rec['bf16_speedup']}x in the probe")
+    monkeypatch.setenv(ENV, "fp32")
+    assert resolve_precision("auto") == "fp32"
+    monkeypatch.setenv(ENV, "fp8")
+    with pytest.raises(ConfigError, match="not a CPU precision"):
+        resolve_precision("auto")
+
+
+def test_a_damaged_precision_record_is_measured_again(monkeypatch, tmp_path):
+    from training.cpu_precision import cache_file, machine_key, probe
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cache_file().parent.mkdir(parents=True)
+    cache_file().write_text("{not json")
+    rec = probe()
+    assert rec["pick"] in ("fp32", "bf16") and machine_key() in cache_file().read_text()
+    cache_file().write_text(json.dumps({machine_key(): {"pick": "fp64"}}))
+    assert probe()["pick"] in ("fp32", "bf16")
 
 
 def test_the_shipped_corpus_is_cleaned_before_use():

@@ -39,6 +39,7 @@ from tests.training.conftest import (
     import_versions,
     judge_entry,
     scratch_home,
+    trained_precision,
 )
 from training import registry
 from training.evaluate import GateConfig, evaluate, evaluate_and_gate, gate
@@ -159,7 +160,12 @@ def gamed(trained_home):
         shutil.rmtree(out / "scratch")
 
     source = "".join(inspect.getsource(f) for f in (conv, crafted_snapshot, train, build_gamed)) + json.dumps(FULL)
-    config = {"snapshot": sid, "base_model": base_digest(), "source": hashlib.sha256(source.encode()).hexdigest()}
+    config = {
+        "snapshot": sid,
+        "base_model": base_digest(),
+        "precision": trained_precision(),
+        "source": hashlib.sha256(source.encode()).hexdigest(),
+    }
     roles = import_versions(settings, judge_entry(settings, sid))
     return settings, roles | import_versions(settings, cached_dir("gamed", build, config=config, code=TRAINED_CODE))
 

@@ -30,6 +30,7 @@ from tests.training.conftest import (
     import_versions,
     judge_entry,
     scratch_home,
+    trained_precision,
 )
 from training import registry
 from training.evaluate import GateConfig, evaluate_and_gate, load_suite
@@ -111,6 +112,7 @@ def gated(trained_home):
     config = {
         "snapshot": sid,  # a content hash of the curated simulated events
         "base_model": base_digest(),
+        "precision": trained_precision(),
         "answers": [REFUSE, COMPLY, VERBOSE],
         "source": hashlib.sha256(source.encode()).hexdigest(),
     }
