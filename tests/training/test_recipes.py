@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.training.conftest import overrides
+from tests.training.conftest import overrides, trained_precision
 from training import registry
 from training.runner import TrainingError, run_job
 
@@ -57,7 +57,8 @@ def test_recipe_trains_two_steps_and_registers_with_lineage(trained_home, method
     info = registry.get_version(settings, res["version"])
     assert info.name == f"{method}-{info.number:04d}" and info.recipe == method and info.parent == "base"
     assert info.kind == ("reward" if method == "reward" else "policy") and info.gate == "pending"
-    assert info.config_hash and info.code_revision and info.run_id and info.precision == "fp32"
+    assert info.config_hash and info.code_revision and info.run_id
+    assert info.precision == trained_precision(), "recorded precision is not what auto trains in here"
     if method != "pretrain":
         assert info.snapshot_id == sid
         assert info.kafka_offsets.get("turns") and info.kafka_offsets.get("feedback"), info.kafka_offsets
