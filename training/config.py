@@ -18,7 +18,6 @@ import copy
 import difflib
 import hashlib
 import json
-import os
 import re
 from dataclasses import fields
 from pathlib import Path
@@ -27,16 +26,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from training.cpu_precision import cpu_auto_precision, cpu_bf16_supported
+from training.errors import ConfigError
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 METHODS = ("pretrain", "sft", "reward", "rlhf", "dpo", "kto")
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message says which key and what to do."""
 
 
 class RecipeData(BaseModel):
@@ -197,35 +195,6 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def cpu_auto_precision() -> str:
-    """What ``auto`` trains in on this CPU: fp32 without native bf16; with it, whichever ``training.cpu_precision``
-    measured faster on this machine (bf16 1.9x faster per real step on the EPYC Zen 4, slower on the Xeon measured
-    earlier); ``FLYWHEEL_CPU_PRECISION=fp32|bf16`` overrides the probe."""
-    from training.cpu_precision import ENV, probe
-
-    forced = os.environ.get(ENV, "").strip()
-    if forced:
-        if forced not in ("fp32", "bf16"):
-            raise ConfigError(f"{ENV}={forced!r} is not a CPU precision: use fp32 or bf16, or unset it")
-        if forced == "bf16" and not cpu_bf16_supported():
-            raise ConfigError(f"{ENV}=bf16, but this CPU has no native bf16 (AVX512-BF16 or AMX): use fp32")
-        return forced
-    if not cpu_bf16_supported():
-        return "fp32"
-    return probe()["pick"]
-
-
-def cpu_bf16_supported() -> bool:
-    """Native bf16 on this CPU (AVX512-BF16 or AMX): the only CPUs where a bf16 run is allowed at all."""
-    import torch
-
-    cpu = torch.cpu
-    return bool(
-        getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
-        or getattr(cpu, "_is_amx_tile_supported", lambda: False)()
-    )
 
 
 def resolve_precision(requested: str = "auto") -> str:

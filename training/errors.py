@@ -15,3 +15,7 @@ class TrainingError(RuntimeError):
 
 class EvalError(RuntimeError):
     """Evaluation cannot run; the message says what to do."""
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message says which key and what to do (re-exported by ``training.config``)."""

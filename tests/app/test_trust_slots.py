@@ -168,8 +168,11 @@ def test_every_error_path_gives_the_slot_back(settings, model_backend):
         for read in (0, 300):
             for _ in range(3):
                 raw_request(app.url, {"messages": HI, "max_tokens": 64, "stream": True}, read=read)
+        # a long answer (a story, 200 tokens: over a second on this machine), not "hi": its reply of ~10 tokens came
+        # back inside the client's 0.3 s once small steps got faster, and nothing timed out
+        story = [{"role": "user", "content": "Write a long story about a lighthouse keeper and the sea."}]
         with pytest.raises(httpx.TimeoutException):
-            httpx.post(post, json={"messages": HI, "max_tokens": 200}, timeout=0.3)
+            httpx.post(post, json={"messages": story, "max_tokens": 200}, timeout=0.1)
         # 4. a task cancelled while it waits for its first token, and a turn nobody ever reads
         service = app.service
 
