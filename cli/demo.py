@@ -58,6 +58,9 @@ from feedback.settings import Settings, get_settings
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = ("sft", "dpo", "kto", "rlhf")
 POLL_S = 5.0
+# Held-out people come back as new visitors every few questions, so the canary's share of them follows the
+# release's weight however few people there are (``SimConfig.questions_per_visit``).
+HELDOUT_QUESTIONS_PER_VISIT = 3
 LOG_GRACE_S = 30.0  # how long a finished run's last log lines may take to reach Prefect's API
 VERDICT = re.compile(r"\[train\] (\S+) gate (PASSED|FAILED)")  # the line pipelines.training logs with the verdict
 FIELDS = (  # every key of the --json object, present (None where it does not apply) whatever happened
@@ -267,6 +270,7 @@ def until_decided(run: Run, cfg: DemoConfig, up: UpProcess, settings: Settings, 
         seed=cfg.seed + 1000,
         user_prefix="heldout",
         minutes=cfg.eval_minutes,
+        questions_per_visit=HELDOUT_QUESTIONS_PER_VISIT,
     )
     crowd = Crowd(up.url, users, cfg.eval_minutes * 60 + 120).start()
     seen = len(log.records())

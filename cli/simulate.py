@@ -134,6 +134,12 @@ class SimConfig:
     seed: int = 0
     api_key: str = ""
     user_prefix: str = "sim"
+    # 0: each simulated person keeps one user id. n: a person comes back as a new visitor (a fresh user id, the same
+    # taste) every n questions, as a product's traffic is many people asking a little. A release routes by user id,
+    # so six held-out people with one id each all landed in production's half of a 50% canary (1 in 32 runs; the
+    # demo test in CI on 2026-12-05) and the canary got no rating in 8 minutes; visitors split by the release's
+    # share.
+    questions_per_visit: int = 0
     busy_patience_s: float = 60.0  # how long a user keeps retrying a busy (429) server before counting an error
 
 
@@ -150,6 +156,13 @@ class Answer:
     record: int = -1  # its row in ``SimStats.records``
 
 
+def visitor_id(person: str, asked: int, questions_per_visit: int) -> str:
+    """The user id under which ``person`` asks their next question, after ``asked`` of them (``questions_per_visit``:
+    0 = always the person's own id)."""
+    visit = asked // questions_per_visit if questions_per_visit else 0
+    return f"{person}-v{visit}" if visit else person
+
+
 class SimUser:
     """One simulated person with a hidden taste, talking to the API over its own HTTP client."""
 
@@ -157,12 +170,14 @@ class SimUser:
         self.client = client
         self.cfg = cfg
         self.rng = random.Random(f"{cfg.seed}:{idx}")
-        self.user = f"{cfg.user_prefix}-{cfg.seed}-{idx}"
+        self.person = f"{cfg.user_prefix}-{cfg.seed}-{idx}"  # who: stats and records are per person
+        self.user = self.person  # the user id the app sees: a fresh one per visit (``questions_per_visit``)
+        self.asked = 0
         self.taste = Taste.draw(self.rng)
         self.consent = self.rng.random() < cfg.consent_rate
         self.prompts = prompts
         self.stats = SimStats(users=1, tastes={self.taste.name: 1})
-        self.stats.per_user[self.user] = UserStats(taste=self.taste.name, miss_rate=self.taste.miss_rate)
+        self.stats.per_user[self.person] = UserStats(taste=self.taste.name, miss_rate=self.taste.miss_rate)
 
     def _headers(self, conv: str | None = None) -> dict[str, str]:
         h = {"X-Flywheel-User": self.user, "X-Flywheel-Consent": "1" if self.consent else "0"}
@@ -200,7 +215,7 @@ class SimUser:
             self.stats.turns += 1
             a = Answer(d["id"], d["choices"][0]["message"]["content"], d["choices"][0]["finish_reason"], d["model"])
             self.stats.version(a.version).answers += 1
-            self.stats.per_user[self.user].answers += 1
+            self.stats.per_user[self.person].answers += 1
             return self.assess(a, item)
         self.stats.errors += 1
         self.stats.note_error(f"chat: still busy (HTTP 429) after {self.cfg.busy_patience_s:g} s of retries")
@@ -212,7 +227,7 @@ class SimUser:
         a.item, a.correct, a.reason = item, verdict.correct, verdict.reason
         a.utility = self.taste.value(a.correct, a.text, a.finish)
         a.record = len(self.stats.records)
-        self.stats.record(AnswerRecord(self.user, item.id, item.kind, a.version, a.correct, round(a.utility, 4)))
+        self.stats.record(AnswerRecord(self.person, item.id, item.kind, a.version, a.correct, round(a.utility, 4)))
         return a
 
     def perceive(self, a: Answer) -> tuple[float, str]:
@@ -245,7 +260,7 @@ class SimUser:
             payload["reason"] = reason
         if self._feedback(payload):
             self.stats.thumbs += 1
-            for vs in (self.stats.version(a.version), self.stats.per_user[self.user]):
+            for vs in (self.stats.version(a.version), self.stats.per_user[self.person]):
                 vs.thumbs += 1
                 vs.up += liked
             if a.record >= 0:
@@ -274,6 +289,8 @@ class SimUser:
         return live[0] if live else "flywheel"
 
     def one_question(self) -> None:
+        self.user = visitor_id(self.person, self.asked, self.cfg.questions_per_visit)
+        self.asked += 1
         item = self.rng.choice(self.prompts)
         conv = uuid.uuid4().hex
         a = self.ask(conv, item)
@@ -360,6 +377,9 @@ def simulate(
     url: str = typer.Option("", help="Base URL of the app; default from settings (127.0.0.1:7860)."),
     api_key: str = typer.Option("", envvar="FLYWHEEL_API_KEY", help="API key, when the app requires one."),
     seed: int = typer.Option(0, help="Changes who the users are (and so their tastes) and what they ask."),
+    questions_per_visit: int = typer.Option(
+        0, min=0, help="A user comes back under a new user id every this many questions (0: one id each)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Simulated users with hidden tastes chat with the running app through its API and rate the answers."""
@@ -389,6 +409,7 @@ def simulate(
         prompts=prompts,
         seed=seed,
         api_key=api_key,
+        questions_per_visit=questions_per_visit,
     )  # type: ignore[arg-type]
     if not as_json:
         typer.echo(

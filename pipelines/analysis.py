@@ -268,9 +268,6 @@ def analyse(cand: ArmStats, prod: ArmStats, cfg: ReleaseConfig, elapsed_s: float
             f"{1 - cfg.alpha:.0%} CI {a.diff_lo:+.1%}..{a.diff_hi:+.1%}), {cand.thumbs.n} vs "
             f"{prod.thumbs.n} ratings"
         ]
-    elif elapsed_s >= cfg.max_step_s:
-        a.decision = "rollback" if cfg.on_timeout == "rollback" else "hold"
-        a.reasons = [f"undecided after {elapsed_s:.0f} s (max_step_s {cfg.max_step_s:.0f}): {cfg.on_timeout}"]
     else:
         wait = []
         if not enough:
@@ -279,5 +276,12 @@ def analyse(cand: ArmStats, prod: ArmStats, cfg: ReleaseConfig, elapsed_s: float
             wait.append(f"{elapsed_s:.0f}/{cfg.min_step_s:.0f} s of the stage")
         if enough and a.diff_lo is not None:
             wait.append(f"CI lower end {a.diff_lo:+.1%} not yet above -{cfg.margin:.0%}")
+        if elapsed_s >= cfg.max_step_s:  # say what it was still waiting for: e.g. a canary no rater reached
+            a.decision = "rollback" if cfg.on_timeout == "rollback" else "hold"
+            a.reasons = [
+                f"undecided after {elapsed_s:.0f} s (max_step_s {cfg.max_step_s:.0f}): {cfg.on_timeout}; "
+                f"still collecting: {', '.join(wait)}"
+            ]
+            return a
         a.reasons = ["collecting: " + ", ".join(wait)]
     return a

@@ -10,8 +10,9 @@ import random
 import httpx
 import pytest
 
+from app.router import ReleasePlan
 from cli.prompt_set import load_prompt_set
-from cli.simulate import FORM_CAP, Answer, SimConfig, SimUser, Taste
+from cli.simulate import FORM_CAP, Answer, SimConfig, SimUser, Taste, visitor_id
 
 ITEMS = {p.id: p for p in load_prompt_set("all")}
 CONCISE = Taste("concise", max_words=25, miss_rate=0.15)
@@ -20,7 +21,7 @@ CONCISE = Taste("concise", max_words=25, miss_rate=0.15)
 def _user(taste: Taste = CONCISE) -> SimUser:
     u = SimUser(httpx.Client(), SimConfig(seed=7), 0, list(ITEMS.values()))  # the client is never used here
     u.taste = taste
-    u.stats.per_user[u.user].taste = taste.name
+    u.stats.per_user[u.person].taste = taste.name
     return u
 
 
@@ -54,7 +55,7 @@ def test_hidden_utility_ranks_any_right_answer_above_any_wrong_one():
     s = u.stats
     assert (s.checked, s.correct, s.utility_sum) == (2, 1, 0.0)
     assert s.per_version["v1"].accuracy() == 1.0 and s.per_version["v2"].mean_utility() == -1.0
-    assert s.per_user[u.user].checked == 2 and [r.prompt_id for r in s.records] == ["fact-001", "fact-001"]
+    assert s.per_user[u.person].checked == 2 and [r.prompt_id for r in s.records] == ["fact-001", "fact-001"]
     u.assess(Answer("t3", "Amsterdam, " + "a city of canals and bikes " * 5, "length", "v1"), ITEMS["fact-001"])
     v1 = s.per_version["v1"]  # right twice, once in a form this user dislikes twice over (too long, cut off)
     assert v1.accuracy() == 1.0 and v1.mean_utility() == pytest.approx(0.7) and v1.form_cost() == pytest.approx(0.3)
@@ -82,3 +83,18 @@ def test_the_population():
     assert all(0.10 <= t.miss_rate <= 0.20 for t in tastes)
     assert {t.name for t in tastes} == {"concise", "no_lists", "answer_first", "greeting"}
     assert 0.5 < sum(t.name == "concise" for t in tastes) / len(tastes) < 0.7
+
+
+def test_held_out_visitors_split_by_the_canary_share_where_six_people_did_not():
+    """A release routes by user id. In CI on 2026-12-05 the demo's six held-out people, one id each, all landed in
+    production's half of a 50% canary (this salt), so the canary got no rating; as visitors with a fresh id every
+    three questions, the same six people split by the share."""
+    plan = ReleasePlan.weighted({"base": 0.5, "dpo-0003": 0.5}, salt="170a2969e55f4c10a866a5551f1b0512")
+    people = [f"heldout-1001-{i}" for i in range(6)]
+    pick = lambda u: plan.pick(f"api:{u}")  # noqa: E731 - the API's user ids carry their channel
+    assert {pick(visitor_id(p, 0, 0)) for p in people} == {"base"}
+    assert all(visitor_id(p, 40, 0) == p for p in people)  # 0: one id for ever
+    asks = [visitor_id(p, k, 3) for p in people for k in range(60)]
+    assert asks[:4] == ["heldout-1001-0"] * 3 + ["heldout-1001-0-v1"]
+    share = sum(pick(u) == "dpo-0003" for u in asks) / len(asks)
+    assert 0.35 < share < 0.65, share

@@ -162,3 +162,13 @@ def test_undecided_stage_times_out_to_configured_action(tmp_path):
     assert analysis.analyse(*arms, ReleaseConfig(max_step_s=60), 30).decision == "continue"
     assert analysis.analyse(*arms, ReleaseConfig(max_step_s=60), 61).decision == "rollback"
     assert analysis.analyse(*arms, ReleaseConfig(max_step_s=60, on_timeout="hold"), 61).decision == "hold"
+
+
+def test_a_timed_out_stage_says_what_it_was_still_waiting_for(tmp_path):
+    """A canary no rater reached (CI on 2026-12-05: 0 ratings vs 1,536) must say so when it times out, not only
+    "undecided"."""
+    arms = _arms(tmp_path, _traffic({"prod": 0.5}, 40, random.Random(7)))
+    a = analysis.analyse(*arms, ReleaseConfig(max_step_s=60, min_thumbs=3), 61)
+    assert a.decision == "rollback"
+    assert a.reasons[0].startswith("undecided after 61 s (max_step_s 60): rollback; still collecting: 0/")
+    assert "of 3 ratings per version" in a.reasons[0]
