@@ -1,15 +1,15 @@
 """``flywheel demo`` is the product at a faster clock: it starts ``flywheel up`` and only watches.
 
-The end-to-end test runs the demo at its tiniest: 3 training users until the stack's volume trigger fires at 16
-ratings (2 in 5 conversations held out), 2 DPO steps, a gate measured on a handful of items, 6 held-out people (a new
-visitor id every 3 questions, so both arms of the 50% canary get raters: with one id each, all six once landed in
-production's half and the canary got no rating) for at most 8 minutes of canary (the crowd stops once the controller decides, about a minute on an idle machine; 2 minutes
-were too few in CI on 2026-12-04, with two other workers training beside it). DPO, because at 16 tokens the base
-model is rarely right (2 of 22 answers in one run), so 16 ratings may hold no liked answer for SFT, while the judge
-needs the pairs DPO trains on anyway. The gate's thresholds are loosened (``--gate``) so that a 2-step candidate
-reaches the canary and the test sees every stage; the gate's thresholds have their own tests (tests/training/). The
-controller promotes unless the candidate is far worse (``--release-margin 0.9``), so the canary's outcome is the
-stack's decision rather than a coin toss on 6 users' thumbs. It asserts that the stack did every stage
+The end-to-end test runs the demo at its tiniest: 3 training users until the stack's volume trigger fires at 16 ratings
+(2 in 5 conversations held out), 2 DPO steps, a gate measured on a handful of items, 6 held-out people (a new visitor id
+every 3 questions, so both arms of the 50% canary get raters: with one id each, all six once landed in production's half
+and the canary got no rating) for at most 8 minutes of canary (the crowd stops once the controller decides, about a
+minute on an idle machine; 2 minutes were too few in CI on 2026-12-04, with two other workers training beside it). DPO,
+because at 16 tokens the base model is rarely right (2 of 22 answers in one run), so 16 ratings may hold no liked answer
+for SFT, while the judge needs the pairs DPO trains on anyway. The gate's thresholds are loosened (``--gate``) so that a
+2-step candidate reaches the canary and the test sees every stage; the gate's thresholds have their own tests
+(tests/training/). The controller promotes unless the candidate is far worse (``--release-margin 0.9``), so the canary's
+outcome is the stack's decision rather than a coin toss on 6 users' thumbs. It asserts that the stack did every stage
 (``autonomous``) through to a release to full (production changed by itself), that the JSON carries every field, and
 that nothing of the stack runs or listens afterwards.
 The unit tests check the demo's own arithmetic and its refusals of bad input without any service.
