@@ -39,7 +39,6 @@ STOP_BUDGET_S = 10.0
 CHILD_GRACE_S = 5.0
 KAFKA_STOP_S = 5.5  # from 2 s in: a clean broker shutdown, else SIGKILL by 7.5 s (its log recovers on restart)
 PREFECT_START_S = 300.0  # its first start migrates a database: minutes on a busy 2-core machine
-APP_FIRST_S = 120.0  # the rest of the stack waits at most this long for the chat to answer before starting beside it
 
 
 # ---- pid files ------------------------------------------------------------------------------------------
@@ -181,24 +180,18 @@ def run_stack(s: Settings, app_server: bool = True, prefect: bool = True, vllm: 
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        # The chat comes first. On 2 cores whatever starts beside the app slows its model load: its first answer
-        # came after 35 s with Prefect, MLflow and the broker starting beside it, against 13 s alone
-        # (``python -m benchmarks.startup``). So the app (with its model servers or replicas) starts alone, its
-        # events waiting in the outbox; once it answers ``/healthz`` (or after APP_FIRST_S) the Prefect server (which
-        # migrates its database on a first start) and MLflow launch, then the broker, and what needs the broker or
-        # Prefect follows each.
-        if app_server:
-            children.extend(app_children(s, env))
-            for c in children:
-                c.start(s)
-            _wait_for_app(s, children, APP_FIRST_S)
+        # First start in about the time the app takes to load the model: the Prefect server (which migrates its
+        # database on a first start) launches first, MLflow and the app (its events wait in the outbox) start
+        # beside the broker, and what needs the broker or Prefect follows each.
         if prefect:
             from infra import prefect_server
 
             prefect_launched = prefect_server.launch(s)
-        mlflow = Child("mlflow", [py, "-m", "infra.mlflow_server"], env)  # registry UI; marker once it answers
-        children.append(mlflow)
-        mlflow.start(s)
+        children.append(Child("mlflow", [py, "-m", "infra.mlflow_server"], env))  # registry UI; marker once it answers
+        if app_server:
+            children.extend(app_children(s, env))
+        for c in children:
+            c.start(s)
         st = kafka_local.start(s) if n == 1 else kafka_local.start_cluster(s, n)
         console.print(f"[green]up[/green] kafka {st.bootstrap} (pid {st.pid or 'external'})")
         later = [Child("ingest", [py, "-m", "feedback.ingest"], env)]
@@ -247,24 +240,6 @@ def exit_now(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-def _wait_for_app(s: Settings, children: list[Child], limit_s: float) -> None:
-    """Until the chat answers ``/healthz`` with 200, one of its processes exits (the supervisor restarts it later),
-    or ``limit_s`` passed: the order of a start, never a reason to fail it."""
-    import httpx
-
-    url = f"http://{s.app_host}:{s.app_port}/healthz"
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < limit_s and all(c.proc is not None and c.proc.poll() is None for c in children):
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                console.print(f"[green]up[/green] chat answering after {time.monotonic() - t0:.1f}s")
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    console.print(f"[yellow]the chat is not answering after {time.monotonic() - t0:.0f}s[/yellow]; starting the rest")
 
 
 def _interrupt(*_) -> None:
