@@ -137,7 +137,7 @@ class SimConfig:
     # 0: each simulated person keeps one user id. n: a person comes back as a new visitor (a fresh user id, the same
     # taste) every n questions, as a product's traffic is many people asking a little. A release routes by user id,
     # so six held-out people with one id each all landed in production's half of a 50% canary (1 in 32 runs; the
-    # demo test in CI on 2026-12-05) and the canary got no rating in 8 minutes; visitors split by the release's
+    # demo test in a full run on 2026-12-05) and the canary got no rating in 8 minutes; visitors split by the release's
     # share.
     questions_per_visit: int = 0
     busy_patience_s: float = 60.0  # how long a user keeps retrying a busy (429) server before counting an error

@@ -165,7 +165,7 @@ def test_undecided_stage_times_out_to_configured_action(tmp_path):
 
 
 def test_a_timed_out_stage_says_what_it_was_still_waiting_for(tmp_path):
-    """A canary no rater reached (CI on 2026-12-05: 0 ratings vs 1,536) must say so when it times out, not only
+    """A canary no rater reached (a full run on 2026-12-05: 0 ratings vs 1,536) must say so when it times out, not only
     "undecided"."""
     arms = _arms(tmp_path, _traffic({"prod": 0.5}, 40, random.Random(7)))
     a = analysis.analyse(*arms, ReleaseConfig(max_step_s=60, min_thumbs=3), 61)
