@@ -86,9 +86,9 @@ def test_the_population():
 
 
 def test_held_out_visitors_split_by_the_canary_share_where_six_people_did_not():
-    """A release routes by user id. In a full run on 2026-12-05 the demo's six held-out people, one id each, all landed in
-    production's half of a 50% canary (this salt), so the canary got no rating; as visitors with a fresh id every
-    three questions, the same six people split by the share."""
+    """A release routes by user id. In a full run on 2026-12-05 the demo's six held-out people, one id each, all
+    landed in production's half of a 50% canary (this salt), so the canary got no rating; as visitors with a fresh
+    id every three questions, the same six people split by the share."""
     plan = ReleasePlan.weighted({"base": 0.5, "dpo-0003": 0.5}, salt="170a2969e55f4c10a866a5551f1b0512")
     people = [f"heldout-1001-{i}" for i in range(6)]
     pick = lambda u: plan.pick(f"api:{u}")  # noqa: E731 - the API's user ids carry their channel
