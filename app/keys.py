@@ -35,6 +35,7 @@ from typing import Any, Literal
 from app.database import PgBuckets, StoreBusy, StoreDown, shared
 from app.sessions import api_user_id
 from feedback.settings import Settings
+from feedback.sqlite_wal import use_wal
 
 log = logging.getLogger(__name__)
 KEY_PREFIX = "fw"
@@ -247,7 +248,7 @@ class SharedBuckets:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.rate, self.burst, self.path = rate, burst, path
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=timeout_s)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        use_wal(self._db)
         self._db.execute("PRAGMA synchronous=OFF")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS buckets (bucket TEXT PRIMARY KEY, tokens REAL NOT NULL, "

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from app.database import StoreDown
+from feedback.sqlite_wal import use_wal
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class Outbox:
         self.path, self.interval_s = path, interval_s
         self.handlers: dict[str, Handler] = {}
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        use_wal(self._db)
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA secure_delete=ON")  # a forgotten user's rows are overwritten, not left in free pages
         self._db.execute(

@@ -32,6 +32,7 @@ from app.database import StoreDown
 from app.outbox import DONE, DROP, Outbox
 from app.sqlite_columns import add_missing_columns
 from feedback.settings import Settings
+from feedback.sqlite_wal import use_wal
 
 log = logging.getLogger(__name__)
 COOKIE_NAME = "flywheel_uid"
@@ -145,7 +146,7 @@ class Sessions:
             return
         self._db = sqlite3.connect(self.dir / "sessions.sqlite", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA secure_delete=ON")  # a deleted user's text is overwritten, not left in free pages
-        self._db.execute("PRAGMA journal_mode=WAL")
+        use_wal(self._db)
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(
             """

@@ -39,6 +39,7 @@ import duckdb
 
 from feedback.settings import Settings
 from feedback.shred import KeyStore, user_hash
+from feedback.sqlite_wal import use_wal
 from feedback.warehouse import WarehouseBusy, compact, connect, init_schema, purge_user_rows
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class Ledger:
         os.chmod(path, 0o600)
         self._db = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
         self._db.execute("PRAGMA secure_delete=ON")
-        self._db.execute("PRAGMA journal_mode=WAL")
+        use_wal(self._db)
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(
             """CREATE TABLE IF NOT EXISTS requests (request_id TEXT PRIMARY KEY, user_hash TEXT NOT NULL,

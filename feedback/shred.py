@@ -31,6 +31,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from feedback.settings import Settings
+from feedback.sqlite_wal import use_wal
 
 MAGIC = b"FWX1"
 _KID = 16
@@ -75,7 +76,7 @@ class KeyStore:
         self.path = path
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA secure_delete=ON")
-        self._db.execute("PRAGMA journal_mode=WAL")
+        use_wal(self._db)
         self._db.execute("PRAGMA synchronous=FULL")  # a key must be on disk before data sealed with it is
         self._db.executescript(
             """

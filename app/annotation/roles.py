@@ -28,6 +28,7 @@ from typing import Any, Literal, get_args
 from app.database import shared
 from app.sqlite_columns import add_missing_columns
 from feedback.settings import Settings
+from feedback.sqlite_wal import use_wal
 
 Role = Literal["trainer", "red_teamer", "reviewer", "operator"]
 ROLES: tuple[str, ...] = get_args(Role)
@@ -72,7 +73,7 @@ def connect(settings: Settings) -> sqlite3.Connection:
     if not path.exists():
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
     db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
-    db.execute("PRAGMA journal_mode=WAL")
+    use_wal(db)
     return db
 
 

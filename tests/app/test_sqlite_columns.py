@@ -2,6 +2,8 @@
 running app) each add the columns a newer version needs; none may fail with "duplicate column name".
 
 CI failed on this: two replicas of the fleet test started on one fresh home and the second crashed in RoleStore.
+Then `make test-fast` on a loaded machine: "database is locked" from switching a fresh file to WAL, which SQLite
+answers at once rather than after the busy timeout (``feedback.sqlite_wal.use_wal`` retries it).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from app.sqlite_columns import add_missing_columns
 from feedback.settings import Settings
 
 PROCESSES = 8
-ROUNDS = 4  # each on a fresh home: the race lost about one start in three of 6 processes before the fix
+ROUNDS = 30  # each on a fresh home: the column race lost one start in three rounds, the WAL switch one in ~27 (loaded)
 
 
 def _open_all(home: str, barrier, errors) -> None:
